@@ -1,0 +1,498 @@
+"""How much GPU memory LoRA training (and inference) of a model will take — from the model, its config, or a
+local path/model id, without loading any weights.
+
+The estimate is a sum of components, each from a documented formula (below). The activation and logits terms
+carry coefficients in ``Calibration`` so that measurements on a real GPU can tune them without code changes.
+
+Notation: ``T = batch · seq`` tokens, ``h`` hidden size, ``I`` MLP intermediate size, ``kv`` key/value width
+(``kv_heads · head_dim``), ``L`` layers, ``V`` vocabulary, ``e`` bytes per activation element (2 for bf16/fp16
+compute, 4 for fp32).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError, did_you_mean
+from .modelinfo import base_model_of, is_peft_model, param_count
+from .plan import Plan
+from .plan import plan as make_plan
+from .targets import index_model
+
+__all__ = ["Calibration", "MemoryEstimate", "estimate", "model_from_config"]
+
+GiB = 1024**3
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+_QUANT = {None: None, "none": None, "4bit": "nf4", "nf4": "nf4", "fp4": "fp4", "8bit": "int8", "int8": "int8"}
+_OPTIMS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "sgd", "adafactor")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Coefficients of the activation and overhead formulas (bytes are multiplied by these)."""
+
+    activations: float = 1.0  # scales the per-layer activation sum
+    logits_copies: float = (
+        5.0  # logits held at the loss: bf16 out (e) + fp32 log-softmax (4) + its grad (4) ~ 5e
+    )
+    overhead_bytes: int = 256 * 1024**2  # cuBLAS workspaces, allocator slack, small buffers
+    cuda_context_bytes: int = 500 * 1024**2  # driver context: outside torch's allocator, in nvidia-smi
+
+
+DEFAULT_CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak GPU memory for LoRA training with the given settings, by component, and for inference."""
+
+    breakdown: dict[str, int]
+    inference: dict[str, int]
+    seq: int
+    batch: int
+    ckpt: bool
+    optim: str
+    dtype: str
+    quant: str | None
+    trainable_params: int
+    total_params: int
+    gpu_name: str | None = None
+    gpu_capacity_bytes: int | None = None
+    notes: tuple[str, ...] = ()
+    dims: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak memory for one training step, including the CUDA context."""
+        return sum(self.breakdown.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The part torch's allocator sees (comparable with ``torch.cuda.max_memory_allocated()``)."""
+        return self.total_bytes - self.breakdown.get("cuda_context", 0)
+
+    @property
+    def inference_bytes(self) -> int:
+        return sum(self.inference.values())
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether training fits on the present GPU (None without one)."""
+        return None if self.gpu_capacity_bytes is None else self.total_bytes <= self.gpu_capacity_bytes
+
+    def _repr_html_(self) -> str:
+        from ..display import estimate_html
+
+        return estimate_html(self)
+
+    def __repr__(self) -> str:
+        from ..display import estimate_text
+
+        return estimate_text(self)
+
+
+# ------------------------------------------------------------------------------------------------ model sources
+
+
+def model_from_config(config: Any) -> nn.Module:
+    """A meta-device model (no weights) of the architecture ``config`` describes."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    model_cls = None
+    for name in getattr(config, "architectures", None) or ():
+        model_cls = getattr(transformers, name, None)
+        if model_cls is not None:
+            break
+    with init_empty_weights():
+        if model_cls is not None:
+            return model_cls(config)
+        for auto in (
+            transformers.AutoModelForCausalLM,
+            transformers.AutoModelForSeq2SeqLM,
+            transformers.AutoModel,
+        ):
+            try:
+                return auto.from_config(config)
+            except ValueError:
+                continue
+    raise UsageError(f"Cannot build a model for config of type {type(config).__name__}.")
+
+
+def _resolve_source(source: Any) -> nn.Module:
+    from transformers import PretrainedConfig
+
+    if isinstance(source, nn.Module):
+        return source
+    if isinstance(source, PretrainedConfig):
+        return model_from_config(source)
+    if isinstance(source, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(os.fspath(source))
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"Cannot read a model config from {os.fspath(source)!r}: {str(exc).splitlines()[0]} "
+                "Give a local model directory (with config.json), a model id reachable from here, a config "
+                "object, or the model itself."
+            ) from None
+        return model_from_config(config)
+    raise UsageError(
+        f"`estimate` takes a model, a transformers config, or a path/model id; got {type(source).__name__}."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ dimensions
+
+
+def _first(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _dims(model: nn.Module) -> dict[str, Any]:
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    index = index_model(model)
+    suffixes = {m.suffix for m in index.modules}
+    h = int(_first(config, "hidden_size", "n_embd", "d_model", "dim", default=0) or 0)
+    heads = int(_first(config, "num_attention_heads", "n_head", "num_heads", "n_heads", default=1) or 1)
+    kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=None)
+    if kv_heads is None:
+        kv_heads = 1 if getattr(config, "multi_query", False) else heads
+    head_dim = int(_first(config, "head_dim", default=0) or (h // heads if heads else 0))
+    layers = int(
+        _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers", default=index.num_layers)
+    )
+    if getattr(config, "is_encoder_decoder", False):
+        layers += int(_first(config, "num_decoder_layers", default=layers) or 0)
+    inter = _first(config, "intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
+    inter = int(inter) if inter else 4 * h
+    gated = bool(suffixes & {"gate_proj", "gate_up_proj", "w3", "wi_0", "gate"})
+    rms = "rms" in " ".join(index.module_types.values()).lower()
+    return {
+        "hidden": h,
+        "intermediate": inter,
+        "layers": layers or index.num_layers,
+        "heads": heads,
+        "kv_heads": int(kv_heads),
+        "head_dim": head_dim,
+        "vocab": int(_first(config, "vocab_size", default=0) or 0),
+        "gated_mlp": gated,
+        "rms_norm": rms,
+        "model_type": index.model_type,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ formulas
+
+
+def _weights_bytes(model: nn.Module, dtype: torch.dtype, quant: str | None, index) -> tuple[int, int]:
+    """(weight bytes, quantisation-constant bytes) of the frozen base.
+
+    Unquantised: params × bytes(dtype); tied weights once. NF4/FP4 (bitsandbytes 4-bit, blocksize 64): 0.5 byte
+    per weight of each Linear in the blocks, plus constants — with double quantisation an 8-bit absmax per 64
+    weights and an fp32 absmax per 256 blocks (1/64 + 4/16384 byte/param; QLoRA's 0.127 bit), without it an
+    fp32 absmax per 64 (4/64). LLM.int8: 1 byte per weight plus an fp32 scale per output row. Heads, output
+    embeddings, embeddings, norms and biases stay in ``dtype`` (what transformers does with bitsandbytes).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = index.base_params
+    if quant is None:
+        return total * itemsize, 0
+    heads = set(index.task.heads) | (
+        {index.task.output_embeddings} if index.task.output_embeddings else set()
+    )
+    qparams = 0
+    rows = 0
+    for m in index.modules:
+        if m.is_linear and not any(m.path == p or m.path.startswith(p + ".") for p in heads):
+            qparams += m.weight_params
+            rows += m.out_features
+    rest = total - qparams
+    if quant in ("nf4", "fp4"):
+        weights = qparams // 2
+        constants = qparams // 64 + (qparams // (64 * 256)) * 4 + 256
+    else:
+        weights = qparams
+        constants = rows * 4
+    return weights + rest * itemsize, constants
+
+
+def _optimizer_bytes(optim: str, trainable: int) -> int:
+    """AdamW: two fp32 moments (8 B/param). 8-bit AdamW (bitsandbytes, blockwise 2048): two 1-byte states plus an
+    fp32 absmax per 2048 (≈2.004 B/param); the paged variant has the same GPU footprint until it pages out.
+    Adafactor: factored second moment, roughly 4 B/param worst case for LoRA's thin matrices. SGD: none."""
+    if optim in ("adamw", "paged_adamw"):
+        return trainable * 8
+    if optim in ("adamw8bit", "paged_adamw8bit"):
+        return trainable * 2 + (trainable // 2048 + 1) * 8
+    if optim == "adafactor":
+        return trainable * 4
+    return 0
+
+
+def _layer_activations(
+    d: dict[str, Any], tokens: int, seq: int, e: int, attention: str, lora_inputs: int, dropout_inputs: int
+) -> int:
+    """Bytes one transformer layer keeps for backward when its weights are frozen.
+
+    Frozen linears keep nothing (dx needs only W); what stays is:
+      norms: their input (RMSNorm in HF upcasts to fp32: 4h; LayerNorm: e·h) — two norms per layer;
+      attention (SDPA/flash): q (e·h), k and v (e·kv each), the output (e·h) and a logsumexp (4·heads);
+        eager attention adds the score and probability matrices, 2·e·heads·seq per token, plus the mask;
+      MLP: activation input (e·I), and for gated MLPs the activation output and the up projection (2·e·I);
+      LoRA: each distinct input tensor that a lora_A reads (``lora_inputs`` elements per token, e bytes each),
+        and with dropout a dropped copy plus a 1-byte mask per targeted module (``dropout_inputs``).
+    """
+    h, inter, kv = d["hidden"], d["intermediate"], d["kv_heads"] * d["head_dim"]
+    norm = 4 * h if d["rms_norm"] else e * h
+    per_token = 2 * norm
+    per_token += e * (2 * h + 2 * kv) + 4 * d["heads"]
+    if attention == "eager":
+        per_token += 2 * e * d["heads"] * seq + d["heads"] * seq
+    per_token += e * inter * (3 if d["gated_mlp"] else 1)
+    per_token += e * lora_inputs + (e + 1) * dropout_inputs
+    return per_token * tokens
+
+
+def _lora_inputs(the_plan: Plan, d: dict[str, Any]) -> tuple[int, int]:
+    """(distinct lora_A input elements per token and layer, dropout-copied elements per token and layer)."""
+    layers = max(1, d["layers"])
+    groups = {}
+    dropout = 0
+    for row in the_plan.modules:
+        if row.role != "lora" or row.kind == "embedding":
+            continue
+        # q/k/v (and gate/up) read the same tensor: one saved input per (parent module, input width).
+        parent = row.path.rsplit(".", 1)[0]
+        if row.path.rsplit(".", 1)[-1] in (
+            "o_proj",
+            "out_proj",
+            "dense",
+            "c_proj",
+            "o",
+            "out_lin",
+            "wo",
+            "down_proj",
+            "fc2",
+            "dense_4h_to_h",
+            "lin2",
+        ):
+            parent = row.path
+        groups[(parent, row.in_features)] = row.in_features
+        if the_plan.spec.dropout > 0:
+            dropout += row.in_features
+    return sum(groups.values()) // layers, dropout // layers
+
+
+def _gpu() -> tuple[str | None, int | None]:
+    if not torch.cuda.is_available():
+        return None, None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.name, int(props.total_memory)
+
+
+def estimate(
+    source: Any,
+    plan: Plan | None = None,
+    *,
+    seq: int = 1024,
+    batch: int = 8,
+    ckpt: bool = False,
+    optim: str = "adamw",
+    dtype: Any = None,
+    quant: str | None = None,
+    attention: str = "sdpa",
+    calibration: Calibration = DEFAULT_CALIBRATION,
+    **settings: Any,
+) -> MemoryEstimate:
+    """Estimate peak GPU memory for LoRA training of ``source`` (a model, a transformers config, or a local
+    path/model id — read as a config, no weights loaded) and memory for inference at the same batch × seq.
+
+    ``plan``: the adapter to train (default: the adapter the model holds, or ``plan(model, **settings)``).
+    ``ckpt``: gradient checkpointing. ``optim``: adamw | adamw8bit | paged_adamw8bit | adafactor | sgd.
+    ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config). ``quant``: None | 4bit | 8bit.
+    """
+    seq = _positive_int(seq, "seq")
+    batch = _positive_int(batch, "batch")
+    optim_key = str(optim).lower().replace("-", "_")
+    if optim_key not in _OPTIMS:
+        raise UsageError(
+            f"`optim` must be one of {', '.join(_OPTIMS)}, got {optim!r}.{did_you_mean(optim_key, _OPTIMS)}"
+        )
+    quant_key = _QUANT.get(quant if quant is None else str(quant).lower(), "?")
+    if quant_key == "?":
+        raise UsageError(f"`quant` must be none, 4bit (nf4), fp4 or 8bit, got {quant!r}.")
+    if attention not in ("sdpa", "eager", "flash"):
+        raise UsageError(f"`attention` must be sdpa, flash or eager, got {attention!r}.")
+    model = _resolve_source(source)
+    index = index_model(model)
+    notes: list[str] = []
+
+    weight_dtype = _weight_dtype(model, dtype, notes)
+    e = 4 if weight_dtype == torch.float32 else 2
+    if quant_key is not None:
+        e = 2  # QLoRA computes in bf16
+    if plan is None:
+        if is_peft_model(model) and not settings:
+            plan = _plan_of_adapted(model)
+        else:
+            plan = make_plan(model, **settings)
+            if not settings:
+                shown = ", ".join(plan.target_modules[:4])
+                notes.append(f"no adapter given: estimated for r={plan.spec.r} on {shown}")
+    d = _dims(model)
+    tokens = seq * batch
+    weights, constants = _weights_bytes(model, weight_dtype, quant_key, index)
+    lora_params = plan.adapter_params
+    save_params = plan.trainable_params - plan.adapter_params
+    adapter = lora_params * 4 + save_params * e
+    grads = lora_params * 4 + save_params * e
+    optimizer = _optimizer_bytes(optim_key, plan.trainable_params)
+
+    lora_in, dropout_in = _lora_inputs(plan, d)
+    per_layer = _layer_activations(
+        d, tokens, seq, e, "sdpa" if attention == "flash" else attention, lora_in, dropout_in
+    )
+    if ckpt:
+        # Non-reentrant checkpointing keeps each layer's input (e·h per token) and recomputes one layer at a time.
+        activations = d["layers"] * e * d["hidden"] * tokens + per_layer
+    else:
+        activations = d["layers"] * per_layer
+    activations = (
+        int(activations * calibration.activations) + e * d["hidden"] * tokens * 2
+    )  # embeddings out, final norm
+    task = plan.task_type
+    if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or (task is None and index.task.output_embeddings):
+        logits = int(tokens * d["vocab"] * e * calibration.logits_copies)
+        if task == "SEQ_2_SEQ_LM":
+            logits //= 2  # decoder side only (targets are typically shorter than inputs)
+    else:
+        logits = 0
+
+    name, capacity = _gpu()
+    breakdown = {
+        "weights": weights,
+        "quant_constants": constants,
+        "adapter": adapter,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits": logits,
+        "overhead": calibration.overhead_bytes,
+        "cuda_context": calibration.cuda_context_bytes,
+    }
+    kv_cache = 2 * d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * e
+    inference = {
+        "weights": weights + constants + adapter,
+        "kv_cache": kv_cache,
+        "activations": int(per_layer // max(1, seq) * 2)
+        + e * d["hidden"] * tokens,  # prefill, one layer live
+        "logits": batch * d["vocab"] * 4,
+        "overhead": calibration.overhead_bytes,
+        "cuda_context": calibration.cuda_context_bytes,
+    }
+    if capacity is not None and sum(breakdown.values()) > capacity:
+        notes.append(_advice(ckpt, quant_key, batch))
+    return MemoryEstimate(
+        breakdown=breakdown,
+        inference=inference,
+        seq=seq,
+        batch=batch,
+        ckpt=bool(ckpt),
+        optim=optim_key,
+        dtype=str(weight_dtype).replace("torch.", ""),
+        quant=quant_key,
+        trainable_params=plan.trainable_params,
+        total_params=plan.total_params,
+        gpu_name=name,
+        gpu_capacity_bytes=capacity,
+        notes=tuple(notes),
+        dims=d,
+    )
+
+
+def _advice(ckpt: bool, quant: str | None, batch: int) -> str:
+    tips = []
+    if not ckpt:
+        tips.append("ckpt: true (gradient checkpointing)")
+    if batch > 1:
+        tips.append(f"a smaller batch (batch: {max(1, batch // 2)} with grad_accum: 2)")
+    if quant is None:
+        tips.append("a 4-bit base (%lora base VAR ID --4bit)")
+    return (
+        "does not fit this GPU; try " + ", ".join(tips)
+        if tips
+        else "does not fit this GPU; try a shorter seq"
+    )
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"`{name}` must be a positive whole number, got {value!r}.")
+    return value
+
+
+def _weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype:
+    if dtype is not None:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        key = str(dtype).lower().replace("torch.", "")
+        if key not in _DTYPES:
+            raise UsageError(
+                f"`dtype` must be bf16, fp16 or fp32, got {dtype!r}.{did_you_mean(key, _DTYPES)}"
+            )
+        return _DTYPES[key]
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
+    if not floats:
+        return torch.bfloat16
+    if all(p.is_meta for p in model.parameters()):
+        configured = getattr(getattr(base_model_of(model), "config", None), "dtype", None)
+        if isinstance(configured, torch.dtype):
+            return configured
+        if isinstance(configured, str) and configured.replace("torch.", "") in _DTYPES:
+            return _DTYPES[configured.replace("torch.", "")]
+        notes.append("config names no dtype: assumed bf16 weights")
+        return torch.bfloat16
+    return max(set(floats), key=floats.count)
+
+
+def _plan_of_adapted(model: nn.Module) -> Plan:
+    """A plan describing the active adapter a PeftModel already holds (for its counts)."""
+    active = model.active_adapter
+    config = model.peft_config[active]
+    from .spec import make_spec
+
+    tm = config.target_modules
+    spec = make_spec(
+        r=int(config.r),
+        alpha=float(config.lora_alpha),
+        dropout=float(config.lora_dropout),
+        targets=sorted(tm) if isinstance(tm, (set, list, tuple)) else f"re:{tm}",
+        variant="dora" if config.use_dora else "rslora" if config.use_rslora else "lora",
+    )
+    the_plan = make_plan(model, spec, name=active)
+    trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
+    return replace(the_plan, trainable_params=trainable)

