@@ -14,8 +14,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UsageError, did_you_mean
-from .modelinfo import ADAPTER_PARAM as _ADAPTER_PARAM
-from .modelinfo import base_model_of, is_peft_model, param_count, require_module
+from .modelinfo import ADAPTER_PARAM, base_model_of, is_peft_model, param_count, require_module
 from .spec import LoraSpec, make_spec
 from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
 
@@ -129,6 +128,8 @@ class Plan:
             use_rslora=self.spec.variant == "rslora",
             init_lora_weights=init,
             task_type=self.task_type,
+            # GPT-2 style Conv1D stores its weight transposed; PEFT needs to be told.
+            fan_in_fan_out=any(r.kind == "conv1d-gpt2" for r in self.modules),
         )
 
     def _repr_html_(self) -> str:
@@ -146,7 +147,7 @@ def adapter_param_names(model: nn.Module) -> dict[str, set[str]]:
     """``{adapter name: {parameter names}}`` of the PEFT adapter weights in ``model``."""
     out: dict[str, set[str]] = {}
     for name, _ in model.named_parameters():
-        m = _ADAPTER_PARAM.search(name)
+        m = ADAPTER_PARAM.search(name)
         if m:
             out.setdefault(m.group(2), set()).add(name)
     return out
@@ -265,17 +266,22 @@ def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default
             entries.append((prefix + "lora_embedding_A", row.dtype, (spec.r, info.in_features)))
             entries.append((prefix + "lora_embedding_B", row.dtype, (info.out_features, spec.r)))
         elif info.kind in ("conv1d", "conv2d", "conv3d"):
-            a_params = spec.r * info.in_features * info.kernel
-            entries.append((prefix + "lora_A.weight", row.dtype, (a_params,)))
+            ones = (1,) * len(info.kernel_size)
             entries.append(
-                (prefix + "lora_B.weight", row.dtype, (info.out_features * (spec.r // info.groups),))
+                (prefix + "lora_A.weight", row.dtype, (spec.r, info.in_features, *info.kernel_size))
+            )
+            entries.append(
+                (prefix + "lora_B.weight", row.dtype, (info.out_features, spec.r // info.groups, *ones))
             )
         else:
             entries.append((prefix + "lora_A.weight", row.dtype, (spec.r, info.in_features)))
             entries.append((prefix + "lora_B.weight", row.dtype, (info.out_features, spec.r)))
         if row.magnitude:
-            entries.append((prefix + "lora_magnitude_vector", row.dtype, (row.magnitude,)))
+            conv = info.kind in ("conv1d", "conv2d", "conv3d")
+            shape = (1, row.magnitude, *(1,) * len(info.kernel_size)) if conv else (row.magnitude,)
+            entries.append((prefix + "lora_magnitude_vector", row.dtype, shape))
     adapter_params = sum(r.params for r in rows)
+    entries.extend(_saved_embedding_entries(base, paths))
 
     trainable = adapter_params
     extra_total = adapter_params
@@ -299,7 +305,7 @@ def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default
             entries.append(
                 (f"base_model.model.{path}.{pname}", str(p.dtype).replace("torch.", ""), tuple(p.shape))
             )
-    bias_trainable, bias_entries = _bias_params(base, spec, paths, index)
+    bias_trainable, bias_entries = _bias_params(base, spec, paths, save_paths)
     trainable += bias_trainable
     entries.extend(bias_entries)
 
@@ -345,25 +351,57 @@ def _module_size(index: ModelIndex, base: nn.Module, path: str) -> int:
     return index.module_params[path]
 
 
-def _bias_params(base: nn.Module, spec: LoraSpec, paths, index: ModelIndex):
-    """Bias parameters that become trainable: PEFT's bias="all" frees every parameter with "bias" in its name,
-    "lora_only" the biases of the adapted modules."""
+def _saved_embedding_entries(base: nn.Module, paths) -> list[tuple[str, str, tuple[int, ...]]]:
+    """PEFT's save (save_embedding_layers="auto") also writes the full input/output embedding matrices when a
+    module named embed_tokens or lm_head is adapted — often the largest part of such an adapter file."""
+    if not any(p.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head") for p in paths):
+        return []
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(base, getter, None)
+        layer = fn() if callable(fn) else None
+        if layer is not None:
+            layers.append(getattr(layer, "base_layer", layer))
+    wanted = {id(layer) for layer in layers}
+    entries = []
+    for path in paths:
+        module = base.get_submodule(path)
+        module = getattr(module, "base_layer", module)
+        if id(module) in wanted:
+            w = module.weight
+            entries.append(
+                (
+                    f"base_model.model.{path}.base_layer.weight",
+                    str(w.dtype).replace("torch.", ""),
+                    tuple(w.shape),
+                )
+            )
+    return entries
+
+
+def _bias_params(base: nn.Module, spec: LoraSpec, paths, save_paths):
+    """Bias parameters that become trainable: PEFT's bias="all" frees every parameter named ``*.bias`` outside
+    the modules_to_save (their copies are trained instead), "lora_only" the biases of the adapted modules."""
     if spec.bias == "none":
         return 0, []
-    if spec.bias == "all":
-        params = [(n, p) for n, p in base.named_parameters() if "bias" in n and not _ADAPTER_PARAM.search(n)]
-    else:
-        params = []
-        for path in paths:
-            module = base.get_submodule(path)
-            module = getattr(module, "base_layer", module)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                params.append((f"{path}.bias", bias))
+    targets = set(paths)
+    params = []
+    for name, p in base.named_parameters():
+        if not name.endswith(".bias") or ADAPTER_PARAM.search(name):
+            continue
+        module_path = name[: -len(".bias")]
+        if spec.bias == "lora_only" and module_path not in targets:
+            continue
+        if any(module_path == s or module_path.startswith(s + ".") for s in save_paths):
+            continue
+        params.append((name, p, module_path in targets))
+    # An adapted module's own weights live under `<path>.base_layer.` in the saved state dict.
     entries = [
-        (f"base_model.model.{n}", str(p.dtype).replace("torch.", ""), tuple(p.shape)) for n, p in params
-    ]
-    return sum(p.numel() for _, p in params), entries
+        (f"base_model.model.{n[:-5]}.base_layer.bias" if wrapped else f"base_model.model.{n}",
+         str(p.dtype).replace("torch.", ""), tuple(p.shape))
+        for n, p, wrapped in params
+    ]  # fmt: skip
+    return sum(p.numel() for _, p, _ in params), entries
 
 
 def _other_adapters(model: nn.Module, name: str) -> tuple[int, bool]:

@@ -70,6 +70,7 @@ class ModuleInfo:
     in_features: int
     out_features: int
     kernel: int = 1  # product of a conv kernel's sizes
+    kernel_size: tuple[int, ...] = ()
     groups: int = 1
     weight_params: int = 0
     bias_params: int = 0
@@ -104,7 +105,7 @@ class ModelIndex:
 
 
 def _kind(module: nn.Module) -> tuple[str, int, int, int, int] | None:
-    """(kind, in, out, kernel, groups) for a module PEFT's LoRA can adapt, else None."""
+    """(kind, in, out, kernel volume, groups) for a module PEFT's LoRA can adapt, else None."""
     name = type(module).__name__
     if name == "Linear4bit" and hasattr(module, "in_features"):
         return "linear4bit", module.in_features, module.out_features, 1, 1
@@ -212,6 +213,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
                 in_features=int(kind[1]),
                 out_features=int(kind[2]),
                 kernel=kind[3],
+                kernel_size=tuple(int(k) for k in getattr(module, "kernel_size", ())),
                 groups=kind[4],
                 weight_params=param_count(weight) if weight is not None else 0,
                 bias_params=bias.numel() if isinstance(bias, nn.Parameter) else 0,
