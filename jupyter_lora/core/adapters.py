@@ -518,7 +518,13 @@ def save(model: nn.Module, path: str | os.PathLike, merged: bool = False, name: 
             _save_merged(peft_model, name, stage)
             src = stage
         else:
-            peft_model.save_pretrained(str(stage), selected_adapters=[name], safe_serialization=True)
+            # PEFT's "auto" also writes the base embedding matrices when an embedding is adapted (the plan counts
+            # them); say so explicitly to skip its warning and its Hub lookup for the other case.
+            embeddings = _targets_embeddings(peft_model, name)
+            peft_model.save_pretrained(
+                str(stage), selected_adapters=[name], safe_serialization=True,
+                save_embedding_layers=True if embeddings else "auto",
+            )  # fmt: skip
             src = stage if name == "default" else stage / name
             if src != stage:
                 moved = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
@@ -532,6 +538,14 @@ def save(model: nn.Module, path: str | os.PathLike, merged: bool = False, name: 
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return target
+
+
+def _targets_embeddings(peft_model: nn.Module, name: str) -> bool:
+    return any(
+        path.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")
+        for path, m in peft_model.named_modules()
+        if _is_lora_layer(m) and (name in m.lora_A or name in getattr(m, "lora_embedding_A", {}))
+    )
 
 
 def _save_merged(peft_model: nn.Module, name: str, directory: Path) -> None:
