@@ -47,6 +47,8 @@ __all__ = [
 # base model -> the PeftModel wrapping it, so that passing the (already adapted) base again finds its wrapper
 # instead of wrapping twice.
 _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = weakref.WeakKeyDictionary()
+# base model -> {parameter name: requires_grad} as it was before PEFT froze it, so unload can give it back.
+_GRAD_FLAGS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 _WEIGHT_REWRITING_INITS = ("pissa", "olora", "orthogonal", "mica")
 
 
@@ -85,7 +87,7 @@ def _check_adapter_name(peft_model: nn.Module, name: str, what: str = "name") ->
     names = list(peft_model.peft_config)
     if name not in names:
         raise NoAdapterError(
-            f"No adapter named {name!r} on this model.{did_you_mean(name, names)} "
+            f"`{what}` {name!r}: no adapter of that name on this model.{did_you_mean(name, names)} "
             f"Adapters: {', '.join(repr(n) for n in names)}."
         )
 
@@ -94,6 +96,18 @@ def _invalidate(*models: nn.Module | None) -> None:
     for m in models:
         if m is not None:
             _targets.invalidate(m)
+
+
+def _remember_grad_flags(base: nn.Module) -> None:
+    _GRAD_FLAGS[base] = {n: p.requires_grad for n, p in base.named_parameters()}
+
+
+def _restore_grad_flags(base: nn.Module) -> None:
+    flags = _GRAD_FLAGS.get(base)
+    if flags:
+        for n, p in base.named_parameters():
+            if n in flags and p.requires_grad != flags[n]:
+                p.requires_grad_(flags[n])
 
 
 def _register(peft_model: nn.Module) -> None:
@@ -142,10 +156,12 @@ def _apply_plan(model: nn.Module, peft_model: nn.Module | None, the_plan: Plan) 
         # PEFT calls a transformers API that transformers has deprecated; that notice is not for our users.
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
         if peft_model is None:
+            _remember_grad_flags(model)
             result = get_peft_model(model, config, adapter_name=name)
         elif name in peft_model.peft_config and len(peft_model.peft_config) == 1:
             # Replacing the only adapter: back to the clean base, then wrap anew (same task class, fresh state).
             clean = _unload_clean(peft_model)
+            _remember_grad_flags(clean)
             result = get_peft_model(clean, config, adapter_name=name)
         else:
             if name in peft_model.peft_config:
@@ -201,6 +217,7 @@ def _unload_clean(peft_model: nn.Module) -> nn.Module:
     base = peft_model.unload()
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         base.__dict__.pop(attr, None)
+    _restore_grad_flags(base)
     return base
 
 
@@ -250,6 +267,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
         merged = peft_model.merge_and_unload(safe_merge=True, adapter_names=names)
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             merged.__dict__.pop(attr, None)
+        _restore_grad_flags(merged)
     _WRAPPERS.pop(merged, None)
     _invalidate(peft_model, merged)
     return merged
@@ -433,6 +451,14 @@ def _check_save_path(path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise UsageError(f"`path` must be a directory path, got {path!r}. E.g. save(model, 'adapters/run1').")
     target = Path(path).expanduser()
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UsageError(
+                    f"Cannot save to `path` {str(target)!r}: {str(ancestor)!r} is a file, not a directory. "
+                    "Choose a path inside a directory."
+                )
+            break
     if target.exists() and not target.is_dir():
         raise UsageError(
             f"`path` {str(target)!r} is an existing file; an adapter is saved as a directory. Choose a new "
@@ -455,11 +481,11 @@ def _stage_dir(target: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=parent))
     except PermissionError:
         raise UsageError(
-            f"Cannot save to {str(target)!r}: no permission to write in {str(parent)!r}. Choose a directory you "
+            f"Cannot save to `path` {str(target)!r}: no permission to write in {str(parent)!r}. Choose a directory you "
             "can write to (e.g. under your home or the notebook's folder)."
         ) from None
     except OSError as exc:
-        raise UsageError(f"Cannot save to {str(target)!r}: {exc.strerror or exc}.") from None
+        raise UsageError(f"Cannot save to `path` {str(target)!r}: {exc.strerror or exc}.") from None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -578,7 +604,7 @@ def _read_adapter_dir(path: str | os.PathLike) -> tuple[Path, dict]:
         parent = source.parent if str(source.parent) else Path(".")
         nearby = [p.name for p in parent.iterdir()] if parent.is_dir() else []
         raise UsageError(
-            f"No saved adapter at {str(source)!r}: the path does not exist.{did_you_mean(source.name, nearby)}"
+            f"No saved adapter at `path` {str(source)!r}: it does not exist.{did_you_mean(source.name, nearby)}"
         )
     if source.is_file():
         source = source.parent
@@ -586,10 +612,13 @@ def _read_adapter_dir(path: str | os.PathLike) -> tuple[Path, dict]:
     if not config_file.exists():
         if (source / "config.json").exists():
             raise UsageError(
-                f"{str(source)!r} holds a full model (config.json), not an adapter. Load it with "
+                f"`path` {str(source)!r} holds a full model (config.json), not an adapter. Load it with "
                 "AutoModel...from_pretrained(path), or point `load` at an adapter directory."
             )
-        raise UsageError(f"{str(source)!r} has no adapter_config.json, so it is not a saved PEFT adapter.")
+        raise UsageError(
+            f"`path` {str(source)!r} has no adapter_config.json, so it is not a saved PEFT adapter. Point it at "
+            "the directory that `save` wrote."
+        )
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
@@ -622,54 +651,51 @@ def _saved_shapes(source: Path) -> dict[str, tuple[int, ...]]:
     raise UsageError(f"{str(source)!r} has adapter_config.json but no adapter_model.safetensors (or .bin).")
 
 
+_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+
+
 def _check_fits(model: nn.Module, source: Path, config: dict) -> None:
-    """Compare the saved tensors with the model's modules before touching the model."""
+    """Compare the saved tensors with the model's modules (names and shapes) before touching the model."""
     index = _targets.index_model(model)
-    shapes = _saved_shapes(source)
-    base_module_types = index.module_types
-    problems: list[str] = []
-    missing = 0
-    for key, shape in shapes.items():
+    missing: list[str] = []
+    wrong: list[str] = []
+    for key, shape in _saved_shapes(source).items():
         path = key.removeprefix("base_model.model.")
-        for marker in (
-            ".lora_A.",
-            ".lora_B.",
-            ".lora_embedding_A",
-            ".lora_embedding_B",
-            ".lora_magnitude_vector",
-        ):
-            if marker in path:
-                module_path = path.split(marker)[0]
-                info = index.by_path.get(module_path)
-                if info is None:
-                    missing += 1
-                    if len(problems) < 3:
-                        problems.append(f"no module `{module_path}`")
-                    break
-                expected = None
-                if marker in (".lora_A.", ".lora_embedding_A") and len(shape) == 2 and info.kind != "conv2d":
-                    expected = (shape[0], info.in_features)
-                elif marker in (".lora_B.", ".lora_embedding_B") and len(shape) == 2:
-                    expected = (info.out_features, shape[1])
-                if expected is not None and tuple(shape) != expected and len(problems) < 3:
-                    problems.append(
-                        f"`{module_path}` is {info.in_features}→{info.out_features} but the adapter "
-                        f"has {marker.strip('.')} {tuple(shape)}"
-                    )
-                break
-        else:
-            module_path = path.rsplit(".", 1)[0]
-            if module_path not in base_module_types and len(problems) < 3:
-                problems.append(f"no module `{module_path}` for saved weight `{path}`")
-    if problems:
-        saved_for = config.get("base_model_name_or_path")
-        here = getattr(getattr(base_model_of(model), "config", None), "_name_or_path", "") or index.model_type
-        origin = f" It was saved from {saved_for!r}; this model is {here!r}." if saved_for else ""
-        raise AdapterMismatchError(
-            f"The adapter at {str(source)!r} does not fit this model ({'; '.join(problems)}"
-            f"{f'; {missing} modules missing in all' if missing > 3 else ''}).{origin} Load it into the base "
-            "model it was trained on."
-        )
+        marker = next((m for m in _LORA_MARKERS if m in path), None)
+        if marker is None:  # a trained head, a bias or a saved embedding matrix
+            module_path = path.rsplit(".", 1)[0].replace(".base_layer", "")
+            if module_path not in index.module_types and module_path not in missing:
+                missing.append(module_path)
+            continue
+        module_path = path.split(marker)[0]
+        info = index.by_path.get(module_path)
+        if info is None:
+            if module_path not in missing:
+                missing.append(module_path)
+            continue
+        expected = None
+        if len(shape) == 2 and marker in (".lora_A.", ".lora_embedding_A"):
+            expected = (shape[0], info.in_features)
+        elif len(shape) == 2 and marker in (".lora_B.", ".lora_embedding_B"):
+            expected = (info.out_features, shape[1])
+        if expected is not None and tuple(shape) != expected:
+            wrong.append(
+                f"`{module_path}` is {info.in_features}→{info.out_features} but the adapter's "
+                f"{marker.strip('.')} is {tuple(shape)}"
+            )
+    if not missing and not wrong:
+        return
+    problems = [*wrong[:2]]
+    if missing:
+        shown = ", ".join(f"`{m}`" for m in missing[:2])
+        problems.append(f"{len(missing)} module(s) it adapts do not exist here, e.g. {shown}")
+    saved_for = config.get("base_model_name_or_path")
+    here = getattr(getattr(base_model_of(model), "config", None), "_name_or_path", "") or index.model_type
+    origin = f" It was saved from {saved_for!r}; this model is {here!r}." if saved_for else ""
+    raise AdapterMismatchError(
+        f"The adapter at `path` {str(source)!r} does not fit this model: {'; '.join(problems)}.{origin} "
+        "Load it into the base model it was trained on."
+    )
 
 
 def load(
@@ -693,9 +719,11 @@ def load(
     with Transaction(*roots), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
         if peft_model is None:
+            _remember_grad_flags(model)
             result = PeftModel.from_pretrained(model, str(source), adapter_name=name, is_trainable=trainable)
         elif name in peft_model.peft_config and len(peft_model.peft_config) == 1:
             clean = _unload_clean(peft_model)
+            _remember_grad_flags(clean)
             result = PeftModel.from_pretrained(clean, str(source), adapter_name=name, is_trainable=trainable)
         else:
             if name in peft_model.peft_config:

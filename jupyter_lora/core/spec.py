@@ -87,7 +87,10 @@ def make_spec(**kwargs: Any) -> LoraSpec:
                 f"Settings: {', '.join(_FIELDS)}."
             )
         if name in values and values[name] != value:
-            raise UsageError(f"`{name}` was given twice (as `{key}` too) with different values; keep one.")
+            raise UsageError(
+                f"`{name}` was given twice with different values: {values[name]!r} and {value!r} (as `{key}`); "
+                "keep one."
+            )
         values[name] = value
     spec = LoraSpec(**values)
     return _validate(spec)
