@@ -144,8 +144,16 @@ def _resolve_source(source: Any) -> nn.Module:
     if isinstance(source, (str, os.PathLike)):
         from transformers import AutoConfig
 
+        text = os.fspath(source)
+        # A Hub id is "name" or "org/name"; anything else that is not on disk is a path that does not exist.
+        looks_like_path = text.startswith((".", "~", "/")) or text.count("/") > 1 or "\\" in text
+        if looks_like_path and not os.path.exists(os.path.expanduser(text)):
+            raise UsageError(
+                f"`source` {text!r} does not exist. Give a local model directory (with config.json), a model id, "
+                "a transformers config object, or the model itself."
+            )
         try:
-            config = AutoConfig.from_pretrained(os.fspath(source))
+            config = AutoConfig.from_pretrained(text)
         except (OSError, ValueError) as exc:
             raise UsageError(
                 f"Cannot read a model config from {os.fspath(source)!r}: {str(exc).splitlines()[0]} "
@@ -208,7 +216,29 @@ def _dims(model: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ formulas
 
 
-def _weights_bytes(model: nn.Module, dtype: torch.dtype, quant: str | None, index) -> tuple[int, int]:
+def _model_quant(model: nn.Module, index) -> tuple[str | None, bool]:
+    """(quantisation, double quant) of a model that is already loaded quantised, from its bitsandbytes config or
+    its layers; (None, True) for an ordinary model."""
+    config = getattr(getattr(base_model_of(model), "config", None), "quantization_config", None)
+    if config is not None:
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        if get("load_in_4bit"):
+            return str(get("bnb_4bit_quant_type", "nf4") or "nf4"), bool(
+                get("bnb_4bit_use_double_quant", False)
+            )
+        if get("load_in_8bit"):
+            return "int8", False
+    kinds = {m.kind for m in index.modules}
+    if "linear4bit" in kinds:
+        return "nf4", True
+    if "linear8bit" in kinds:
+        return "int8", False
+    return None, True
+
+
+def _weights_bytes(
+    model: nn.Module, dtype: torch.dtype, quant: str | None, index, double_quant: bool = True
+) -> tuple[int, int]:
     """(weight bytes, quantisation-constant bytes) of the frozen base.
 
     Unquantised: params × bytes(dtype); tied weights once. NF4/FP4 (bitsandbytes 4-bit, blocksize 64): 0.5 byte
@@ -233,7 +263,10 @@ def _weights_bytes(model: nn.Module, dtype: torch.dtype, quant: str | None, inde
     rest = total - qparams
     if quant in ("nf4", "fp4"):
         weights = qparams // 2
-        constants = qparams // 64 + (qparams // (64 * 256)) * 4 + 256
+        if double_quant:
+            constants = qparams // 64 + (qparams // (64 * 256)) * 4 + 256
+        else:
+            constants = (qparams // 64) * 4
     else:
         weights = qparams
         constants = rows * 4
@@ -324,6 +357,7 @@ def estimate(
     optim: str = "adamw",
     dtype: Any = None,
     quant: str | None = None,
+    double_quant: bool | None = None,
     attention: str = "sdpa",
     calibration: Calibration = DEFAULT_CALIBRATION,
     **settings: Any,
@@ -333,7 +367,8 @@ def estimate(
 
     ``plan``: the adapter to train (default: the adapter the model holds, or ``plan(model, **settings)``).
     ``ckpt``: gradient checkpointing. ``optim``: adamw | adamw8bit | paged_adamw8bit | adafactor | sgd.
-    ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config). ``quant``: None | 4bit | 8bit.
+    ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config). ``quant``: None | 4bit | 8bit
+    (default: how the model is loaded); ``double_quant``: 4-bit double quantisation (default: the model's, else on).
     """
     seq = _positive_int(seq, "seq")
     batch = _positive_int(batch, "batch")
@@ -350,6 +385,11 @@ def estimate(
     model = _resolve_source(source)
     index = index_model(model)
     notes: list[str] = []
+    loaded_quant, loaded_double = _model_quant(model, index)
+    if quant is None:
+        quant_key = loaded_quant
+    if double_quant is None:
+        double_quant = loaded_double
 
     weight_dtype = _weight_dtype(model, dtype, notes)
     e = 4 if weight_dtype == torch.float32 else 2
@@ -365,7 +405,7 @@ def estimate(
                 notes.append(f"no adapter given: estimated for r={plan.spec.r} on {shown}")
     d = _dims(model)
     tokens = seq * batch
-    weights, constants = _weights_bytes(model, weight_dtype, quant_key, index)
+    weights, constants = _weights_bytes(model, weight_dtype, quant_key, index, bool(double_quant))
     lora_params = plan.adapter_params
     save_params = plan.trainable_params - plan.adapter_params
     adapter = lora_params * 4 + save_params * e
