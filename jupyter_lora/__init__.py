@@ -35,16 +35,20 @@ _LAZY = {
     "LoraSpec": "jupyter_lora.core.spec",
     "make_spec": "jupyter_lora.core.spec",
     "find_targets": "jupyter_lora.core.targets",
+    "compare": "jupyter_lora.core.compare",
+    "Comparison": "jupyter_lora.core.compare",
     "UsageError": "jupyter_lora.core.errors",
 }
 _RENAMED = {"find_targets": "resolve"}
 
 __all__ = [
     "AdapterStatus",
+    "Comparison",
     "LoraSpec",
     "MemoryEstimate",
     "Plan",
     "UsageError",
+    "compare",
     "delete",
     "disable",
     "enable",
@@ -75,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
         unload,
         use,
     )
+    from .core.compare import Comparison, compare
     from .core.errors import UsageError
     from .core.memory import MemoryEstimate, estimate
     from .core.plan import Plan, plan
@@ -93,3 +98,44 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+# ------------------------------------------------------------------------------------------------ IPython extension
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext jupyter_lora``: register ``%lora`` / ``%%lora`` (cheap: torch loads on first use)."""
+    from .magics.lora import LoraMagics
+
+    if any(isinstance(m, LoraMagics) for m in ipython.configurables):
+        return
+    magics = LoraMagics(shell=ipython)
+    ipython.register_magics(magics)
+    ipython.configurables.append(magics)
+    _enable_colab_widgets()
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext jupyter_lora``: remove everything ``load_ipython_extension`` added."""
+    from .magics.lora import LoraMagics
+
+    manager = ipython.magics_manager
+    for kind in ("line", "cell"):
+        table = manager.magics[kind]
+        if "lora" in table and getattr(table["lora"], "__self__", None).__class__ is LoraMagics:
+            del table["lora"]
+    manager.registry.pop("LoraMagics", None)
+    ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LoraMagics)]
+
+
+def _enable_colab_widgets() -> None:
+    """In Colab, third-party widgets (anywidget, plotly FigureWidget) render only with its custom manager."""
+    import sys
+
+    if "google.colab" in sys.modules:
+        try:
+            from google.colab import output
+
+            output.enable_custom_widget_manager()
+        except Exception:  # an older Colab runtime: widgets fall back to their text/HTML forms
+            pass

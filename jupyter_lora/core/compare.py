@@ -1,0 +1,125 @@
+"""Base vs adapter, side by side: the same prompt through the model with its adapter and, inside PEFT's
+``disable_adapter()`` context, without it. Generation for causal and seq2seq LMs, class probabilities for
+sequence classifiers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .modelinfo import detect_task, require_module
+
+__all__ = ["Comparison", "compare"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outputs of the base model and of the adapted model for one prompt."""
+
+    prompt: str
+    kind: str  # generation | classification
+    base: str
+    adapter: str
+    adapter_name: str
+    labels: tuple[str, ...] = ()
+    base_probs: tuple[float, ...] = ()
+    adapter_probs: tuple[float, ...] = ()
+
+    def _repr_html_(self) -> str:
+        from ..display import comparison_html
+
+        return comparison_html(self)
+
+    def __repr__(self) -> str:
+        from ..display import comparison_text
+
+        return comparison_text(self)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def compare(
+    model: nn.Module,
+    prompt: str,
+    tokenizer: Any = None,
+    max_new_tokens: int = 40,
+) -> Comparison:
+    """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding)."""
+    from .adapters import _active_names, _require_adapters
+
+    require_module(model)
+    peft_model = _require_adapters(model, "compare")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UsageError(f"`prompt` must be non-empty text, got {prompt!r}.")
+    if tokenizer is None or not callable(tokenizer):
+        raise UsageError(
+            "`tokenizer` is needed to turn the prompt into tokens: pass the model's tokenizer, e.g. "
+            'compare(model, prompt, tokenizer=tok) or %lora compare model "..." --tokenizer tok.'
+        )
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
+    task = detect_task(peft_model)
+    name = _active_names(peft_model)[0]
+    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(_device(peft_model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        if task.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            return _compare_generation(
+                peft_model, tokenizer, prompt, inputs, max_new_tokens, task.task_type, name
+            )
+        if task.task_type == "SEQ_CLS":
+            return _compare_classification(peft_model, prompt, inputs, name)
+    finally:
+        peft_model.train(was_training)
+    raise UsageError(
+        f"`compare` shows generations (causal/seq2seq LMs) or class probabilities (sequence classifiers); this "
+        f"model's task is {task.task_type or 'unknown'}."
+    )
+
+
+def _generate(model: nn.Module, tokenizer: Any, inputs: dict, max_new_tokens: int, seq2seq: bool) -> str:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    new = out[0] if seq2seq else out[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _compare_generation(model, tokenizer, prompt, inputs, max_new_tokens, task, name) -> Comparison:
+    seq2seq = task == "SEQ_2_SEQ_LM"
+    adapter = _generate(model, tokenizer, inputs, max_new_tokens, seq2seq)
+    with model.disable_adapter():
+        base = _generate(model, tokenizer, inputs, max_new_tokens, seq2seq)
+    return Comparison(prompt=prompt, kind="generation", base=base, adapter=adapter, adapter_name=name)
+
+
+def _compare_classification(model, prompt, inputs, name) -> Comparison:
+    with torch.no_grad():
+        adapter = model(**inputs).logits.float().softmax(-1)[0]
+        with model.disable_adapter():
+            base = model(**inputs).logits.float().softmax(-1)[0]
+    id2label = getattr(model.config, "id2label", None) or {}
+    labels = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(adapter.shape[0]))
+    return Comparison(
+        prompt=prompt,
+        kind="classification",
+        base=labels[int(base.argmax())],
+        adapter=labels[int(adapter.argmax())],
+        adapter_name=name,
+        labels=labels,
+        base_probs=tuple(float(x) for x in base),
+        adapter_probs=tuple(float(x) for x in adapter),
+    )

@@ -1,0 +1,375 @@
+"""The ``%lora`` / ``%%lora`` grammar: (line, cell) -> a frozen command object. Pure: no side effects, no IPython,
+no torch — tested alone with tables of inputs.
+
+    %%lora MODEL [--name NAME] [--dry-run] [--replace]      YAML body: r, alpha, dropout, targets, ...
+    %lora SUBCOMMAND ARGS...                                 see USAGE
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.errors import UsageError, did_you_mean
+
+__all__ = [
+    "SUBCOMMANDS",
+    "USAGE",
+    "Command",
+    "Compare",
+    "Estimate",
+    "Help",
+    "Inject",
+    "Load",
+    "ModelCommand",
+    "NamedCommand",
+    "Pending",
+    "Save",
+    "Status",
+    "parse",
+]
+
+USAGE = """\
+%%lora MODEL [--name NAME] [--dry-run] [--replace]
+    Inject (or re-inject) a LoRA adapter into the model held in variable MODEL. Cell body (YAML):
+        r: 16                  rank
+        alpha: 32              default 2*r
+        dropout: 0.05
+        targets: q_proj, v_proj    names, globs (*.attn.c_attn), re:<regex>, presets attention | mlp | all-linear | qv
+        layers: 0-11           optional layer indices/ranges
+        exclude: lm_head       optional
+        variant: lora          lora | dora | rslora
+        init: default          default | gaussian | pissa | olora | orthogonal | zero
+        modules_to_save: classifier
+        bias: none             none | all | lora_only
+        task_type: auto        auto | causal_lm | seq_2_seq_lm | seq_cls | token_cls | question_ans | feature_extraction
+    Re-running the cell replaces the adapter of that name. --dry-run shows the plan without touching the model;
+    --replace also drops every other adapter first.
+
+%lora status [MODEL]                         adapters, active, merged, sizes
+%lora estimate MODEL [--seq N] [--batch N] [--ckpt] [--optim adamw|adamw8bit|paged_adamw8bit]
+                     [--dtype bf16|fp16|fp32] [--4bit|--8bit]
+                                             GPU memory for training; MODEL: a model or config variable, or a path/model id
+%lora merge MODEL                            fold the adapter into the weights; MODEL becomes the plain model
+%lora unload MODEL                           remove all adapters; MODEL becomes the base model
+%lora enable MODEL | disable MODEL           switch the adapters on/off
+%lora use MODEL NAME                         make adapter NAME active
+%lora delete MODEL NAME                      remove adapter NAME
+%lora save MODEL PATH [--merged] [--name NAME]
+%lora load MODEL PATH [--name NAME]          MODEL becomes the adapted model
+%lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
+                                             base vs adapter output side by side
+%lora help                                   this text
+Not yet available: train, stop, resume, panel, base, export.
+Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
+"""
+
+SUBCOMMANDS = (
+    "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
+    "train", "stop", "resume", "panel", "base", "export",
+)  # fmt: skip
+_PENDING = {
+    "train": "background training arrives with the training engine",
+    "stop": "background training arrives with the training engine",
+    "resume": "background training arrives with the training engine",
+    "panel": "the widget panel is not built yet",
+    "base": "4/8-bit base loading is not built yet",
+    "export": "export to accelerate launch is not built yet",
+}
+INJECT_KEYS = ("r", "alpha", "dropout", "targets", "layers", "exclude", "variant", "init", "modules_to_save", "bias",
+               "task_type")  # fmt: skip
+INJECT_ALIASES = ("rank", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
+                  "exclude_modules", "init_lora_weights", "task")  # fmt: skip
+ESTIMATE_KEYS = ("seq", "batch", "ckpt", "optim", "dtype", "quant", *INJECT_KEYS)
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base of every parsed command."""
+
+
+@dataclass(frozen=True)
+class ModelCommand(Command):
+    """A subcommand that acts on the model in one variable (merge, unload, enable, disable)."""
+
+    action: str
+    model: str
+
+
+@dataclass(frozen=True)
+class NamedCommand(Command):
+    """``use`` / ``delete``: a model variable and an adapter name."""
+
+    action: str
+    model: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Inject(Command):
+    model: str
+    name: str = "default"
+    dry_run: bool = False
+    replace: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status(Command):
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Estimate(Command):
+    source: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Save(Command):
+    model: str
+    path: str
+    merged: bool = False
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Load(Command):
+    model: str
+    path: str
+    name: str = "default"
+
+
+@dataclass(frozen=True)
+class Compare(Command):
+    model: str
+    prompt: str
+    tokenizer: str | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Help(Command):
+    pass
+
+
+@dataclass(frozen=True)
+class Pending(Command):
+    """A subcommand whose feature is not built yet."""
+
+    subcommand: str
+    reason: str
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError with the subcommand's usage instead of printing and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(
+            f"%lora {self.prog}: {message}. Usage: {self.format_usage().strip().removeprefix('usage: ')}"
+        )
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        raise UsageError(message or f"%lora {self.prog}: invalid arguments")
+
+
+def _parser(prog: str) -> _Parser:
+    return _Parser(prog=prog, add_help=False, allow_abbrev=False)
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line, comments=True)
+    except ValueError as exc:
+        raise UsageError(
+            f"%lora: cannot split the line ({exc}); close the quotes around the prompt."
+        ) from None
+
+
+def _yaml(cell: str | None, allowed: tuple[str, ...], aliases: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse a YAML mapping body; unknown keys get a did-you-mean, syntax errors their line number."""
+    if cell is None or not cell.strip():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(cell)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" on line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(
+            f"%%lora: the cell body is not valid YAML{where}: {problem}. Write one `key: value` per line."
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"%%lora: the cell body must be `key: value` lines (a YAML mapping), got {type(data).__name__}: "
+            f"{str(data)[:60]!r}. E.g. `r: 16`."
+        )
+    for key in data:
+        if not isinstance(key, str) or key not in allowed + aliases:
+            raise UsageError(
+                f"%%lora: unknown setting `{key}`.{did_you_mean(str(key), allowed + aliases)} "
+                f"Settings: {', '.join(allowed)}."
+            )
+    return data
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}")
+    return n
+
+
+def _identifier(value: str, what: str = "MODEL") -> str:
+    if not value.isidentifier():
+        raise UsageError(f"%lora: `{what}` must be a variable name, got {value!r}.")
+    return value
+
+
+def parse(line: str, cell: str | None = None) -> Command:
+    """Turn a ``%lora`` line (and ``%%lora`` cell body) into a command object. Raises UsageError."""
+    words = _split(line)
+    if not words:
+        raise UsageError(
+            "%lora: say what to do, e.g. `%%lora model` (inject) or `%lora status model`. See %lora help."
+        )
+    head, rest = words[0], words[1:]
+    if head in ("help", "-h", "--help", "?"):
+        return Help()
+    if head in _PENDING:
+        return Pending(head, _PENDING[head])
+    if head in SUBCOMMANDS:
+        return _SUBPARSERS[head](head, rest, cell)
+    if head.startswith("-"):
+        raise UsageError(
+            f"%lora: the model variable comes first, got option {head!r}. E.g. `%%lora model --dry-run`."
+        )
+    if not head.isidentifier():
+        raise UsageError(
+            f"%lora: unknown subcommand {head!r}.{did_you_mean(head, SUBCOMMANDS)} Subcommands: "
+            f"{', '.join(SUBCOMMANDS)}; or `%%lora MODEL` to inject."
+        )
+    close = did_you_mean(head, SUBCOMMANDS)
+    if close and (rest or cell is None):
+        # `%lora stauts model`: a misspelled subcommand, not a variable called stauts.
+        raise UsageError(f"%lora: unknown subcommand {head!r}.{close} Subcommands: {', '.join(SUBCOMMANDS)}.")
+    return _parse_inject(head, rest, cell)
+
+
+def _parse_inject(model: str, rest: list[str], cell: str | None) -> Inject:
+    p = _parser("MODEL")
+    p.add_argument("--name", default="default")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--replace", action="store_true")
+    args = p.parse_args(rest)
+    settings = _yaml(cell, INJECT_KEYS, INJECT_ALIASES)
+    return Inject(model=model, name=args.name, dry_run=args.dry_run, replace=args.replace, settings=settings)
+
+
+def _parse_status(head: str, rest: list[str], cell: str | None) -> Status:
+    p = _parser(head)
+    p.add_argument("model", nargs="?")
+    args = p.parse_args(rest)
+    return Status(_identifier(args.model) if args.model else None)
+
+
+def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
+    p = _parser(head)
+    p.add_argument("source")
+    p.add_argument("--seq", type=_positive)
+    p.add_argument("--batch", type=_positive)
+    p.add_argument("--ckpt", action="store_true", default=None)
+    p.add_argument(
+        "--optim", choices=("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor", "sgd")
+    )
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--4bit", dest="quant", action="store_const", const="4bit")
+    quant.add_argument("--8bit", dest="quant", action="store_const", const="8bit")
+    args = p.parse_args(rest)
+    body = _yaml(cell, ESTIMATE_KEYS, INJECT_ALIASES)
+    options = {k: body.pop(k) for k in ("seq", "batch", "ckpt", "optim", "dtype", "quant") if k in body}
+    for key in ("seq", "batch", "ckpt", "optim", "dtype", "quant"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+    return Estimate(source=args.source, options=options, settings=body)
+
+
+def _parse_model(head: str, rest: list[str], cell: str | None) -> ModelCommand:
+    p = _parser(head)
+    p.add_argument("model")
+    args = p.parse_args(rest)
+    return ModelCommand(head, _identifier(args.model))
+
+
+def _parse_named(head: str, rest: list[str], cell: str | None) -> NamedCommand:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("name")
+    args = p.parse_args(rest)
+    return NamedCommand(head, _identifier(args.model), args.name)
+
+
+def _parse_save(head: str, rest: list[str], cell: str | None) -> Save:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("path")
+    p.add_argument("--merged", action="store_true")
+    p.add_argument("--name")
+    args = p.parse_args(rest)
+    return Save(_identifier(args.model), args.path, args.merged, args.name)
+
+
+def _parse_load(head: str, rest: list[str], cell: str | None) -> Load:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("path")
+    p.add_argument("--name", default="default")
+    args = p.parse_args(rest)
+    return Load(_identifier(args.model), args.path, args.name)
+
+
+def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-new-tokens", type=_positive)
+    args = p.parse_args(rest)
+    prompt = args.prompt if args.prompt is not None else (cell or "").strip()
+    if not prompt:
+        raise UsageError('%lora compare: give a prompt, e.g. %lora compare model "Once upon a time".')
+    tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
+    return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens)
+
+
+def _parse_help(head: str, rest: list[str], cell: str | None) -> Help:
+    return Help()
+
+
+_SUBPARSERS = {
+    "status": _parse_status,
+    "estimate": _parse_estimate,
+    "merge": _parse_model,
+    "unload": _parse_model,
+    "enable": _parse_model,
+    "disable": _parse_model,
+    "use": _parse_named,
+    "delete": _parse_named,
+    "save": _parse_save,
+    "load": _parse_load,
+    "compare": _parse_compare,
+    "help": _parse_help,
+}
