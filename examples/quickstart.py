@@ -30,15 +30,16 @@ def main() -> None:
     # 2. How much GPU memory would training take (batch 8 x seq 512, bf16)?
     print(jl.estimate(model, plan, seq=512, batch=8, dtype="bf16"), end="\n\n")
 
-    # 3. Inject it. The variable now holds a PeftModel; outputs are unchanged until it trains (B starts at 0).
+    # 3. Inject (all linear layers, and the LM head: this toy model's head is random). The variable now holds a
+    #    PeftModel; outputs are unchanged until it trains (B starts at 0).
     batch = torch.randint(0, config.vocab_size, (8, 64))
     with torch.no_grad():
         before = model(batch).logits
-    model = jl.inject(model, r=8, targets="attention", layers="1-3")
+    model = jl.inject(model, r=8, targets="all-linear, lm_head")
     with torch.no_grad():
         assert torch.allclose(model(batch).logits, before, atol=1e-6)
 
-    # 4. A few optimisation steps on a repeated sequence, to see the adapter learn.
+    # 4. A few optimisation steps on one repeated batch, to see the adapter learn.
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     start = time.perf_counter()

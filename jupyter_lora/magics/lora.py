@@ -241,3 +241,6 @@ class _Note:
         import html
 
         return f"<div class='jl-note'>{html.escape(self.text)}</div>"
+
+
+LoraMagics.lora.__doc__ = "LoRA fine-tuning of the model in a notebook variable.\n\n" + p.USAGE
