@@ -109,9 +109,8 @@ def load_ipython_extension(ipython: Any) -> None:
 
     if any(isinstance(m, LoraMagics) for m in ipython.configurables):
         return
-    magics = LoraMagics(shell=ipython)
+    magics = LoraMagics(shell=ipython)  # Magics.__init__ adds it to ipython.configurables (for %config)
     ipython.register_magics(magics)
-    ipython.configurables.append(magics)
     _enable_colab_widgets()
 
 

@@ -71,7 +71,7 @@ def compare(
     name = _active_names(peft_model)[0]
     inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(_device(peft_model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-    was_training = peft_model.training
+    modes = [(m, m.training) for m in peft_model.modules()]
     peft_model.eval()
     try:
         if task.task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
@@ -81,7 +81,8 @@ def compare(
         if task.task_type == "SEQ_CLS":
             return _compare_classification(peft_model, prompt, inputs, name)
     finally:
-        peft_model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     raise UsageError(
         f"`compare` shows generations (causal/seq2seq LMs) or class probabilities (sequence classifiers); this "
         f"model's task is {task.task_type or 'unknown'}."

@@ -74,7 +74,7 @@ class LoraMagics(Magics):
             modules = self._module_names()
             others = f" Model variables here: {', '.join(modules)}." if modules else ""
             raise UsageError(
-                f"%lora: `{name}` is a {type(value).__name__}, not a model (torch.nn.Module).{others}"
+                f"%lora: `{name}` is of type {type(value).__name__}, not a model (torch.nn.Module).{others}"
             )
         return value
 

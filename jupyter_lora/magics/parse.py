@@ -169,9 +169,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UsageError with the subcommand's usage instead of printing and exiting."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(
-            f"%lora {self.prog}: {message}. Usage: {self.format_usage().strip().removeprefix('usage: ')}"
-        )
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise UsageError(f"%lora {self.prog}: {message}. Usage: %lora {usage}")
 
     def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
         raise UsageError(message or f"%lora {self.prog}: invalid arguments")
@@ -197,7 +196,7 @@ def _yaml(cell: str | None, allowed: tuple[str, ...], aliases: tuple[str, ...] =
     import yaml
 
     try:
-        data = yaml.safe_load(cell)
+        data = yaml.load(cell, Loader=_unique_key_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" on line {mark.line + 1}" if mark is not None else ""
@@ -219,6 +218,26 @@ def _yaml(cell: str | None, allowed: tuple[str, ...], aliases: tuple[str, ...] =
                 f"Settings: {', '.join(allowed)}."
             )
     return data
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that rejects a key given twice (PyYAML would silently keep the last one)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"`{key}` is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def _positive(value: str) -> int:
@@ -256,10 +275,13 @@ def parse(line: str, cell: str | None = None) -> Command:
             f"%lora: the model variable comes first, got option {head!r}. E.g. `%%lora model --dry-run`."
         )
     if not head.isidentifier():
-        raise UsageError(
-            f"%lora: unknown subcommand {head!r}.{did_you_mean(head, SUBCOMMANDS)} Subcommands: "
-            f"{', '.join(SUBCOMMANDS)}; or `%%lora MODEL` to inject."
-        )
+        close = did_you_mean(head, SUBCOMMANDS)
+        if close or cell is None:
+            raise UsageError(
+                f"%lora: unknown subcommand {head!r}.{close} Subcommands: {', '.join(SUBCOMMANDS)}; or "
+                "`%%lora MODEL` to inject."
+            )
+        raise UsageError(f"%%lora: `MODEL` must be a variable name, got {head!r}.")
     close = did_you_mean(head, SUBCOMMANDS)
     if close and (rest or cell is None):
         # `%lora stauts model`: a misspelled subcommand, not a variable called stauts.
