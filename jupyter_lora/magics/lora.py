@@ -35,6 +35,7 @@ class LoraMagics(Magics):
     default_optim = Unicode("adamw", help="Optimizer for memory estimates.").tag(config=True)
     max_new_tokens = Integer(40, help="Tokens generated per side by %lora compare.").tag(config=True)
     show_estimate = Bool(True, help="Show the memory estimate after %%lora.").tag(config=True)
+    progress = Unicode("auto", help="Training progress display: auto | widget | text.").tag(config=True)
 
     @line_cell_magic
     def lora(self, line: str, cell: str | None = None) -> Any:
@@ -210,7 +211,84 @@ class LoraMagics(Magics):
         return jl.compare(model, command.prompt, tokenizer=tokenizer,
                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
 
-    def _find_tokenizer(self, name: str | None, model: Any) -> Any:
+    # --------------------------------------------------------------------------------------- training
+
+    def _train_inputs(self, settings: dict[str, Any], model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Split a train body into (objects resolved from the notebook, plain settings)."""
+        settings = dict(settings)
+        objects: dict[str, Any] = {}
+        for key in ("data", "eval_data"):
+            if key in settings:
+                value = settings.pop(key)
+                # A variable name gives the object it holds; anything else is a path (or a literal list).
+                if isinstance(value, str) and value.isidentifier() and value in self.shell.user_ns:
+                    value = self.shell.user_ns[value]
+                elif isinstance(value, str) and value.isidentifier():
+                    raise UsageError(
+                        f"%lora train: no variable `{value}` for `{key}`.{did_you_mean(value, self.shell.user_ns)}"
+                    )
+                objects[key] = value
+        name = settings.pop("tokenizer", None)
+        if name is not None or "data" in objects:
+            objects["tokenizer"] = self._find_tokenizer(name, model, required=False)
+        return objects, settings
+
+    def _observer(self, run_stop: Any, mode: str | None) -> Any:
+        from jupyter_lora.widgets.progress import progress_observer
+
+        observer = progress_observer(stop=run_stop, mode=mode or self.progress)
+        observer.show()
+        return observer
+
+    def _start(self, start: Any, model: Any, objects: dict, settings: dict, mode: str | None) -> Any:
+        holder: dict[str, Any] = {}
+        observer = self._observer(lambda: holder["run"].stop(wait=False), mode)
+        run = start(model, observers=[observer], background=True, **objects, **settings)
+        holder["run"] = run
+        return None
+
+    def _do_train(self, command: p.Train) -> Any:
+        import jupyter_lora as jl
+
+        model = self._get_model(command.model)
+        objects, settings = self._train_inputs(dict(command.settings), model)
+        mode = settings.pop("progress", None)
+        data = objects.pop("data")
+        return self._start(lambda m, **kw: jl.train(m, data, **kw), model, objects, settings, mode)
+
+    def _do_resume(self, command: p.Resume) -> Any:
+        import jupyter_lora as jl
+
+        model = self._get_model(command.model)
+        objects, settings = self._train_inputs(dict(command.settings), model)
+        mode = settings.pop("progress", None)
+        return self._start(
+            lambda m, **kw: jl.resume(m, command.checkpoint, **kw), model, objects, settings, mode
+        )
+
+    def _do_stop(self, command: p.Stop) -> Any:
+        import jupyter_lora as jl
+
+        names = [command.model] if command.model else self._module_names()
+        runs = [(n, jl.last_run(self.shell.user_ns[n])) for n in names if command.model or self._is_model(n)]
+        active = [(n, r) for n, r in runs if r is not None and r.running]
+        if not active:
+            target = f"`{command.model}`" if command.model else "any model"
+            raise UsageError(f"%lora stop: {target} is not training.")
+        if len(active) > 1 and command.model is None:
+            raise UsageError(
+                f"%lora stop: several models are training ({', '.join(n for n, _ in active)}); name one."
+            )
+        name, run = active[0]
+        run.stop(wait=True)
+        where = f"; checkpoint {run.checkpoint}" if run.checkpoint else ""
+        return _Note(f"Stopped training `{name}` at step {run.step}/{run.total_steps}{where}.")
+
+    def _is_model(self, name: str) -> bool:
+        torch_nn = sys.modules.get("torch.nn")
+        return torch_nn is not None and isinstance(self.shell.user_ns.get(name), torch_nn.Module)
+
+    def _find_tokenizer(self, name: str | None, model: Any, required: bool = True) -> Any:
         if name is not None:
             return self._get(name, "--tokenizer")
         base = sys.modules.get("transformers.tokenization_utils_base")
@@ -220,8 +298,10 @@ class LoraMagics(Magics):
             if len(found) == 1:
                 return self.shell.user_ns[found[0]]
             if len(found) > 1:
-                raise UsageError(f"%lora compare: several tokenizers ({', '.join(sorted(found))}); pick one with "
-                                 "--tokenizer VAR.")  # fmt: skip
+                raise UsageError(f"%lora: several tokenizers ({', '.join(sorted(found))}); pick one with "
+                                 "--tokenizer VAR (or tokenizer: VAR).")  # fmt: skip
+        if not required:
+            return None
         raise UsageError(
             "%lora compare: no tokenizer in the notebook. Load one (tok = AutoTokenizer.from_pretrained(...)) or "
             "pass --tokenizer VAR."

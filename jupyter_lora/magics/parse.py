@@ -27,8 +27,11 @@ __all__ = [
     "ModelCommand",
     "NamedCommand",
     "Pending",
+    "Resume",
     "Save",
     "Status",
+    "Stop",
+    "Train",
     "parse",
 ]
 
@@ -62,8 +65,18 @@ USAGE = """\
 %lora load MODEL PATH [--name NAME]          MODEL becomes the adapted model
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side
+%%lora train MODEL                           train in the background with a live progress widget; body (YAML):
+        data: texts            a variable (texts, records, Dataset, DataFrame) or a .jsonl/.json/.csv/.txt path
+        tokenizer: tok         default: the one tokenizer in the notebook, or the model's own
+        steps: 200             or epochs: 1
+        lr: 2e-4   batch: 8   grad_accum: 1   seq: 512   warmup: 0.03   scheduler: cosine
+        eval: auto             a fraction, a count, 0, or eval_data: VAR;  eval_every: N   early_stop: N   keep_best: true
+        packing: false   ckpt: false   optim: adamw   save_every: N   output_dir: lora_runs/x
+        samples: ["prompt 1", "prompt 2"]   sample_every: 50
+%lora stop [MODEL]                           finish the current step, checkpoint, free memory
+%lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora help                                   this text
-Not yet available: train, stop, resume, panel, base, export.
+Not yet available: panel, base, export.
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
 """
 
@@ -72,9 +85,6 @@ SUBCOMMANDS = (
     "train", "stop", "resume", "panel", "base", "export",
 )  # fmt: skip
 _PENDING = {
-    "train": "background training arrives with the training engine",
-    "stop": "background training arrives with the training engine",
-    "resume": "background training arrives with the training engine",
     "panel": "the widget panel is not built yet",
     "base": "4/8-bit base loading is not built yet",
     "export": "export to accelerate launch is not built yet",
@@ -84,6 +94,14 @@ INJECT_KEYS = ("r", "alpha", "dropout", "targets", "layers", "exclude", "variant
 INJECT_ALIASES = ("rank", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
                   "exclude_modules", "init_lora_weights", "task")  # fmt: skip
 ESTIMATE_KEYS = ("seq", "batch", "ckpt", "optim", "dtype", "quant", *INJECT_KEYS)
+# jupyter_lora.core.train.TrainConfig's fields (a test keeps the two in step), plus where the data comes from.
+TRAIN_CONFIG_KEYS = ("steps", "epochs", "lr", "batch", "grad_accum", "seq", "warmup", "scheduler", "weight_decay",
+                     "max_grad_norm", "optim", "eval", "eval_every", "save_every", "output_dir", "keep_checkpoints",
+                     "packing", "ckpt", "samples", "sample_every", "max_new_tokens", "seed", "early_stop", "keep_best",
+                     "log_every", "precision", "task")  # fmt: skip
+TRAIN_KEYS = ("data", "tokenizer", "eval_data", "progress", *TRAIN_CONFIG_KEYS)
+TRAIN_ALIASES = ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps", "num_epochs",
+                 "gradient_checkpointing", "max_seq_len", "seq_len", "warmup_ratio", "lr_scheduler")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,26 @@ class Compare(Command):
     prompt: str
     tokenizer: str | None = None
     max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Train(Command):
+    """``%%lora train MODEL`` with a YAML body: data (a variable or a path), tokenizer, settings."""
+
+    model: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Resume(Command):
+    model: str
+    checkpoint: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -377,6 +415,34 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens)
 
 
+def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
+    p = _parser(head)
+    p.add_argument("model")
+    args = p.parse_args(rest)
+    settings = _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES)
+    if "data" not in settings:
+        raise UsageError(
+            "%%lora train: the cell body needs `data:` — a variable holding texts/records/a Dataset/a DataFrame, or a "
+            ".jsonl/.csv/.txt path. E.g.\n%%lora train model\ndata: texts\nsteps: 100"
+        )
+    return Train(_identifier(args.model), settings)
+
+
+def _parse_stop(head: str, rest: list[str], cell: str | None) -> Stop:
+    p = _parser(head)
+    p.add_argument("model", nargs="?")
+    args = p.parse_args(rest)
+    return Stop(_identifier(args.model) if args.model else None)
+
+
+def _parse_resume(head: str, rest: list[str], cell: str | None) -> Resume:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("checkpoint", nargs="?")
+    args = p.parse_args(rest)
+    return Resume(_identifier(args.model), args.checkpoint, _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES))
+
+
 def _parse_help(head: str, rest: list[str], cell: str | None) -> Help:
     return Help()
 
@@ -393,5 +459,8 @@ _SUBPARSERS = {
     "save": _parse_save,
     "load": _parse_load,
     "compare": _parse_compare,
+    "train": _parse_train,
+    "stop": _parse_stop,
+    "resume": _parse_resume,
     "help": _parse_help,
 }

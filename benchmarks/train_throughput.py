@@ -1,0 +1,197 @@
+"""Training throughput: the jupyter_lora engine against transformers.Trainer + PEFT, same model, data, batch and
+sequence length, each variant in its own process (clean memory statistics), side by side.
+
+    python benchmarks/train_throughput.py              # GPU when there is one (TinyLlama-1.1B shape), else CPU
+    python benchmarks/train_throughput.py --quick      # fewer steps
+    python benchmarks/train_throughput.py --ckpt       # both sides with gradient checkpointing
+
+Model: Llama architecture built from a config (random weights; nothing downloaded) — on CUDA the TinyLlama-1.1B
+shape of ../ANCHORS (hidden 2048, 22 layers, vocab 32000) in bf16, on CPU a small shape in fp32. LoRA r=16,
+alpha=32, dropout 0 on all seven projections; random tokens, batch × seq fixed; fused AdamW where available.
+Printed per variant: tokens/s after warm-up, peak memory (CUDA: max_memory_allocated; CPU: peak RSS), the ratio
+to the Trainer, and on CUDA the model-FLOPs utilisation (6N-ish: 4·N_frozen + 6·N_trainable + attention, per
+token, against the GPU's dense bf16 peak). The "engine + progress" line measures the progress display's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, vocab_size=8000),
+}  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_BF16_FLOPS = {"H100": 798e12, "H200": 790e12}
+
+
+def _setup(shape: str, dtype_name: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return model, config
+
+
+def _data(config, n: int, seq: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (n, seq), generator=g)
+    return [{"input_ids": row.tolist()} for row in ids]
+
+
+def _peak_memory() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def run_variant(args) -> dict:
+    """One measurement in this process; prints a JSON line."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    shape = "tinyllama" if cuda else "cpu"
+    model, config = _setup(shape, "bf16" if cuda else "fp32")
+    n = (args.warmup + args.steps) * args.batch
+    data = _data(config, n, args.seq)
+    times: list[float] = []
+
+    if args.variant == "trainer":
+        from peft import LoraConfig, get_peft_model
+        from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+        peft = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        )
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter())
+
+        rows = [
+            {"input_ids": r["input_ids"], "labels": r["input_ids"], "attention_mask": [1] * args.seq}
+            for r in data
+        ]
+        targs = TrainingArguments(
+            output_dir=os.path.join(args.tmp, "trainer"), per_device_train_batch_size=args.batch,
+            max_steps=args.warmup + args.steps, learning_rate=2e-4, logging_steps=10**9, save_strategy="no",
+            report_to=[], bf16=cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
+            gradient_checkpointing=args.ckpt, dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0,
+        )  # fmt: skip
+        trainer = Trainer(model=peft, args=targs, train_dataset=rows, data_collator=default_data_collator,
+                          callbacks=[Timer()])  # fmt: skip
+        trainer.train()
+    else:
+        import jupyter_lora as jl
+
+        adapted = jl.inject(model, r=16, alpha=32, dropout=0.0, targets=",".join(TARGETS))
+        observers = []
+
+        def timer(event):
+            if event.kind == "step":
+                times.append(time.perf_counter())
+
+        observers.append(timer)
+        if args.variant == "engine+progress":
+            from jupyter_lora.widgets.progress import ProgressWidget
+
+            observers.append(ProgressWidget(stop=lambda: None))
+        jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
+                 warmup=0, ckpt=args.ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
+                 background=False, log_every=1)  # fmt: skip
+    timed = times[args.warmup :]
+    seconds = timed[-1] - times[args.warmup - 1] if len(timed) and args.warmup else times[-1] - times[0]
+    tokens = args.steps * args.batch * args.seq
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {"variant": args.variant, "tokens_per_s": tokens / seconds, "peak": _peak_memory(), "params": n_params,
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "seq": args.seq, "batch": args.batch,
+              "layers": config.num_hidden_layers, "hidden": config.hidden_size}  # fmt: skip
+    print("RESULT " + json.dumps(result))
+    return result
+
+
+def _mfu(r: dict) -> str:
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in r["device"]), None)
+    if peak is None:
+        return "-"
+    # Frozen weights: forward 2N + input-gradient 2N; attention adds 12·L·h·s per token (fwd+bwd, causal halves).
+    flops_per_token = 4 * r["params"] + 6 * r["layers"] * r["hidden"] * r["seq"]
+    return f"{100 * r['tokens_per_s'] * flops_per_token / peak:.1f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--tmp", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jl-bench"))
+    args = parser.parse_args()
+    if args.variant:
+        run_variant(args)
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args.batch = args.batch or (8 if cuda else 4)
+    args.seq = args.seq or (1024 if cuda else 256)
+    args.steps = args.steps or ((10 if args.quick else 30) if cuda else (5 if args.quick else 12))
+    args.warmup = args.warmup or (3 if args.quick else 8) if cuda else (args.warmup or 2)
+    results = []
+    for variant in ("trainer", "engine", "engine+progress"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--tmp", args.tmp]  # fmt: skip
+        if args.ckpt:
+            cmd.append("--ckpt")
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+        )
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{variant}: failed\n{out.stderr[-2000:]}")
+            continue
+        results.append(json.loads(line[7:]))
+    if not results:
+        sys.exit(1)
+    base = next((r for r in results if r["variant"] == "trainer"), results[0])
+    r0 = results[0]
+    print(f"device: {r0['device']}  model: Llama {r0['layers']} layers × {r0['hidden']}, {r0['params'] / 1e6:.0f}M params"
+          f"  batch {args.batch} × seq {args.seq}  steps {args.steps} (+{args.warmup} warm-up)"
+          f"{'  gradient checkpointing' if args.ckpt else ''}")  # fmt: skip
+    print(f"{'variant':<18}{'tokens/s':>12}{'× Trainer':>11}{'peak memory':>14}{'× Trainer':>11}{'MFU':>8}")
+    for r in results:
+        print(f"{r['variant']:<18}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / base['tokens_per_s']:>11.2f}"
+              f"{r['peak'] / 2**30:>12.2f} G{r['peak'] / base['peak']:>11.2f}{_mfu(r):>8}")  # fmt: skip
+    engine = next((r for r in results if r["variant"] == "engine"), None)
+    progress = next((r for r in results if r["variant"] == "engine+progress"), None)
+    if engine and progress:
+        print(f"progress display cost: {100 * (1 - progress['tokens_per_s'] / engine['tokens_per_s']):+.1f}% of "
+              "throughput (goal ≤ 2%)")  # fmt: skip
+    if not cuda:
+        print("note: CPU run — speed goals are for the GPU; peak memory is the process's peak RSS.")
+
+
+if __name__ == "__main__":
+    main()
