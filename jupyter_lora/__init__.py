@@ -38,6 +38,12 @@ _LAZY = {
     "compare": "jupyter_lora.core.compare",
     "Comparison": "jupyter_lora.core.compare",
     "UsageError": "jupyter_lora.core.errors",
+    "train": "jupyter_lora.core.train",
+    "resume": "jupyter_lora.core.train",
+    "last_run": "jupyter_lora.core.train",
+    "TrainingRun": "jupyter_lora.core.train",
+    "TrainingEvent": "jupyter_lora.core.events",
+    "ProgressCallback": "jupyter_lora.widgets.progress",
 }
 _RENAMED = {"find_targets": "resolve"}
 
@@ -47,6 +53,9 @@ __all__ = [
     "LoraSpec",
     "MemoryEstimate",
     "Plan",
+    "ProgressCallback",
+    "TrainingEvent",
+    "TrainingRun",
     "UsageError",
     "compare",
     "delete",
@@ -55,12 +64,15 @@ __all__ = [
     "estimate",
     "find_targets",
     "inject",
+    "last_run",
     "load",
     "make_spec",
     "merge",
     "plan",
+    "resume",
     "save",
     "status",
+    "train",
     "unload",
     "use",
 ]
@@ -81,10 +93,13 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .core.compare import Comparison, compare
     from .core.errors import UsageError
+    from .core.events import TrainingEvent
     from .core.memory import MemoryEstimate, estimate
     from .core.plan import Plan, plan
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
+    from .core.train import TrainingRun, last_run, resume, train
+    from .widgets.progress import ProgressCallback
 
 
 def __getattr__(name: str) -> Any:

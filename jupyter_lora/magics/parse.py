@@ -8,6 +8,7 @@ no torch — tested alone with tables of inputs.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -275,6 +276,12 @@ def _unique_key_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.1 reads `lr: 2e-4` as a string (it wants `2.0e-4`); everyone writes it the short way.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
     return Loader
 
 
@@ -423,7 +430,7 @@ def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
     if "data" not in settings:
         raise UsageError(
             "%%lora train: the cell body needs `data:` — a variable holding texts/records/a Dataset/a DataFrame, or a "
-            ".jsonl/.csv/.txt path. E.g.\n%%lora train model\ndata: texts\nsteps: 100"
+            ".jsonl/.csv/.txt path (e.g. `data: texts` and `steps: 100` under `%%lora train model`)."
         )
     return Train(_identifier(args.model), settings)
 

@@ -1,0 +1,89 @@
+"""%%lora train, %lora stop and %lora resume in a real shell (text progress: no front end here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from IPython.core.error import UsageError
+
+import jupyter_lora as jl
+from jupyter_lora.magics import parse as p
+
+pytestmark = pytest.mark.filterwarnings("ignore:lr=.*outside the usual LoRA range")
+
+SETUP = (
+    "from jupyter_lora.testing import tiny_model, tiny_tokenizer\n"
+    "import jupyter_lora as jl\n"
+    "model = jl.inject(tiny_model('llama'), r=8, targets='all-linear, lm_head')\n"
+    "tok = tiny_tokenizer()\n"
+    "texts = ['the quick brown fox jumps over the lazy dog.'] * 16\n"
+)
+
+
+def _cell(ip, source):
+    result = ip.run_cell(source)
+    error = result.error_before_exec or result.error_in_exec
+    if error is not None:
+        raise error
+    return result.result
+
+
+def test_parse_keys_follow_the_engine_settings():
+    from jupyter_lora.core.train import TrainConfig
+
+    assert set(p.TRAIN_CONFIG_KEYS) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_train_runs_in_the_background_and_returns_at_once(ip, tmp_path, capsys):
+    _cell(ip, SETUP)
+    ip.run_line_magic("config", "LoraMagics.progress = 'text'")
+    start = time.perf_counter()
+    _cell(
+        ip,
+        f"%%lora train model\ndata: texts\nsteps: 30\nlr: 3e-3\nbatch: 4\neval: 0\noutput_dir: {tmp_path}\n",
+    )
+    returned_after = time.perf_counter() - start
+    run = jl.last_run(ip.user_ns["model"])
+    assert run is not None
+    _cell(ip, "x = 1 + 1")  # the kernel is free meanwhile
+    run.wait(120)
+    assert run.state == "finished" and run.step == 30
+    assert returned_after < 5
+    out = capsys.readouterr().out
+    assert "30 steps" in out and "tok/s" in out and "checkpoint-000030" in out  # start line and end summary
+    assert run.history[-1]["loss"] < run.history[0]["loss"]
+
+
+def test_stop_and_resume(ip, tmp_path):
+    _cell(ip, SETUP)
+    ip.run_line_magic("config", "LoraMagics.progress = 'text'")
+    _cell(ip, f"%%lora train model\ndata: texts\nsteps: 100000\nbatch: 2\neval: 0\noutput_dir: {tmp_path}\n")
+    run = jl.last_run(ip.user_ns["model"])
+    deadline = time.time() + 60
+    while run.step < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    note = _cell(ip, "%lora stop model")
+    assert "Stopped training `model`" in repr(note) and run.state == "stopped"
+    assert run.checkpoint is not None and run.checkpoint.exists()
+    stopped_at = run.step
+    _cell(ip, "%%lora resume model\nsteps: " + str(stopped_at + 3) + "\n")
+    resumed = jl.last_run(ip.user_ns["model"])
+    assert resumed is not run
+    resumed.wait(60)
+    assert resumed.state == "finished" and resumed.step == stopped_at + 3
+
+
+def test_train_errors(ip):
+    _cell(ip, SETUP)
+    with pytest.raises(UsageError, match="needs `data:`"):
+        ip.run_cell_magic("lora", "train model", "steps: 3\n")
+    with pytest.raises(UsageError, match=r"no variable `txts`.*Did you mean `texts`"):
+        ip.run_cell_magic("lora", "train model", "data: txts\n")
+    with pytest.raises(UsageError, match="Did you mean `steps`"):
+        ip.run_cell_magic("lora", "train model", "data: texts\nstpes: 3\n")
+    with pytest.raises(UsageError, match="not training"):
+        ip.run_line_magic("lora", "stop model")
+    with pytest.raises(UsageError, match="No checkpoint to resume from"):
+        ip.run_line_magic("lora", "resume model")
