@@ -30,6 +30,8 @@ test: lint
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/plan_latency.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/observer_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

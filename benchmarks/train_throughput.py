@@ -8,6 +8,8 @@ sequence length, each variant in its own process (clean memory statistics), side
 Model: Llama architecture built from a config (random weights; nothing downloaded) — on CUDA the TinyLlama-1.1B
 shape of ../ANCHORS (hidden 2048, 22 layers, vocab 32000) in bf16, on CPU a small shape in fp32. LoRA r=16,
 alpha=32, dropout 0 on all seven projections; random tokens, batch × seq fixed; fused AdamW where available.
+Variants, one lever per line: the Trainer; our engine on the model's own loss; + the chunked LM loss (never all
+fp32 logits at once, core/loss.py); + the progress widget observing every step.
 Printed per variant: tokens/s after warm-up, peak memory (CUDA: max_memory_allocated; CPU: peak RSS), the ratio
 to the Trainer, and on CUDA the model-FLOPs utilisation (6N-ish: 4·N_frozen + 6·N_trainable + attention, per
 token, against the GPU's dense bf16 peak). The "engine + progress" line measures the progress display's cost.
@@ -115,9 +117,10 @@ def run_variant(args) -> dict:
             from jupyter_lora.widgets.progress import ProgressWidget
 
             observers.append(ProgressWidget(stop=lambda: None))
+        chunked = args.variant != "engine"  # "engine" is the plain path; the others add the chunked loss
         jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
                  warmup=0, ckpt=args.ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
-                 background=False, log_every=1)  # fmt: skip
+                 background=False, log_every=1 if not cuda else 5, chunked_loss=chunked)  # fmt: skip
     timed = times[args.warmup :]
     seconds = timed[-1] - times[args.warmup - 1] if len(timed) and args.warmup else times[-1] - times[0]
     tokens = args.steps * args.batch * args.seq
@@ -160,7 +163,7 @@ def main() -> None:
     args.steps = args.steps or ((10 if args.quick else 30) if cuda else (5 if args.quick else 12))
     args.warmup = args.warmup or (3 if args.quick else 8) if cuda else (args.warmup or 2)
     results = []
-    for variant in ("trainer", "engine", "engine+progress"):
+    for variant in ("trainer", "engine", "engine+chunked_loss", "engine+progress"):
         cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--tmp", args.tmp]  # fmt: skip
         if args.ckpt:
@@ -184,7 +187,7 @@ def main() -> None:
     for r in results:
         print(f"{r['variant']:<18}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / base['tokens_per_s']:>11.2f}"
               f"{r['peak'] / 2**30:>12.2f} G{r['peak'] / base['peak']:>11.2f}{_mfu(r):>8}")  # fmt: skip
-    engine = next((r for r in results if r["variant"] == "engine"), None)
+    engine = next((r for r in results if r["variant"] == "engine+chunked_loss"), None)
     progress = next((r for r in results if r["variant"] == "engine+progress"), None)
     if engine and progress:
         print(f"progress display cost: {100 * (1 - progress['tokens_per_s'] / engine['tokens_per_s']):+.1f}% of "

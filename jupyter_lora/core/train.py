@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import UsageError, did_you_mean
 from .events import TrainingEvent
+from .loss import chunked_causal_lm_loss
 from .modelinfo import base_model_of, detect_task, param_count, require_module
 
 __all__ = ["TrainConfig", "TrainingRun", "make_train_config", "resume", "train"]
@@ -70,6 +71,7 @@ class TrainConfig:
     log_every: int | None = None
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     task: str = "auto"
+    chunked_loss: Any = "auto"  # auto (on CUDA, supported causal LMs) | true | false — see core/loss.py
 
 
 _ALIASES = {"learning_rate": "lr", "batch_size": "batch", "gradient_accumulation_steps": "grad_accum",
@@ -132,6 +134,8 @@ def make_train_config(**kwargs: Any) -> TrainConfig:
         raise UsageError(
             f"`optim` must be one of {', '.join(_OPTIMS)}, got {cfg.optim!r}.{did_you_mean(str(cfg.optim), _OPTIMS)}"
         )
+    if cfg.chunked_loss not in ("auto", True, False):
+        raise UsageError(f"`chunked_loss` must be auto, true or false, got {cfg.chunked_loss!r}.")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"`precision` must be auto, bf16, fp16 or fp32, got {cfg.precision!r}.")
     if cfg.max_grad_norm is not None and (
@@ -503,6 +507,7 @@ class _Engine:
 
         scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
         model, optimizer = accelerator.prepare(self.model, optimizer)
+        self._chunked = self._use_chunked_loss(accelerator)
         self.prepared, self.optimizer, self.scheduler = model, optimizer, scheduler
         epoch, batch_index = 0, 0
         start = run._start
@@ -564,6 +569,22 @@ class _Engine:
             self._flush(pending, t_last, tokens_done, cuda, device)
         self._finish(model, epoch + batch_index / max(1, per_epoch), tokens_done)
 
+    def _use_chunked_loss(self, accelerator) -> bool:
+        from .loss import supports_chunked_loss
+
+        setting = self.cfg.chunked_loss
+        possible = (
+            self.run_.data.task == "CAUSAL_LM"
+            and accelerator.num_processes == 1
+            and supports_chunked_loss(self.model)
+        )
+        if setting is True and not possible:
+            raise UsageError(
+                "`chunked_loss: true` works for single-process causal-LM training of "
+                "llama/mistral/qwen2/qwen3/phi3/gemma-style models; set it to auto or false here."
+            )
+        return possible if setting == "auto" and accelerator.device.type == "cuda" else bool(setting is True)
+
     def _step(self, model, optimizer, scheduler, group, device, params) -> tuple[torch.Tensor, int]:
         """One optimizer step over ``group`` micro-batches. Loss terms are weighted by their label tokens (or
         examples for classification) so accumulation equals one big batch. No host sync here."""
@@ -579,8 +600,12 @@ class _Engine:
             sync = i == len(group) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
             with ctx:
-                out = model(**batch, **self.run_.data.forward_kwargs)
-                loss = out.loss * (weight / total_weight)
+                if self._chunked:
+                    with accelerator.autocast():
+                        raw = chunked_causal_lm_loss(self.model, batch)
+                else:
+                    raw = model(**batch, **self.run_.data.forward_kwargs).loss
+                loss = raw * (weight / total_weight)
                 accelerator.backward(loss)
             loss_sum += loss.detach().float()
         if self.cfg.max_grad_norm is not None:

@@ -99,7 +99,7 @@ ESTIMATE_KEYS = ("seq", "batch", "ckpt", "optim", "dtype", "quant", *INJECT_KEYS
 TRAIN_CONFIG_KEYS = ("steps", "epochs", "lr", "batch", "grad_accum", "seq", "warmup", "scheduler", "weight_decay",
                      "max_grad_norm", "optim", "eval", "eval_every", "save_every", "output_dir", "keep_checkpoints",
                      "packing", "ckpt", "samples", "sample_every", "max_new_tokens", "seed", "early_stop", "keep_best",
-                     "log_every", "precision", "task")  # fmt: skip
+                     "log_every", "precision", "task", "chunked_loss")  # fmt: skip
 TRAIN_KEYS = ("data", "tokenizer", "eval_data", "progress", *TRAIN_CONFIG_KEYS)
 TRAIN_ALIASES = ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps", "num_epochs",
                  "gradient_checkpointing", "max_seq_len", "seq_len", "warmup_ratio", "lr_scheduler")  # fmt: skip
