@@ -469,7 +469,7 @@ class _Engine:
         modes = [(m, m.training) for m in self.model.modules()]
         base = base_model_of(self.model)
         use_cache = getattr(getattr(base, "config", None), "use_cache", None)
-        ckpt_was = bool(getattr(base, "is_gradient_checkpointing", False))
+        ckpt_was = _checkpointing_on(base)
         self.accelerator = None
         try:
             self._loop()
@@ -725,9 +725,13 @@ class _Engine:
         stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=root))
         try:
             name = _active_name(self.model)
+            from .adapters import _targets_embeddings
+
+            embeddings = True if _targets_embeddings(self.model, name) else "auto"
             self.model.save_pretrained(
-                str(stage / "adapter"), selected_adapters=[name], safe_serialization=True
-            )
+                str(stage / "adapter"), selected_adapters=[name], safe_serialization=True,
+                save_embedding_layers=embeddings,
+            )  # fmt: skip
             if name != "default":
                 inner = stage / "adapter" / name
                 for item in inner.iterdir():
@@ -913,3 +917,11 @@ def last_run(model: nn.Module) -> TrainingRun | None:
 
 
 __all__ += ["last_run", "latest_checkpoint"]
+
+
+def _checkpointing_on(base: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if name in dir(type(base)):
+            return bool(getattr(base, name))
+    return False
