@@ -72,9 +72,25 @@ def _wrapper_for(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _check_not_training(model: nn.Module, action: str) -> None:
+    """Refuse to change (or read half-updated weights of) a model that a background run is training."""
+    import sys
+
+    train = sys.modules.get("jupyter_lora.core.train")
+    if train is None:
+        return
+    run = train._ACTIVE.get(base_model_of(model))
+    if run is not None and not run.done:
+        raise UsageError(
+            f"Cannot {action} while this model is training (step {run.step}/{run.total_steps}). Stop the run first: "
+            "run.stop() or %lora stop model — it saves a checkpoint."
+        )
+
+
 def _require_adapters(model: Any, action: str) -> nn.Module:
     require_module(model)
     peft_model = _wrapper_for(model)
+    _check_not_training(peft_model if peft_model is not None else model, action)
     if peft_model is None or not getattr(peft_model, "peft_config", None):
         raise NoAdapterError(
             f"Cannot {action}: this model has no LoRA adapter. Inject one first: "
@@ -138,6 +154,7 @@ def inject(
     """
     require_module(model)
     peft_model = _wrapper_for(model)
+    _check_not_training(peft_model if peft_model is not None else model, "inject an adapter")
     the_plan = plan(peft_model if peft_model is not None else model, spec, name=name, **settings)
     return _apply_plan(model, peft_model, the_plan)
 
@@ -710,6 +727,7 @@ def load(
     from .plan import _check_name
 
     _check_name(name)
+    _check_not_training(model if _wrapper_for(model) is None else _wrapper_for(model), "load an adapter")
     source, config = _read_adapter_dir(path)
     peft_model = _wrapper_for(model)
     _check_fits(peft_model if peft_model is not None else model, source, config)

@@ -244,3 +244,19 @@ def test_training_needs_an_adapter():
 def test_resume_without_a_checkpoint_is_a_clear_error():
     with pytest.raises(UsageError, match="No checkpoint to resume from"):
         jl.resume(_lm())
+
+
+def test_adapter_operations_wait_for_training_to_stop(tmp_path):
+    model = _lm()
+    run = jl.train(model, TEXT * 8, tokenizer=tiny_tokenizer(), steps=100000, batch=2, eval=0,
+                   output_dir=str(tmp_path))  # fmt: skip
+    try:
+        for call in (lambda: jl.merge(model), lambda: jl.save(model, tmp_path / "x"), lambda: jl.unload(model),
+                     lambda: jl.inject(model, r=2), lambda: jl.disable(model),
+                     lambda: jl.compare(model, "the", tiny_tokenizer())):  # fmt: skip
+            with pytest.raises(UsageError, match="while this model is training"):
+                call()
+    finally:
+        run.stop()
+    assert run.state == "stopped"
+    jl.save(model, tmp_path / "after")  # fine once stopped
