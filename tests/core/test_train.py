@@ -260,3 +260,14 @@ def test_adapter_operations_wait_for_training_to_stop(tmp_path):
         run.stop()
     assert run.state == "stopped"
     jl.save(model, tmp_path / "after")  # fine once stopped
+
+
+@pytest.mark.parametrize("optim", ["adamw8bit", "paged_adamw8bit", "sgd"])
+def test_other_optimizers_train(optim, tmp_path):
+    if optim != "sgd":
+        pytest.importorskip("bitsandbytes")
+    model = jl.inject(tiny_model("llama", hidden_size=64, intermediate_size=128), r=8, targets="all-linear")
+    run = jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=4, batch=4, eval=0, optim=optim, lr=1e-3,
+                   output_dir=str(tmp_path), background=False)  # fmt: skip
+    losses = [h["loss"] for h in run.history]
+    assert run.state == "finished" and losses[-1] < losses[0]
