@@ -44,6 +44,7 @@ _LAZY = {
     "TrainingRun": "jupyter_lora.core.train",
     "TrainingEvent": "jupyter_lora.core.events",
     "ProgressCallback": "jupyter_lora.widgets.progress",
+    "Panel": "jupyter_lora.widgets.panel",
 }
 _RENAMED = {"find_targets": "resolve"}
 
@@ -52,6 +53,7 @@ __all__ = [
     "Comparison",
     "LoraSpec",
     "MemoryEstimate",
+    "Panel",
     "Plan",
     "ProgressCallback",
     "TrainingEvent",
@@ -99,6 +101,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
+    from .widgets.panel import Panel
     from .widgets.progress import ProgressCallback
 
 

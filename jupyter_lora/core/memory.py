@@ -507,10 +507,10 @@ def _weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype
                 f"`dtype` must be bf16, fp16 or fp32, got {dtype!r}.{did_you_mean(key, _DTYPES)}"
             )
         return _DTYPES[key]
-    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
-    if not floats:
+    index = index_model(model)
+    if index.weight_dtype is None:
         return torch.bfloat16
-    if all(p.is_meta for p in model.parameters()):
+    if index.is_meta:
         configured = getattr(getattr(base_model_of(model), "config", None), "dtype", None)
         if isinstance(configured, torch.dtype):
             return configured
@@ -518,7 +518,7 @@ def _weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype
             return _DTYPES[configured.replace("torch.", "")]
         notes.append("config names no dtype: assumed bf16 weights")
         return torch.bfloat16
-    return max(set(floats), key=floats.count)
+    return index.weight_dtype
 
 
 def _plan_of_adapted(model: nn.Module) -> Plan:

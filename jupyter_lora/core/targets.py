@@ -101,7 +101,10 @@ class ModelIndex:
     base_params: int  # PEFT-style total of the base model (tied once, 4-bit unpacked)
     module_params: dict[str, int] = field(default_factory=dict)  # path -> parameters (modules_to_save)
     is_meta: bool = False
+    weight_dtype: Any = None  # the most common floating dtype among the parameters (None: none is floating)
+    layer_lists: tuple[str, ...] = ()
     _resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    _tree: list[dict] | None = field(default=None, repr=False)
 
 
 def _kind(module: nn.Module) -> tuple[str, int, int, int, int] | None:
@@ -237,6 +240,8 @@ def _build_index(base: nn.Module) -> ModelIndex:
     base_params = sum(param_count(p) for name, p in seen.items() if name not in duplicates)
     task = detect_task(base)
     is_meta = any(p.is_meta for p in seen.values())
+    floats = [p.dtype for p in seen.values() if p.dtype.is_floating_point]
+    weight_dtype = max(set(floats), key=floats.count) if floats else None
     index = ModelIndex(
         modules=tuple(modules),
         by_path={m.path: m for m in modules},
@@ -247,6 +252,8 @@ def _build_index(base: nn.Module) -> ModelIndex:
         model_type=getattr(getattr(base, "config", None), "model_type", None),
         base_params=base_params,
         is_meta=is_meta,
+        weight_dtype=weight_dtype,
+        layer_lists=tuple(layer_lists),
     )
     return index
 
@@ -555,3 +562,52 @@ def resolve(
 
 
 __all__ += ["resolve"]
+
+
+def tree_rows(model: nn.Module) -> list[dict]:
+    """The module hierarchy of ``model`` (its base, PEFT layers unwrapped) as a flat pre-order list for the panel:
+    ``{id, path, name, type, params, kind, parent, depth, shape, layer}``; ``params`` counts everything under the
+    node once, ``kind`` is "" for modules that cannot take LoRA. Cached with the index."""
+    index = index_model(model)
+    if index._tree is not None:
+        return index._tree
+    base = base_model_of(model)
+    rows: list[dict] = []
+    ids: dict[str, int] = {}
+    own: list[int] = []
+    skip: list[str] = []
+    seen: set[int] = set()
+    for path, module in base.named_modules():
+        if skip and any(path.startswith(p) for p in skip):
+            continue
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            skip.append(path + ".")
+            module = _unwrap_tuner(module)
+        elif type(module).__name__ == "ModulesToSaveWrapper":
+            skip.append(path + ".")
+            module = module.original_module
+        parent = ids.get(path.rsplit(".", 1)[0] if "." in path else "", -1) if path else -1
+        info = index.by_path.get(path)
+        rows.append({
+            "id": len(rows), "path": path, "name": path.rsplit(".", 1)[-1] if path else type(base).__name__,
+            "type": type(module).__name__, "params": 0, "kind": info.kind if info else "", "parent": parent,
+            "depth": path.count(".") + 1 if path else 0,
+            "shape": f"{info.in_features}→{info.out_features}" if info else "",
+            "layer": _layer_of(path, index.layer_lists) if path else None,
+        })  # fmt: skip
+        ids[path] = rows[-1]["id"]
+        fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
+        seen.update(id(p) for p in fresh)
+        own.append(sum(param_count(p) for p in fresh))
+    # Parameters of each node = its own + its descendants' (children come after their parent in pre-order).
+    totals = list(own)
+    for row in reversed(rows):
+        if row["parent"] >= 0:
+            totals[row["parent"]] += totals[row["id"]]
+    for row, total in zip(rows, totals, strict=True):
+        row["params"] = total
+    index._tree = rows
+    return rows
+
+
+__all__ += ["tree_rows"]

@@ -266,6 +266,16 @@ class LoraMagics(Magics):
             lambda m, **kw: jl.resume(m, command.checkpoint, **kw), model, objects, settings, mode
         )
 
+    def _do_panelcommand(self, command: p.PanelCommand) -> Any:
+        from jupyter_lora.widgets.panel import Panel
+
+        model = self._get_model(command.model)
+        settings = {"r": self.default_r, "dropout": self.default_dropout, "seq": self.default_seq,
+                    "batch": self.default_batch, "targets": self.default_targets}  # fmt: skip
+        if self.default_alpha is not None:
+            settings["alpha"] = self.default_alpha
+        return Panel(model, variable=command.model, namespace=self.shell.user_ns, **settings)
+
     def _do_stop(self, command: p.Stop) -> Any:
         import jupyter_lora as jl
 

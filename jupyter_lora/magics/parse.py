@@ -27,6 +27,7 @@ __all__ = [
     "Load",
     "ModelCommand",
     "NamedCommand",
+    "PanelCommand",
     "Pending",
     "Resume",
     "Save",
@@ -76,8 +77,10 @@ USAGE = """\
         samples: ["prompt 1", "prompt 2"]   sample_every: 50
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
+%lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
+                                             memory, inject / train / merge / save / unload buttons
 %lora help                                   this text
-Not yet available: panel, base, export.
+Not yet available: base, export.
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
 """
 
@@ -86,7 +89,6 @@ SUBCOMMANDS = (
     "train", "stop", "resume", "panel", "base", "export",
 )  # fmt: skip
 _PENDING = {
-    "panel": "the widget panel is not built yet",
     "base": "4/8-bit base loading is not built yet",
     "export": "export to accelerate launch is not built yet",
 }
@@ -177,6 +179,13 @@ class Train(Command):
 
     model: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PanelCommand(Command):
+    """``%lora panel MODEL``: the interactive panel bound to that variable."""
+
+    model: str
 
 
 @dataclass(frozen=True)
@@ -435,6 +444,13 @@ def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
     return Train(_identifier(args.model), settings)
 
 
+def _parse_panel(head: str, rest: list[str], cell: str | None) -> PanelCommand:
+    p = _parser(head)
+    p.add_argument("model")
+    args = p.parse_args(rest)
+    return PanelCommand(_identifier(args.model))
+
+
 def _parse_stop(head: str, rest: list[str], cell: str | None) -> Stop:
     p = _parser(head)
     p.add_argument("model", nargs="?")
@@ -467,6 +483,7 @@ _SUBPARSERS = {
     "load": _parse_load,
     "compare": _parse_compare,
     "train": _parse_train,
+    "panel": _parse_panel,
     "stop": _parse_stop,
     "resume": _parse_resume,
     "help": _parse_help,

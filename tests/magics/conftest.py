@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 
 
 @pytest.fixture(scope="session")
 def shell():
-    ip = start_ipython()
+    ip = start_ipython() or get_ipython()  # start_ipython returns None once started (e.g. by another test)
     ip.reset()
     yield ip
     ip.reset()

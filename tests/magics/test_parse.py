@@ -223,7 +223,7 @@ def test_valid_spelling_gives_exact_command(line, cell, expected):
     assert command == expected
 
 
-PENDING = ["panel", "base", "export"]
+PENDING = ["base", "export"]
 
 
 @pytest.mark.parametrize("subcommand", PENDING, ids=PENDING)

@@ -1,0 +1,392 @@
+"""The LoRA panel: module tree, rank/alpha/dropout sliders, variant and init, a live summary (trainable params,
+adapter size, GPU memory by component) and buttons for inject / train / merge / save / unload — all calling the
+public API on the model the panel is bound to. ``%lora panel model`` or ``jupyter_lora.Panel(model)``.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import ipywidgets as w
+
+from ..core.errors import UsageError
+from ..display import fmt_bytes, fmt_count
+from .tree import ModuleTree
+
+__all__ = ["Panel"]
+
+_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "zero")
+_MEMORY_PARTS = (
+    ("weights", "base weights", "#90a4ae"),
+    ("adapter", "adapter", "#42a5f5"),
+    ("gradients", "gradients", "#7e57c2"),
+    ("optimizer", "optimizer", "#ab47bc"),
+    ("activations", "activations", "#ffa726"),
+    ("logits", "logits", "#ef5350"),
+    ("other", "overhead", "#bdbdbd"),
+)
+
+
+def _pow2(value: int) -> int:
+    """The power of two nearest to ``value`` (1..256)."""
+    return min((1 << k for k in range(9)), key=lambda p: (abs(p - value), -p))  # ties round up
+
+
+class Panel:
+    """An interactive panel bound to a model. ``namespace``/``variable``: keep ``namespace[variable]`` pointing at
+    the current model after Inject, Merge, Load or Unload (what ``%lora panel`` passes); ``on_change(model)`` is
+    called then too. ``panel.model`` is always the current model."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        variable: str = "model",
+        namespace: MutableMapping[str, Any] | None = None,
+        on_change: Callable[[Any], None] | None = None,
+        r: int = 16,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        targets: str = "",
+        layers: str = "",
+        variant: str = "lora",
+        init: str = "default",
+        batch: int = 8,
+        seq: int = 1024,
+        data: str = "",
+        tokenizer: Any = None,
+        name: str = "default",
+    ):
+        import jupyter_lora as jl
+        from jupyter_lora.core.modelinfo import require_module
+        from jupyter_lora.core.targets import index_model, tree_rows
+
+        self.model = require_module(model)
+        self.variable = variable
+        self.namespace = namespace
+        self.on_change = on_change
+        self.adapter_name = name
+        self.tokenizer = tokenizer
+        self.run = None
+        self.last_update_ms = 0.0
+        self._syncing = False
+        # PEFT's per-architecture defaults (the qv preset) import PEFT's tuners: do it now, not on the first click.
+        import peft.utils.constants  # noqa: F401
+
+        self._jl = jl
+        index = index_model(self.model)
+
+        self.tree = ModuleTree(
+            nodes=tree_rows(self.model), block_lists=list(index.layer_lists), num_layers=index.num_layers,
+            targets=targets or "qv", layers=layers,
+        )  # fmt: skip
+        style = {"description_width": "70px"}
+        self.r = w.IntSlider(
+            value=r, min=1, max=256, description="rank r", continuous_update=True, style=style
+        )
+        self.pow2 = w.Checkbox(
+            value=False, description="powers of 2", indent=False, layout=w.Layout(width="110px")
+        )
+        self.alpha = w.FloatSlider(value=alpha if alpha is not None else 2 * r, min=0.5, max=512, step=0.5,
+                                   description="alpha", style=style, disabled=alpha is None)  # fmt: skip
+        self.alpha_lock = w.Checkbox(value=alpha is None, description="alpha = 2r", indent=False,
+                                     layout=w.Layout(width="110px"))  # fmt: skip
+        self.dropout = w.FloatSlider(
+            value=dropout, min=0.0, max=0.5, step=0.01, description="dropout", style=style
+        )
+        self.variant = w.Dropdown(
+            options=["lora", "dora", "rslora"], value=variant, description="variant", style=style
+        )
+        self.init = w.Dropdown(options=list(_INITS), value=init, description="init", style=style)
+        self.batch = w.BoundedIntText(value=batch, min=1, max=4096, description="batch", style=style,
+                                      layout=w.Layout(width="150px"))  # fmt: skip
+        self.seq = w.BoundedIntText(value=seq, min=1, max=1 << 20, description="seq", style=style,
+                                    layout=w.Layout(width="170px"))  # fmt: skip
+        self.ckpt = w.Checkbox(value=False, description="grad. checkpointing", indent=False)
+        self.quant = w.Checkbox(value=False, description="4-bit base", indent=False)
+        self.summary = w.HTML(layout=w.Layout(min_height="120px"))
+        self.error = w.HTML()
+        self.inject_button = w.Button(description="Inject", button_style="primary", icon="plus")
+        self.train_button = w.Button(description="Train", icon="play")
+        self.merge_button = w.Button(description="Merge", icon="compress")
+        self.save_button = w.Button(description="Save", icon="save")
+        self.unload_button = w.Button(description="Unload", icon="trash")
+        self.code_button = w.ToggleButton(description="Show as code", icon="code")
+        self.save_path = w.Text(value="adapters/run1", description="path", style={"description_width": "35px"},
+                                layout=w.Layout(width="240px"))  # fmt: skip
+        self.data = w.Text(value=data, placeholder="variable with texts/records", description="data",
+                           style={"description_width": "35px"}, layout=w.Layout(width="240px"))  # fmt: skip
+        self.steps = w.BoundedIntText(value=100, min=1, max=10**7, description="steps", style={"description_width": "40px"},
+                                      layout=w.Layout(width="140px"))  # fmt: skip
+        self.code = w.Textarea(layout=w.Layout(width="100%", height="170px", display="none"))
+        self.progress_area = w.VBox()
+
+        for widget in (self.r, self.alpha, self.dropout, self.variant, self.init, self.batch, self.seq, self.ckpt,
+                       self.quant):  # fmt: skip
+            widget.observe(self._on_control, names="value")
+        self.pow2.observe(self._on_pow2, names="value")
+        self.alpha_lock.observe(self._on_lock, names="value")
+        self.tree.observe(self._on_control, names=["targets", "layers"])
+        self.code_button.observe(self._on_code, names="value")
+        self.inject_button.on_click(self._guard(self._inject))
+        self.train_button.on_click(self._guard(self._train))
+        self.merge_button.on_click(self._guard(self._merge))
+        self.save_button.on_click(self._guard(self._save))
+        self.unload_button.on_click(self._guard(self._unload))
+
+        controls = w.VBox([
+            w.HBox([self.r, self.pow2]), w.HBox([self.alpha, self.alpha_lock]), self.dropout,
+            w.HBox([self.variant, self.init]),
+            w.HTML("<b>memory for</b>"), w.HBox([self.batch, self.seq]), w.HBox([self.ckpt, self.quant]),
+            self.summary,
+        ], layout=w.Layout(width="460px"))  # fmt: skip
+        actions = w.VBox([
+            w.HBox([self.inject_button, self.merge_button, self.unload_button, self.code_button]),
+            w.HBox([self.save_path, self.save_button]),
+            w.HBox([self.data, self.steps, self.train_button]),
+        ])  # fmt: skip
+        self.box = w.VBox(
+            [w.HBox([self.tree, controls], layout=w.Layout(align_items="flex-start")), self.error, actions,
+             self.code, self.progress_area],
+            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
+        )  # fmt: skip
+        self.box.add_class("jl-panel")
+        self.plan = None
+        self.estimate = None
+        self.update()
+
+    # --------------------------------------------------------------------------------------- state
+
+    def settings(self) -> dict[str, Any]:
+        """The LoRA settings the controls describe (what Inject would use)."""
+        out: dict[str, Any] = {
+            "r": int(self.r.value),
+            "dropout": round(float(self.dropout.value), 4),
+            "targets": self.tree.targets.strip(),  # empty: an error in the panel, not a silent default
+            "variant": self.variant.value,
+            "init": self.init.value,
+        }
+        if not self.alpha_lock.value:
+            out["alpha"] = float(self.alpha.value)
+        if self.tree.layers.strip():
+            out["layers"] = self.tree.layers.strip()
+        return out
+
+    def update(self) -> None:
+        """Re-plan and re-estimate from the controls; show the numbers (or the error) in the panel."""
+        start = time.perf_counter()
+        jl = self._jl
+        try:
+            plan = jl.plan(self.model, name=self.adapter_name, **self.settings())
+            estimate = jl.estimate(self.model, plan, seq=int(self.seq.value), batch=int(self.batch.value),
+                                   ckpt=bool(self.ckpt.value), quant="4bit" if self.quant.value else None)  # fmt: skip
+        except UsageError as exc:
+            with self.tree.hold_sync():
+                self.tree.error = str(exc)
+            self.error.value = ""
+            self.last_update_ms = 1000 * (time.perf_counter() - start)
+            return
+        self.plan, self.estimate = plan, estimate
+        with self.tree.hold_sync():
+            self.tree.error = ""
+            self.tree.selected = list(plan.targets)
+        self.summary.value = self._summary_html(plan, estimate)
+        if self.code_button.value:
+            self.code.value = self.as_code()
+        self._refresh_buttons()
+        self.last_update_ms = 1000 * (time.perf_counter() - start)
+
+    def as_code(self) -> str:
+        """The ``%%lora`` cell that injects what the panel shows."""
+        lines = [
+            f"%%lora {self.variable}"
+            + (f" --name {self.adapter_name}" if self.adapter_name != "default" else "")
+        ]
+        for key, value in self.settings().items():
+            if (
+                value is None
+                or (key == "variant" and value == "lora")
+                or (key == "init" and value == "default")
+            ):
+                continue
+            lines.append(f"{key}: {value:g}" if isinstance(value, float) else f"{key}: {value}")
+        return "\n".join(lines)
+
+    # --------------------------------------------------------------------------------------- rendering
+
+    def _summary_html(self, plan, estimate) -> str:
+        b = estimate.breakdown
+        parts = {
+            "weights": b["weights"] + b["quant_constants"], "adapter": b["adapter"], "gradients": b["gradients"],
+            "optimizer": b["optimizer"], "activations": b["activations"], "logits": b["logits"],
+            "other": b["overhead"] + b["cuda_context"],
+        }  # fmt: skip
+        total = sum(parts.values())
+        scale = max(total, estimate.gpu_capacity_bytes or 0) or 1
+        bar = "".join(
+            f"<div title='{label}: {fmt_bytes(parts[key])}' style='width:{100 * parts[key] / scale:.2f}%;"
+            f"background:{color};height:14px'></div>"
+            for key, label, color in _MEMORY_PARTS if parts[key]
+        )  # fmt: skip
+        legend = " ".join(
+            f"<span style='white-space:nowrap'><span style='display:inline-block;width:9px;height:9px;"
+            f"background:{color}'></span> {label} {fmt_bytes(parts[key])}</span>"
+            for key, label, color in _MEMORY_PARTS if parts[key]
+        )  # fmt: skip
+        capacity = ""
+        if estimate.gpu_capacity_bytes:
+            verdict = "fits" if estimate.fits else "does not fit"
+            capacity = (f" of {fmt_bytes(estimate.gpu_capacity_bytes)} on {html.escape(estimate.gpu_name or 'GPU')}"
+                        f" — <b>{verdict}</b>")  # fmt: skip
+        state = "replaces the adapter" if plan.replaces else "new adapter"
+        return (
+            f"<div class='jl-summary'><div><b class='jl-trainable'>{plan.trainable_params:,}</b> trainable of "
+            f"{plan.total_params:,} (<span class='jl-percent'>{100 * plan.trainable_fraction:.3g}%</span>) · "
+            f"{sum(1 for r in plan.modules if r.role == 'lora')} modules · adapter "
+            f"<span class='jl-adapter-bytes'>{fmt_bytes(plan.adapter_bytes)}</span> · {state}</div>"
+            f"<div style='margin-top:4px'>training ≈ <b class='jl-memory'>{fmt_bytes(total)}</b>{capacity}</div>"
+            f"<div class='jl-membar' style='display:flex;width:100%;background:#eee;margin:3px 0'>{bar}</div>"
+            f"<div style='font-size:90%'>{legend}</div>"
+            f"<div style='font-size:90%;color:#666'>{fmt_count(plan.adapter_params)} LoRA params, "
+            f"r={plan.spec.r}, alpha={plan.spec.lora_alpha:g}</div></div>"
+        )
+
+    def _refresh_buttons(self) -> None:
+        from jupyter_lora.core.modelinfo import is_peft_model
+
+        # The panel's own model is a PeftModel exactly when it holds adapters (inject returns one).
+        names = set(getattr(self.model, "peft_config", {})) if is_peft_model(self.model) else set()
+        has = bool(names)
+        training = self.run is not None and self.run.running
+        self.inject_button.description = "Re-inject" if self.adapter_name in names else "Inject"
+        self.inject_button.disabled = training
+        for button in (self.merge_button, self.save_button, self.unload_button, self.train_button):
+            button.disabled = not has or training
+
+    def _show_error(self, message: str) -> None:
+        self.error.value = f"<div class='jl-panel-error' style='color:#c62828'>{html.escape(message)}</div>"
+
+    # --------------------------------------------------------------------------------------- events
+
+    def _on_control(self, change: dict) -> None:
+        if self._syncing:
+            return
+        if change.get("owner") is self.r and self.alpha_lock.value:
+            self._syncing = True  # alpha follows r: one update for the pair, not two
+            try:
+                self.alpha.value = 2 * self.r.value
+            finally:
+                self._syncing = False
+        self.update()
+
+    def _on_pow2(self, change: dict) -> None:
+        if change["new"]:
+            self.r.value = _pow2(int(self.r.value))
+
+    def _on_lock(self, change: dict) -> None:
+        self.alpha.disabled = bool(change["new"])
+        if change["new"]:
+            self.alpha.value = 2 * self.r.value
+        self.update()
+
+    def _on_code(self, change: dict) -> None:
+        self.code.layout.display = "" if change["new"] else "none"
+        if change["new"]:
+            self.code.value = self.as_code()
+
+    def _guard(self, action: Callable[[], None]) -> Callable[[Any], None]:
+        """Button callbacks: errors appear in the panel, in words, never as a lost exception."""
+
+        def handler(_button=None) -> None:
+            self.error.value = ""
+            try:
+                action()
+            except UsageError as exc:
+                self._show_error(str(exc))
+            except Exception as exc:
+                self._show_error(f"{type(exc).__name__}: {exc}")
+            finally:
+                self._refresh_buttons()
+
+        return handler
+
+    def _rebind(self, model: Any) -> None:
+        self.model = model
+        if self.namespace is not None:
+            self.namespace[self.variable] = model
+        if self.on_change is not None:
+            self.on_change(model)
+        self.update()
+
+    # --------------------------------------------------------------------------------------- actions
+
+    def inject(self) -> None:
+        """Inject (or re-inject) the adapter the controls describe."""
+        self._guard(self._inject)()
+
+    def _inject(self) -> None:
+        self._rebind(self._jl.inject(self.model, name=self.adapter_name, **self.settings()))
+
+    def _merge(self) -> None:
+        self._rebind(self._jl.merge(self.model))
+
+    def _unload(self) -> None:
+        self._rebind(self._jl.unload(self.model))
+
+    def _save(self) -> None:
+        path = self._jl.save(self.model, self.save_path.value)
+        self.error.value = (
+            f"<div class='jl-panel-note' style='color:#2e7d32'>saved to {html.escape(str(path))}</div>"
+        )
+
+    def _train(self) -> None:
+        from .progress import progress_observer
+
+        name = self.data.value.strip()
+        if not name:
+            raise UsageError(
+                "Name the training data: a variable holding texts or records (the `data` field)."
+            )
+        if self.namespace is None or name not in self.namespace:
+            raise UsageError(f"No variable `{name}` for the training data.")
+        holder: dict[str, Any] = {}
+        observer = progress_observer(stop=lambda: holder["run"].stop(wait=False), mode="widget")
+        tokenizer = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
+        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer, steps=int(self.steps.value),
+                             batch=int(self.batch.value), observers=[observer, self._on_training_event])  # fmt: skip
+        holder["run"] = self.run = run
+        self.progress_area.children = [getattr(observer, "box", w.HTML(repr(observer)))]
+
+    def _on_training_event(self, event) -> None:
+        if event.kind == "end":
+            self._refresh_buttons()
+
+    def _find_tokenizer(self) -> Any:
+        import sys
+
+        base = sys.modules.get("transformers.tokenization_utils_base")
+        if base is None or self.namespace is None:
+            return None
+        found = [
+            v
+            for k, v in self.namespace.items()
+            if not k.startswith("_") and isinstance(v, base.PreTrainedTokenizerBase)
+        ]
+        return found[0] if len(found) == 1 else None
+
+    # --------------------------------------------------------------------------------------- display
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+    def _ipython_display_(self) -> None:
+        self.show()
+
+    def __repr__(self) -> str:
+        trainable = f"{self.plan.trainable_params:,} trainable" if self.plan else "no plan"
+        return f"<jupyter_lora.Panel for `{self.variable}`: {trainable}, targets={self.tree.targets!r}>"

@@ -1,0 +1,152 @@
+"""The panel's Python side without a kernel: change traits as the front end would, check the numbers, the model
+after the buttons, and the errors shown in the panel."""
+
+from __future__ import annotations
+
+import pytest
+
+import jupyter_lora as jl
+from jupyter_lora.magics.parse import Inject, parse
+from jupyter_lora.testing import tiny_model
+from jupyter_lora.widgets.panel import Panel, _pow2
+
+
+@pytest.fixture
+def ns():
+    return {"model": tiny_model("llama")}
+
+
+def _panel(ns, **kw):
+    return Panel(ns["model"], variable="model", namespace=ns, **kw)
+
+
+def test_summary_follows_the_rank_slider(ns):
+    panel = _panel(ns, targets="all-linear")
+    first = panel.plan.trainable_params
+    assert f"{first:,}" in panel.summary.value
+    panel.r.value = 32
+    assert panel.plan.trainable_params == 2 * first
+    assert f"{2 * first:,}" in panel.summary.value
+    assert panel.plan.spec.lora_alpha == 64, "alpha = 2r while locked"
+    assert panel.plan == jl.plan(ns["model"], r=32, targets="all-linear")
+
+
+def test_alpha_unlocked_and_pow2_snapping(ns):
+    panel = _panel(ns)
+    panel.alpha_lock.value = False
+    panel.alpha.value = 7
+    panel.r.value = 12
+    assert panel.plan.spec.lora_alpha == 7
+    panel.pow2.value = True
+    assert panel.r.value == 16
+    assert [_pow2(v) for v in (1, 3, 5, 6, 100, 200, 256)] == [1, 4, 4, 8, 128, 256, 256]
+
+
+def test_targets_and_layers_from_the_tree(ns):
+    panel = _panel(ns)
+    assert set(panel.tree.selected) == set(jl.find_targets(ns["model"]))  # the default (qv)
+    panel.tree.targets = "mlp"
+    assert {p.rsplit(".", 1)[-1] for p in panel.tree.selected} == {"gate_proj", "up_proj", "down_proj"}
+    panel.tree.layers = "1"
+    assert all(".layers.1." in p for p in panel.tree.selected) and len(panel.tree.selected) == 3
+    panel.tree.targets = "re:.*\\.q_proj"
+    assert panel.tree.selected == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_a_bad_spec_shows_an_error_and_keeps_the_last_plan(ns):
+    panel = _panel(ns, targets="q_proj")
+    good = panel.plan
+    panel.tree.targets = "q_prj"
+    assert "Did you mean `q_proj`" in panel.tree.error
+    assert panel.plan is good and panel.tree.selected == list(good.targets)
+    panel.tree.targets = "q_proj, v_proj"
+    assert panel.tree.error == "" and len(panel.tree.selected) == 4
+
+
+def test_memory_bar_follows_batch_seq_and_4bit(ns):
+    panel = _panel(ns)
+    small = panel.estimate.total_bytes
+    panel.seq.value = 4096
+    assert panel.estimate.total_bytes > small
+    full = panel.estimate.breakdown["weights"]
+    panel.quant.value = True
+    assert panel.estimate.breakdown["weights"] < full
+    assert "jl-membar" in panel.summary.value
+
+
+def test_buttons_inject_merge_unload_and_state(ns, tmp_path):
+    panel = _panel(ns, targets="attention")
+    assert panel.merge_button.disabled and panel.save_button.disabled and panel.unload_button.disabled
+    panel.inject_button.click()
+    model = ns["model"]
+    assert type(model).__name__.startswith("PeftModel") and panel.model is model
+    assert panel.inject_button.description == "Re-inject" and not panel.merge_button.disabled
+    assert model.get_nb_trainable_parameters() == (panel.plan.trainable_params, panel.plan.total_params)
+    panel.r.value = 4
+    panel.inject_button.click()
+    assert ns["model"].peft_config["default"].r == 4 and list(ns["model"].peft_config) == ["default"]
+    panel.save_path.value = str(tmp_path / "a")
+    panel.save_button.click()
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists() and "saved to" in panel.error.value
+    panel.merge_button.click()
+    assert type(ns["model"]).__name__ == "LlamaForCausalLM"
+    assert panel.merge_button.disabled and panel.inject_button.description == "Inject"
+    panel.inject_button.click()
+    panel.unload_button.click()
+    assert type(ns["model"]).__name__ == "LlamaForCausalLM" and not jl.status(ns["model"]).adapters
+
+
+def test_errors_appear_inside_the_panel(ns, tmp_path):
+    panel = _panel(ns)
+    panel.inject_button.click()
+    (tmp_path / "file.txt").write_text("x")
+    panel.save_path.value = str(tmp_path / "file.txt")
+    panel.save_button.click()  # must not raise
+    assert "jl-panel-error" in panel.error.value and "is an existing file" in panel.error.value
+    panel.data.value = "missing"
+    panel.train_button.click()
+    assert "No variable `missing`" in panel.error.value
+
+
+def test_show_as_code_round_trips_through_the_magic_grammar(ns):
+    panel = _panel(ns, targets="attention", layers="1", r=8)
+    panel.alpha_lock.value = False
+    panel.alpha.value = 12
+    panel.variant.value = "dora"
+    panel.code_button.value = True
+    text = panel.code.value
+    command = parse(text.splitlines()[0][2 + len("lora") :].strip(), "\n".join(text.splitlines()[1:]))
+    assert isinstance(command, Inject) and command.model == "model"
+    again = jl.plan(ns["model"], **command.settings)
+    assert again.targets == panel.plan.targets and again.trainable_params == panel.plan.trainable_params
+    assert (again.spec.r, again.spec.lora_alpha, again.spec.variant) == (8, 12.0, "dora")
+
+
+def test_tree_nodes_describe_the_model(ns):
+    panel = _panel(ns)
+    nodes = panel.tree.nodes
+    assert nodes[0]["params"] == sum(p.numel() for p in ns["model"].parameters())
+    q = next(n for n in nodes if n["path"] == "model.layers.0.self_attn.q_proj")
+    assert (q["kind"], q["shape"], q["layer"]) == ("linear", "32→32", 0)
+    assert panel.tree.block_lists == ["model.layers"] and panel.tree.num_layers == 2
+    assert "ModuleTree(" in repr(panel.tree) and "Panel for `model`" in repr(panel)
+
+
+def test_panel_magic(ip_shell):
+    ip_shell.run_cell("from jupyter_lora.testing import tiny_model\nmodel = tiny_model('llama')")
+    panel = ip_shell.run_line_magic("lora", "panel model")
+    assert isinstance(panel, Panel)
+    panel.inject_button.click()
+    assert type(ip_shell.user_ns["model"]).__name__.startswith("PeftModel")
+
+
+@pytest.fixture
+def ip_shell():
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython() or __import__("IPython").get_ipython()
+    manager = ip.extension_manager
+    if "jupyter_lora" not in manager.loaded:
+        manager.load_extension("jupyter_lora")
+    yield ip
+    ip.user_ns.pop("model", None)
