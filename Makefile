@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint browser-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,29 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The browser tests (tests/browser) drive Debian's Chromium; install it when it is missing (as root, or with sudo).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "Installing Chromium for the browser tests (apt-get install chromium)..."; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); log=$$(mktemp); \
+	  if ! { $$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y \
+	         --no-install-recommends chromium; } >"$$log" 2>&1; then \
+	    tail -n 40 "$$log" >&2; rm -f "$$log"; \
+	    echo "ERROR: apt-get could not install chromium, which the browser tests need (/usr/bin/chromium)." >&2; \
+	    exit 1; \
+	  fi; \
+	  rm -f "$$log"; \
+	fi
+
+test: lint browser-deps
+	node --test js/tests/
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/plan_latency.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/observer_cost.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/panel_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -282,6 +282,15 @@ function render({ model, el }) {
     else if (event.target === layersInput) commit("layers");
   }
 
+  // Leaving a field (e.g. to click Inject) sends what was typed at once, not after the debounce.
+  function onTargetsBlur() {
+    if (timers.targets) commit("targets");
+  }
+
+  function onLayersBlur() {
+    if (timers.layers) commit("layers");
+  }
+
   function onPresetClick(event) {
     const button = event.target.closest(".jl-preset");
     if (!button) return;
@@ -340,6 +349,8 @@ function render({ model, el }) {
     [layersInput, "input", onLayersInput],
     [targetsInput, "keydown", onKeydown],
     [layersInput, "keydown", onKeydown],
+    [targetsInput, "blur", onTargetsBlur],
+    [layersInput, "blur", onLayersBlur],
     [presetBox, "click", onPresetClick],
     [tree, "click", onTreeClick],
     [tree, "keydown", onTreeKeydown],
