@@ -45,6 +45,7 @@ _LAZY = {
     "TrainingEvent": "jupyter_lora.core.events",
     "ProgressCallback": "jupyter_lora.widgets.progress",
     "Panel": "jupyter_lora.widgets.panel",
+    "load_base": "jupyter_lora.core.quant",
 }
 _RENAMED = {"find_targets": "resolve"}
 
@@ -68,6 +69,7 @@ __all__ = [
     "inject",
     "last_run",
     "load",
+    "load_base",
     "make_spec",
     "merge",
     "plan",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.events import TrainingEvent
     from .core.memory import MemoryEstimate, estimate
     from .core.plan import Plan, plan
+    from .core.quant import load_base
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train

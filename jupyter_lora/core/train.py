@@ -61,7 +61,7 @@ class TrainConfig:
     output_dir: str | None = None
     keep_checkpoints: int = 2
     packing: bool = False
-    ckpt: bool = False
+    ckpt: Any = "auto"  # auto: on for 4/8-bit bases (QLoRA), off otherwise
     samples: tuple[str, ...] = ()
     sample_every: int | None = None
     max_new_tokens: int = 40
@@ -134,6 +134,8 @@ def make_train_config(**kwargs: Any) -> TrainConfig:
         raise UsageError(
             f"`optim` must be one of {', '.join(_OPTIMS)}, got {cfg.optim!r}.{did_you_mean(str(cfg.optim), _OPTIMS)}"
         )
+    if cfg.ckpt not in ("auto", True, False):
+        raise UsageError(f"`ckpt` (gradient checkpointing) must be auto, true or false, got {cfg.ckpt!r}.")
     if cfg.chunked_loss not in ("auto", True, False):
         raise UsageError(f"`chunked_loss` must be auto, true or false, got {cfg.chunked_loss!r}.")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -493,7 +495,10 @@ class _Engine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise UsageError("The active adapter has no trainable parameters (loaded with trainable=False?).")
-        if cfg.ckpt:
+        from .adapters import _is_quantized
+
+        self._ckpt = cfg.ckpt is True or (cfg.ckpt == "auto" and _is_quantized(self.model))
+        if self._ckpt:
             base = base_model_of(self.model)
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
@@ -824,7 +829,7 @@ class _Engine:
             tips.append(f"batch: {max(1, cfg.batch // 2)} with grad_accum: {cfg.grad_accum * 2}")
         if cfg.seq > 256:
             tips.append(f"seq: {cfg.seq // 2}")
-        if not cfg.ckpt:
+        if not getattr(self, "_ckpt", False):
             tips.append("ckpt: true")
         from .adapters import _is_quantized
 
@@ -846,7 +851,7 @@ class _Engine:
         if accelerator is not None:
             with contextlib.suppress(Exception):
                 accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
-        if self.cfg.ckpt and not ckpt_was:
+        if getattr(self, "_ckpt", False) and not ckpt_was:
             with contextlib.suppress(Exception):
                 base.gradient_checkpointing_disable()
                 self.model.disable_input_require_grads()

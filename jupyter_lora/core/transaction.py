@@ -43,6 +43,16 @@ class Transaction:
                 seen.add(id(module))
                 saved = {k: (v, _copy_container(v)) for k, v in module.__dict__.items()}
                 self._modules.append((module, saved))
+        # transformers keeps state on the config too (dequantize() drops quantization_config): copy it shallowly.
+        self._configs = []
+        for module, _ in self._modules:
+            config = module.__dict__.get("config")
+            if (
+                config is not None
+                and hasattr(config, "to_dict")
+                and all(c is not config for c, _ in self._configs)
+            ):
+                self._configs.append((config, dict(config.__dict__)))
         params: dict[int, nn.Parameter] = {}
         for root in self._roots:
             for p in root.parameters():
@@ -68,6 +78,9 @@ class Transaction:
                         obj.clear()
                         obj.update(content)
                 d[key] = obj
+        for config, saved in self._configs:
+            config.__dict__.clear()
+            config.__dict__.update(saved)
         for p, flag in self._grads:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)

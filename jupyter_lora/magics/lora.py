@@ -175,7 +175,7 @@ class LoraMagics(Magics):
         import jupyter_lora as jl
 
         model = self._get_model(command.model)
-        result = getattr(jl, command.action)(model)
+        result = getattr(jl, command.action)(model, **command.options)
         if command.action in ("merge", "unload"):
             self._set(command.model, result)
             return _Note(f"`{command.model}` now holds the {'merged' if command.action == 'merge' else 'base'} "
@@ -265,6 +265,13 @@ class LoraMagics(Magics):
         return self._start(
             lambda m, **kw: jl.resume(m, command.checkpoint, **kw), model, objects, settings, mode
         )
+
+    def _do_base(self, command: p.Base) -> Any:
+        import jupyter_lora as jl
+
+        model, info = jl.load_base(command.source, command.bits, dtype=command.dtype)
+        self._set(command.variable, model)
+        return _Note(f"`{command.variable}` = {repr(info)[0].lower()}{repr(info)[1:]}")
 
     def _do_panelcommand(self, command: p.PanelCommand) -> Any:
         from jupyter_lora.widgets.panel import Panel

@@ -19,6 +19,7 @@ from ..core.errors import UsageError, did_you_mean
 __all__ = [
     "SUBCOMMANDS",
     "USAGE",
+    "Base",
     "Command",
     "Compare",
     "Estimate",
@@ -58,7 +59,10 @@ USAGE = """\
 %lora estimate MODEL [--seq N] [--batch N] [--ckpt] [--optim adamw|adamw8bit|paged_adamw8bit]
                      [--dtype bf16|fp16|fp32] [--4bit|--8bit]
                                              GPU memory for training; MODEL: a model or config variable, or a path/model id
-%lora merge MODEL                            fold the adapter into the weights; MODEL becomes the plain model
+%lora merge MODEL [--dequantize]             fold the adapter into the weights; MODEL becomes the plain model
+                                             (--dequantize: a 4/8-bit base is dequantised to bf16 first)
+%lora base VAR MODEL_ID_OR_PATH [--4bit|--8bit] [--dtype bf16]
+                                             load a base model into VAR (4-bit: NF4 + double quant, bf16 compute)
 %lora unload MODEL                           remove all adapters; MODEL becomes the base model
 %lora enable MODEL | disable MODEL           switch the adapters on/off
 %lora use MODEL NAME                         make adapter NAME active
@@ -80,7 +84,7 @@ USAGE = """\
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
                                              memory, inject / train / merge / save / unload buttons
 %lora help                                   this text
-Not yet available: base, export.
+Not yet available: export.
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
 """
 
@@ -89,7 +93,6 @@ SUBCOMMANDS = (
     "train", "stop", "resume", "panel", "base", "export",
 )  # fmt: skip
 _PENDING = {
-    "base": "4/8-bit base loading is not built yet",
     "export": "export to accelerate launch is not built yet",
 }
 INJECT_KEYS = ("r", "alpha", "dropout", "targets", "layers", "exclude", "variant", "init", "modules_to_save", "bias",
@@ -118,6 +121,17 @@ class ModelCommand(Command):
 
     action: str
     model: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Base(Command):
+    """``%lora base VAR SOURCE [--4bit|--8bit] [--dtype bf16]``: load a (QLoRA-ready) base model into VAR."""
+
+    variable: str
+    source: str
+    bits: int | None = None
+    dtype: str = "bf16"
 
 
 @dataclass(frozen=True)
@@ -386,8 +400,23 @@ def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
 def _parse_model(head: str, rest: list[str], cell: str | None) -> ModelCommand:
     p = _parser(head)
     p.add_argument("model")
+    if head == "merge":
+        p.add_argument("--dequantize", action="store_true")
     args = p.parse_args(rest)
-    return ModelCommand(head, _identifier(args.model))
+    options = {"dequantize": True} if getattr(args, "dequantize", False) else {}
+    return ModelCommand(head, _identifier(args.model), options)
+
+
+def _parse_base(head: str, rest: list[str], cell: str | None) -> Base:
+    p = _parser(head)
+    p.add_argument("variable")
+    p.add_argument("source")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--4bit", dest="bits", action="store_const", const=4)
+    bits.add_argument("--8bit", dest="bits", action="store_const", const=8)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    args = p.parse_args(rest)
+    return Base(_identifier(args.variable, "VAR"), args.source, args.bits, args.dtype)
 
 
 def _parse_named(head: str, rest: list[str], cell: str | None) -> NamedCommand:
@@ -484,6 +513,7 @@ _SUBPARSERS = {
     "compare": _parse_compare,
     "train": _parse_train,
     "panel": _parse_panel,
+    "base": _parse_base,
     "stop": _parse_stop,
     "resume": _parse_resume,
     "help": _parse_help,

@@ -570,7 +570,7 @@ def test_help(ip, capsys):
     assert "%%lora MODEL" in out and "%lora estimate" in out
 
 
-PENDING = ["base", "export"]
+PENDING = ["export"]
 
 
 @pytest.mark.parametrize("subcommand", PENDING, ids=PENDING)
