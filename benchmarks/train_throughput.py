@@ -9,7 +9,8 @@ Model: Llama architecture built from a config (random weights; nothing downloade
 shape of ../ANCHORS (hidden 2048, 22 layers, vocab 32000) in bf16, on CPU a small shape in fp32. LoRA r=16,
 alpha=32, dropout 0 on all seven projections; random tokens, batch × seq fixed; fused AdamW where available.
 Variants, one lever per line: the Trainer; our engine on the model's own loss; + the chunked LM loss (never all
-fp32 logits at once, core/loss.py); + the progress widget observing every step.
+fp32 logits at once, core/loss.py); + the progress widget observing every step; on CUDA also QLoRA (NF4 + double
+quant, bf16 compute) with the Trainer (+ prepare_model_for_kbit_training) and with the engine (load_base).
 Printed per variant: tokens/s after warm-up, peak memory (CUDA: max_memory_allocated; CPU: peak RSS), the ratio
 to the Trainer, and on CUDA the model-FLOPs utilisation (6N-ish: 4·N_frozen + 6·N_trainable + attention, per
 token, against the GPU's dense bf16 peak). The "engine + progress" line measures the progress display's cost.
@@ -70,13 +71,22 @@ def run_variant(args) -> dict:
 
     cuda = torch.cuda.is_available()
     shape = "tinyllama" if cuda else "cpu"
-    model, config = _setup(shape, "bf16" if cuda else "fp32")
+    if "qlora" in args.variant:
+        import jupyter_lora as jl
+
+        model, _ = jl.load_base(args.path, 4)  # NF4 + double quant, bf16 compute
+        config = model.config
+    else:
+        model, config = _setup(shape, "bf16" if cuda else "fp32")
     n = (args.warmup + args.steps) * args.batch
     data = _data(config, n, args.seq)
     times: list[float] = []
 
-    if args.variant == "trainer":
-        from peft import LoraConfig, get_peft_model
+    if args.variant.startswith("trainer"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if "qlora" in args.variant:  # the usual recipe: HF's k-bit preparation (fp32 upcasts and all)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.ckpt)
         from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
         peft = get_peft_model(
@@ -117,15 +127,22 @@ def run_variant(args) -> dict:
             from jupyter_lora.widgets.progress import ProgressWidget
 
             observers.append(ProgressWidget(stop=lambda: None))
-        chunked = args.variant != "engine"  # "engine" is the plain path; the others add the chunked loss
+        chunked = args.variant not in (
+            "engine",
+        )  # "engine" is the plain path; the others add the chunked loss
         jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
                  warmup=0, ckpt=args.ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
                  background=False, log_every=1 if not cuda else 5, chunked_loss=chunked)  # fmt: skip
+    # Bytes of the frozen weights as loaded (packed 4-bit weights count their storage), for the QLoRA goal.
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     timed = times[args.warmup :]
     seconds = timed[-1] - times[args.warmup - 1] if len(timed) and args.warmup else times[-1] - times[0]
     tokens = args.steps * args.batch * args.seq
     n_params = sum(p.numel() for p in model.parameters())
+    if args.variant.startswith("trainer"):
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     result = {"variant": args.variant, "tokens_per_s": tokens / seconds, "peak": _peak_memory(), "params": n_params,
+              "weight_bytes": weight_bytes,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "seq": args.seq, "batch": args.batch,
               "layers": config.num_hidden_layers, "hidden": config.hidden_size}  # fmt: skip
     print("RESULT " + json.dumps(result))
@@ -150,6 +167,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jl-bench"))
     args = parser.parse_args()
     if args.variant:
@@ -163,9 +181,17 @@ def main() -> None:
     args.steps = args.steps or ((10 if args.quick else 30) if cuda else (5 if args.quick else 12))
     args.warmup = args.warmup or (3 if args.quick else 8) if cuda else (args.warmup or 2)
     results = []
-    for variant in ("trainer", "engine", "engine+chunked_loss", "engine+progress"):
+    variants = ["trainer", "engine", "engine+chunked_loss", "engine+progress"]
+    path = ""
+    if cuda:  # QLoRA quantises on load, from files: a random bf16 checkpoint of the same shape
+        variants += ["trainer+qlora", "engine+qlora"]
+        model, _ = _setup("tinyllama", "bf16")
+        path = os.path.join(args.tmp, "checkpoint")
+        model.save_pretrained(path)
+        del model
+    for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--tmp", args.tmp]  # fmt: skip
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--tmp", args.tmp, "--path", path]  # fmt: skip
         if args.ckpt:
             cmd.append("--ckpt")
         out = subprocess.run(
@@ -192,6 +218,14 @@ def main() -> None:
     if engine and progress:
         print(f"progress display cost: {100 * (1 - progress['tokens_per_s'] / engine['tokens_per_s']):+.1f}% of "
               "throughput (goal ≤ 2%)")  # fmt: skip
+    qlora = next((r for r in results if r["variant"] == "engine+qlora"), None)
+    bf16 = next((r for r in results if r["variant"] == "engine+chunked_loss"), None)
+    if qlora and bf16:
+        saving = bf16["weight_bytes"] - qlora["weight_bytes"]
+        limit = bf16["peak"] - 0.9 * saving
+        print(f"QLoRA vs bf16 LoRA (engine): {qlora['tokens_per_s'] / bf16['tokens_per_s']:.2f}× tokens/s (goal ≥ 0.9); "
+              f"peak {qlora['peak'] / 2**30:.2f} GiB vs limit {limit / 2**30:.2f} GiB = bf16 peak − 0.9 × weight saving "
+              f"({'met' if qlora['peak'] <= limit else 'NOT met'})")  # fmt: skip
     if not cuda:
         print("note: CPU run — speed goals are for the GPU; peak memory is the process's peak RSS.")
 

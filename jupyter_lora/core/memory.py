@@ -359,6 +359,7 @@ def estimate(
     quant: str | None = None,
     double_quant: bool | None = None,
     attention: str = "sdpa",
+    chunked_loss: bool | None = None,
     calibration: Calibration = DEFAULT_CALIBRATION,
     **settings: Any,
 ) -> MemoryEstimate:
@@ -367,7 +368,9 @@ def estimate(
 
     ``plan``: the adapter to train (default: the adapter the model holds, or ``plan(model, **settings)``).
     ``ckpt``: gradient checkpointing. ``optim``: adamw | adamw8bit | paged_adamw8bit | adafactor | sgd.
-    ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config). ``quant``: None | 4bit | 8bit
+    ``chunked_loss``: the LM loss computed in chunks (default: as the training engine does — on CUDA for
+    Llama-family models). ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config).
+    ``quant``: None | 4bit | 8bit
     (default: how the model is loaded); ``double_quant``: 4-bit double quantisation (default: the model's, else on).
     """
     seq = _positive_int(seq, "seq")
@@ -425,8 +428,18 @@ def estimate(
         int(activations * calibration.activations) + e * d["hidden"] * tokens * 2
     )  # embeddings out, final norm
     task = plan.task_type
+    if (
+        chunked_loss is None
+    ):  # what the training engine does: chunked on CUDA for the architectures it supports
+        from .loss import CHUNKED_LOSS_MODEL_TYPES
+
+        chunked_loss = (
+            torch.cuda.is_available() and task == "CAUSAL_LM" and d["model_type"] in CHUNKED_LOSS_MODEL_TYPES
+        )
     if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or (task is None and index.task.output_embeddings):
-        logits = int(tokens * d["vocab"] * e * calibration.logits_copies)
+        # Chunked loss (core/loss.py): only one chunk of 4096 tokens has logits at a time (forward or recompute).
+        logit_tokens = min(tokens, 4096) if chunked_loss else tokens
+        logits = int(logit_tokens * d["vocab"] * e * calibration.logits_copies)
         if task == "SEQ_2_SEQ_LM":
             logits //= 2  # decoder side only (targets are typically shorter than inputs)
     else:
