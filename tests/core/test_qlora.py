@@ -141,3 +141,16 @@ def test_base_magic(checkpoint):
     assert "4-bit nf4" in repr(note) and "memory" in repr(note)
     assert any(type(m).__name__ == "Linear4bit" for m in ip.user_ns["qmodel"].modules())
     ip.user_ns.pop("qmodel")
+
+
+def test_merged_save_that_does_not_fit_on_disk_writes_nothing(checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    model, _ = jl.load_base(checkpoint, 4)
+    model = jl.inject(model, r=4)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(UsageError, match="on disk; 100 B is free"):
+        jl.save(model, tmp_path / "merged", merged=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no staging directory left behind"
