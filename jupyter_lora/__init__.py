@@ -46,6 +46,7 @@ _LAZY = {
     "ProgressCallback": "jupyter_lora.widgets.progress",
     "Panel": "jupyter_lora.widgets.panel",
     "load_base": "jupyter_lora.core.quant",
+    "export": "jupyter_lora.core.export",
 }
 _RENAMED = {"find_targets": "resolve"}
 
@@ -65,6 +66,7 @@ __all__ = [
     "disable",
     "enable",
     "estimate",
+    "export",
     "find_targets",
     "inject",
     "last_run",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.compare import Comparison, compare
     from .core.errors import UsageError
     from .core.events import TrainingEvent
+    from .core.export import export
     from .core.memory import MemoryEstimate, estimate
     from .core.plan import Plan, plan
     from .core.quant import load_base

@@ -255,14 +255,6 @@ def prepare_data(
     none), a fraction in (0, 1), a number of examples, or 0/False; ``eval_data`` gives a separate eval set instead.
     ``label2id``: ``{name: id}`` (or a list of names) for string labels; default: the sorted unique labels.
     """
-    pretokenized = (
-        isinstance(data, list) and bool(data) and isinstance(data[0], Mapping) and "input_ids" in data[0]
-    )
-    if tokenizer is None and not pretokenized:
-        raise UsageError(
-            "`tokenizer` is missing: pass tokenizer=YOUR_TOKENIZER (in %%lora train: `tokenizer: VAR`), e.g. "
-            "AutoTokenizer.from_pretrained(<the model's name or folder>)."
-        )
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(
             f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}. "
@@ -279,6 +271,13 @@ def prepare_data(
         )
 
     source = _load(data, "data")
+    items = source.items
+    pretokenized = bool(items) and isinstance(items[0], Mapping) and "input_ids" in items[0]
+    if tokenizer is None and not pretokenized:
+        raise UsageError(
+            "`tokenizer` is missing: pass tokenizer=YOUR_TOKENIZER (in %%lora train: `tokenizer: VAR`), e.g. "
+            "AutoTokenizer.from_pretrained(<the model's name or folder>)."
+        )
     if eval_data is not None:
         if not (eval is None or eval is True or (isinstance(eval, str) and eval.strip().lower() == "auto")):
             raise UsageError(

@@ -594,6 +594,8 @@ class _Engine:
         """One optimizer step over ``group`` micro-batches. Loss terms are weighted by their label tokens (or
         examples for classification) so accumulation equals one big batch. No host sync here."""
         accelerator = self.accelerator
+        if accelerator.num_processes > 1:  # DDP: each process takes its share of every batch's examples
+            group = [_shard(b, accelerator.process_index, accelerator.num_processes) for b in group]
         weights = [_label_count(b) for b in group]
         total_weight = sum(weights) or 1
         tokens = sum(
@@ -724,6 +726,11 @@ class _Engine:
         run = self.run_
         if getattr(self, "optimizer", None) is None:
             return None
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:  # one process writes; the weights are the same on all
+                return None
         root = Path(run.output_dir)
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"checkpoint-{run.step:06d}"
@@ -868,6 +875,16 @@ class _Engine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _shard(batch: dict, rank: int, world: int) -> dict:
+    """This process's rows of a padded batch (rows rank, rank + world, ...)."""
+    rows = batch["input_ids"].shape[0]
+    if "position_ids" in batch and rows == 1:
+        raise UsageError("`packing` is not supported with several processes yet; set packing: false.")
+    if rows < world:
+        raise UsageError(f"`batch` ({rows}) must be at least the number of processes ({world}).")
+    return {k: v[rank::world] for k, v in batch.items()}
 
 
 def _label_count(batch: dict) -> int:

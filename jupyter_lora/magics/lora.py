@@ -93,11 +93,6 @@ class LoraMagics(Magics):
 
         return Pretty(p.USAGE)
 
-    def _do_pending(self, command: p.Pending) -> Any:
-        raise UsageError(
-            f"%lora {command.subcommand}: not available in this version — {command.reason}. See %lora help."
-        )
-
     def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
         settings = dict(given)
         keys = set(settings)
@@ -282,6 +277,16 @@ class LoraMagics(Magics):
         if self.default_alpha is not None:
             settings["alpha"] = self.default_alpha
         return Panel(model, variable=command.model, namespace=self.shell.user_ns, **settings)
+
+    def _do_export(self, command: p.Export) -> Any:
+        import jupyter_lora as jl
+
+        model = self._get_model(command.model)
+        objects, settings = self._train_inputs(dict(command.settings), model)
+        settings.pop("progress", None)
+        objects.pop("eval_data", None)
+        data = objects.pop("data")
+        return jl.export(model, command.directory, data, tokenizer=objects.get("tokenizer"), **settings)
 
     def _do_stop(self, command: p.Stop) -> Any:
         import jupyter_lora as jl

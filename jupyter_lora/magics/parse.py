@@ -23,13 +23,13 @@ __all__ = [
     "Command",
     "Compare",
     "Estimate",
+    "Export",
     "Help",
     "Inject",
     "Load",
     "ModelCommand",
     "NamedCommand",
     "PanelCommand",
-    "Pending",
     "Resume",
     "Save",
     "Status",
@@ -83,8 +83,9 @@ USAGE = """\
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
                                              memory, inject / train / merge / save / unload buttons
+%%lora export MODEL DIR                      write a standalone job (train.py, adapter, data, accelerate configs) to
+                                             run with accelerate launch on many GPUs; body as for %%lora train
 %lora help                                   this text
-Not yet available: export.
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
 """
 
@@ -92,9 +93,6 @@ SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
     "train", "stop", "resume", "panel", "base", "export",
 )  # fmt: skip
-_PENDING = {
-    "export": "export to accelerate launch is not built yet",
-}
 INJECT_KEYS = ("r", "alpha", "dropout", "targets", "layers", "exclude", "variant", "init", "modules_to_save", "bias",
                "task_type")  # fmt: skip
 INJECT_ALIASES = ("rank", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
@@ -203,6 +201,15 @@ class PanelCommand(Command):
 
 
 @dataclass(frozen=True)
+class Export(Command):
+    """``%%lora export MODEL DIR`` with the training body: a standalone job for ``accelerate launch``."""
+
+    model: str
+    directory: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Stop(Command):
     model: str | None = None
 
@@ -217,14 +224,6 @@ class Resume(Command):
 @dataclass(frozen=True)
 class Help(Command):
     pass
-
-
-@dataclass(frozen=True)
-class Pending(Command):
-    """A subcommand whose feature is not built yet."""
-
-    subcommand: str
-    reason: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -334,8 +333,6 @@ def parse(line: str, cell: str | None = None) -> Command:
     head, rest = words[0], words[1:]
     if head in ("help", "-h", "--help", "?"):
         return Help()
-    if head in _PENDING:
-        return Pending(head, _PENDING[head])
     if head in SUBCOMMANDS:
         return _SUBPARSERS[head](head, rest, cell)
     if head.startswith("-"):
@@ -480,6 +477,20 @@ def _parse_panel(head: str, rest: list[str], cell: str | None) -> PanelCommand:
     return PanelCommand(_identifier(args.model))
 
 
+def _parse_export(head: str, rest: list[str], cell: str | None) -> Export:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("directory")
+    args = p.parse_args(rest)
+    settings = _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES)
+    if "data" not in settings:
+        raise UsageError(
+            "%%lora export: the cell body needs `data:` (as for %%lora train) — the job trains on it; e.g. "
+            "`data: texts` and `steps: 1000` under `%%lora export model job/`."
+        )
+    return Export(_identifier(args.model), args.directory, settings)
+
+
 def _parse_stop(head: str, rest: list[str], cell: str | None) -> Stop:
     p = _parser(head)
     p.add_argument("model", nargs="?")
@@ -514,6 +525,7 @@ _SUBPARSERS = {
     "train": _parse_train,
     "panel": _parse_panel,
     "base": _parse_base,
+    "export": _parse_export,
     "stop": _parse_stop,
     "resume": _parse_resume,
     "help": _parse_help,

@@ -570,18 +570,6 @@ def test_help(ip, capsys):
     assert "%%lora MODEL" in out and "%lora estimate" in out
 
 
-PENDING = ["export"]
-
-
-@pytest.mark.parametrize("subcommand", PENDING, ids=PENDING)
-def test_pending_subcommands_say_not_available(ip, capsys, subcommand):
-    ip.user_ns["model"] = tiny_model("llama")
-    with pytest.raises(UsageError, match=rf"%lora {subcommand}: not available"):
-        ip.run_line_magic("lora", f"{subcommand} model")
-    message = usage_error(ip, capsys, f"%lora {subcommand} model")
-    assert "not available" in message and "%lora help" in message
-
-
 # ----------------------------------------------------------------------------------------------- mistakes
 
 _SETUP = {

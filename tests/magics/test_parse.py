@@ -21,7 +21,6 @@ from jupyter_lora.magics.parse import (
     Load,
     ModelCommand,
     NamedCommand,
-    Pending,
     Save,
     Status,
     parse,
@@ -223,22 +222,6 @@ def test_valid_spelling_gives_exact_command(line, cell, expected):
     assert command == expected
 
 
-PENDING = ["export"]
-
-
-@pytest.mark.parametrize("subcommand", PENDING, ids=PENDING)
-@pytest.mark.parametrize(
-    ("rest", "cell"),
-    [("", None), (" model", None), (" model --x 1", "data: d.jsonl")],
-    ids=["bare", "model", "body"],
-)
-def test_pending_subcommands_parse_to_pending(subcommand, rest, cell):
-    command = parse(subcommand + rest, cell)
-    assert type(command) is Pending
-    assert command.subcommand == subcommand
-    assert isinstance(command.reason, str) and len(command.reason.split()) >= 3
-
-
 def test_every_subcommand_is_understood():
     for sub in SUBCOMMANDS:
         line = {
@@ -248,8 +231,9 @@ def test_every_subcommand_is_understood():
             "load": "load m p",
             "compare": "compare m hi",
             "base": "base m some/model",
+            "export": "export m job",
         }.get(sub, f"{sub} m")
-        cell = "data: texts" if sub == "train" else None
+        cell = "data: texts" if sub in ("train", "export") else None
         assert not isinstance(parse(line, cell), Inject), sub
 
 
