@@ -56,3 +56,66 @@ def test_quickstart_notebook(tmp_path):
     # Rich output: the notebook got HTML tables, not just text.
     htmls = [o["data"].get("text/html", "") for c in code for o in c.outputs if "data" in o]
     assert any("<table" in h for h in htmls)
+
+
+def _all_text(nb) -> str:
+    return "".join(_text(c) for c in nb.cells if c.cell_type == "code")
+
+
+def _no_errors(nb) -> None:
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
+    assert not errors, errors
+
+
+@pytest.mark.slow
+def test_lora_vs_full_notebook(tmp_path):
+    nb = _run("02_lora_vs_full.ipynb", tmp_path)
+    _no_errors(nb)
+    text = _all_text(nb)
+    rows = {}
+    for line in text.splitlines():
+        parts = line.rsplit(None, 3)
+        if len(parts) == 4 and parts[0].strip() in ("full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16",
+                                                    "head only (frozen backbone)"):  # fmt: skip
+            rows[parts[0].strip()] = (float(parts[1]), float(parts[2]), int(parts[3].replace(",", "")))
+    assert len(rows) == 5, text[-2000:]
+    assert rows["full fine-tuning"][2] == 22_713_986
+    assert rows["LoRA r=4"][2] < rows["LoRA r=8"][2] < rows["LoRA r=16"][2] < 200_000
+    assert rows["full fine-tuning"][0] > 0.9 and rows["LoRA r=16"][0] > 0.75
+    assert rows["head only (frozen backbone)"][0] < rows["LoRA r=16"][0]
+    assert any(
+        "application/vnd.plotly.v1+json" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])
+    )
+
+
+@pytest.mark.slow
+def test_adapters_notebook(tmp_path):
+    nb = _run("04_adapters.ipynb", tmp_path)
+    _no_errors(nb)
+    text = _all_text(nb)
+    assert "adapter 'animals':  brown fox jumps" in text
+    assert "disabled = base: True" in text and "reloaded numbers adapter matches: True" in text
+    assert (tmp_path / "adapters" / "animals" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapters" / "numbers" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_scale_out_notebook(tmp_path):
+    nb = _run("05_scale_out.ipynb", tmp_path)
+    _no_errors(nb)
+    text = _all_text(nb)
+    assert text.count("state finished, step 6") == 2
+    assert "single-process and 2-process DDP adapters agree: True" in text
+    assert (tmp_path / "job" / "accelerate_fsdp.yaml").exists()
+
+
+def test_qlora_notebook_skips_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("runs for real on a GPU machine")
+    nb = _run("03_qlora_gpu.ipynb", tmp_path)
+    _no_errors(nb)
+    assert "this notebook needs one; the cells below skip" in _all_text(nb)
