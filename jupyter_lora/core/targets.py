@@ -185,21 +185,27 @@ def _unwrap_tuner(module: nn.Module) -> nn.Module:
     return base_layer if isinstance(base_layer, nn.Module) and hasattr(module, "lora_A") else module
 
 
+def _unwrapped_modules(base: nn.Module):
+    """``named_modules()`` as the base model had them: inside an adapted model each PEFT layer is reported as its
+    original layer and PEFT's own children (lora_A, lora_B, modules_to_save copies ...) are skipped."""
+    skip: list[str] = []
+    for path, module in base.named_modules():
+        if skip and any(path.startswith(p) for p in skip):
+            continue
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            skip.append(path + ".")
+            module = _unwrap_tuner(module)
+        elif type(module).__name__ == "ModulesToSaveWrapper":
+            skip.append(path + ".")
+            module = module.original_module
+        yield path, module
+
+
 def _build_index(base: nn.Module) -> ModelIndex:
     layer_lists = _layer_lists(base)
     modules: list[ModuleInfo] = []
     module_types: dict[str, str] = {}
-    skip_prefixes: list[str] = []
-    for path, module in base.named_modules():
-        if skip_prefixes and any(path.startswith(p) for p in skip_prefixes):
-            continue
-        # Inside an adapted model: report the original layer, skip PEFT's own lora_A/lora_B/... children.
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            skip_prefixes.append(path + ".")
-            module = _unwrap_tuner(module)
-        elif type(module).__name__ == "ModulesToSaveWrapper":
-            skip_prefixes.append(path + ".")
-            module = module.original_module
+    for path, module in _unwrapped_modules(base):
         module_types[path] = type(module).__name__
         if not path:
             continue
@@ -575,17 +581,8 @@ def tree_rows(model: nn.Module) -> list[dict]:
     rows: list[dict] = []
     ids: dict[str, int] = {}
     own: list[int] = []
-    skip: list[str] = []
     seen: set[int] = set()
-    for path, module in base.named_modules():
-        if skip and any(path.startswith(p) for p in skip):
-            continue
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            skip.append(path + ".")
-            module = _unwrap_tuner(module)
-        elif type(module).__name__ == "ModulesToSaveWrapper":
-            skip.append(path + ".")
-            module = module.original_module
+    for path, module in _unwrapped_modules(base):
         parent = ids.get(path.rsplit(".", 1)[0] if "." in path else "", -1) if path else -1
         info = index.by_path.get(path)
         rows.append({
