@@ -1,6 +1,5 @@
 """Quickstart: plan, estimate, inject, train (the package's engine), compare, save, load and merge a LoRA adapter —
-offline, on CPU,
-on a small Llama built from a config (random weights). Run with `make demo`.
+offline, on CPU, on a small Llama built from a config (random weights). Run with `make demo`.
 """
 
 from __future__ import annotations
