@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_state import assert_model_unchanged, model_snapshot
 from torch import nn
 
 import jupyter_lora as jl
@@ -22,33 +23,6 @@ from jupyter_lora.core.errors import AdapterMismatchError, NoAdapterError, Targe
 from jupyter_lora.testing import tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def model_snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything a failed call must leave alone: weights (keys and values), module classes per path,
-    ``requires_grad`` per parameter, and for a PeftModel its adapters and the active one."""
-    snap: dict[str, Any] = {
-        "class": type(model).__name__,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "modules": tuple((name, type(m).__name__) for name, m in model.named_modules()),
-        "grads": tuple((name, p.requires_grad) for name, p in model.named_parameters()),
-    }
-    if hasattr(model, "peft_config"):
-        snap["peft_config"] = tuple(model.peft_config)
-        snap["active"] = getattr(model, "active_adapter", None)
-    return snap
-
-
-def assert_model_unchanged(before: dict[str, Any], model: nn.Module) -> None:
-    after = model_snapshot(model)
-    assert after["class"] == before["class"]
-    assert after["modules"] == before["modules"], "module tree changed"
-    assert after["grads"] == before["grads"], "requires_grad changed"
-    assert list(after["state"]) == list(before["state"]), "state_dict keys changed"
-    changed = [k for k, v in before["state"].items() if not torch.equal(v, after["state"][k])]
-    assert not changed, f"weights changed: {changed}"
-    assert after.get("peft_config") == before.get("peft_config"), "adapters changed"
-    assert after.get("active") == before.get("active"), "active adapter changed"
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes | None]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 from IPython.display import Pretty
+from model_state import assert_model_unchanged, model_snapshot
 from peft import PeftModel  # imported up front: its first import may print backend notices
 from torch import nn
 
@@ -83,33 +84,6 @@ def randomize_lora_b(model: nn.Module, name: str = "default", seed: int = 1) -> 
 def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
-
-
-def model_snapshot(model: nn.Module) -> dict[str, Any]:
-    snap: dict[str, Any] = {
-        "class": type(model).__name__,
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "modules": tuple((n, type(m).__name__) for n, m in model.named_modules()),
-        "grads": tuple((n, p.requires_grad) for n, p in model.named_parameters()),
-    }
-    if hasattr(model, "peft_config"):
-        snap["adapters"] = {
-            n: (c.r, c.lora_alpha, tuple(sorted(c.target_modules))) for n, c in model.peft_config.items()
-        }
-        snap["active"] = model.active_adapter
-    return snap
-
-
-def assert_model_unchanged(before: dict[str, Any], model: nn.Module) -> None:
-    after = model_snapshot(model)
-    assert after["class"] == before["class"]
-    assert after["modules"] == before["modules"], "module tree changed"
-    assert after["grads"] == before["grads"], "requires_grad changed"
-    assert list(after["state"]) == list(before["state"]), "state_dict keys changed"
-    changed = [k for k, v in before["state"].items() if not torch.equal(v, after["state"][k])]
-    assert not changed, f"weights changed: {changed}"
-    assert after.get("adapters") == before.get("adapters"), "adapters changed"
-    assert after.get("active") == before.get("active"), "active adapter changed"
 
 
 def namespace_snapshot(ip) -> dict[str, int]:
