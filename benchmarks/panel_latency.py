@@ -18,12 +18,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from jupyter_lora.testing import llama_config
     from jupyter_lora.widgets.panel import Panel
 
-    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                         num_key_value_heads=8, vocab_size=32000)  # fmt: skip
+    config = llama_config("llama-2-70b")
     with init_empty_weights():
         model = LlamaForCausalLM(config)
     start = time.perf_counter()

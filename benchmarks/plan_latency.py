@@ -31,26 +31,9 @@ import time
 import warnings
 from functools import partial
 
-TARGET_S = 0.050  # a re-plan must keep up with a slider
+from jupyter_lora.testing import LLAMA_SHAPES as SHAPES
 
-SHAPES = {
-    "llama-2-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
-    "llama-2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-}
+TARGET_S = 0.050  # a re-plan must keep up with a slider
 
 
 def meta_model(shape: dict):

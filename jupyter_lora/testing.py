@@ -209,6 +209,22 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 ARCHITECTURES = tuple(_SPECS)
 
+# Full-size shapes for planning, estimating and benchmarking on the meta device (no weights).
+LLAMA_SHAPES: dict[str, dict[str, int]] = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+}  # fmt: skip
+
+
+def llama_config(shape: str = "llama-2-7b", **overrides: Any):
+    """A ``LlamaConfig`` of a real model's shape (see ``LLAMA_SHAPES``); build it with ``tiny_model``-style
+    ``init_empty_weights`` to plan or estimate without weights."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**LLAMA_SHAPES[shape], **overrides})
+
 
 def tiny_config(arch: str, **overrides: Any):
     """A transformers config of architecture ``arch`` (see ``ARCHITECTURES``) with tiny sizes."""

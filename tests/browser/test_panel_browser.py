@@ -72,10 +72,9 @@ def test_panel_on_a_70b_shaped_model_stays_responsive(page, notebook_dir):
 
     cells = [
         "%load_ext jupyter_lora",
-        "from accelerate import init_empty_weights\nfrom transformers import LlamaConfig, LlamaForCausalLM\n"
-        "config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,\n"
-        "                     num_attention_heads=64, num_key_value_heads=8, vocab_size=32000)\n"
-        "with init_empty_weights():\n    big = LlamaForCausalLM(config)",
+        "from accelerate import init_empty_weights\nfrom transformers import LlamaForCausalLM\n"
+        "from jupyter_lora.testing import llama_config\n"
+        "with init_empty_weights():\n    big = LlamaForCausalLM(llama_config('llama-2-70b'))",
         "from jupyter_lora import Panel\npanel = Panel(big, targets='all-linear')\npanel",
     ]
     write_notebook(notebook_dir, cells, "panel70b.ipynb")

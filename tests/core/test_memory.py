@@ -10,32 +10,9 @@ import torch
 
 import jupyter_lora as jl
 from jupyter_lora import UsageError
-from jupyter_lora.testing import tiny_config, tiny_model
+from jupyter_lora.testing import llama_config, tiny_config, tiny_model
 
 GiB = 1024**3
-
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
-LLAMA_70B = dict(
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_hidden_layers=80,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    vocab_size=32000,
-)
-
-
-def _llama_config(**sizes):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**sizes)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +68,7 @@ def test_70b_config_is_estimated_without_materialising_weights():
     proc = psutil.Process()
     before = proc.memory_info().rss
     start = time.perf_counter()
-    e = jl.estimate(_llama_config(**LLAMA_70B), r=16, targets="all-linear", seq=4096, batch=1, ckpt=True)
+    e = jl.estimate(llama_config("llama-2-70b"), r=16, targets="all-linear", seq=4096, batch=1, ckpt=True)
     elapsed = time.perf_counter() - start
     grown = proc.memory_info().rss - before
     assert elapsed < 10, f"estimate on a 70B config took {elapsed:.1f} s"
@@ -106,7 +83,7 @@ def test_70b_config_is_estimated_without_materialising_weights():
 
 
 def test_llama_7b_bf16_weights():
-    e = jl.estimate(_llama_config(**LLAMA_7B))
+    e = jl.estimate(llama_config("llama-2-7b"))
     assert e.dtype == "bfloat16"
     assert e.total_params - e.trainable_params == 6_738_415_616
     assert 12.5 * GiB <= e.breakdown["weights"] <= 13.5 * GiB
@@ -155,7 +132,7 @@ def test_adamw_is_8_bytes_per_trainable_param(llama):
 
 
 def test_adamw8bit_is_about_2_bytes_per_param_on_7b():
-    config = _llama_config(**LLAMA_7B)
+    config = llama_config("llama-2-7b")
     e = jl.estimate(config, r=16, targets="all-linear", optim="adamw8bit")
     assert e.breakdown["optimizer"] / e.trainable_params == pytest.approx(2.0, abs=0.01)
 
@@ -168,7 +145,7 @@ def test_adapter_and_gradients_are_fp32_lora_params(llama):
 
 
 def test_gradient_checkpointing_reduces_activations():
-    config = _llama_config(**LLAMA_7B)
+    config = llama_config("llama-2-7b")
     plain = jl.estimate(config, seq=2048, batch=4)
     ckpt = jl.estimate(config, seq=2048, batch=4, ckpt=True)
     assert ckpt.breakdown["activations"] < plain.breakdown["activations"] / 4

@@ -142,16 +142,9 @@ def test_estimate_4bit_weights_factor(checkpoint, source):
 
 
 def test_estimate_4bit_factor_on_7b_shape():
-    from transformers import LlamaConfig
+    from jupyter_lora.testing import llama_config
 
-    config = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    )
+    config = llama_config("llama-2-7b")
     bf16 = jl.estimate(config, dtype="bf16")
     nf4 = jl.estimate(config, dtype="bf16", quant="4bit")
     q = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
