@@ -1,8 +1,10 @@
-"""What a failed call must leave alone, for the bad-input and magics tests: a snapshot of a model and the check
-that nothing in it changed."""
+"""What a failed call must leave alone: a snapshot of a model and the check that nothing in it changed, and a
+snapshot of a directory's files."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,3 +38,15 @@ def assert_model_unchanged(before: dict[str, Any], model: nn.Module) -> None:
     assert not changed, f"weights changed: {changed}"
     assert after.get("adapters") == before.get("adapters"), "adapters changed"
     assert after.get("active") == before.get("active"), "active adapter changed"
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes | None]:
+    """Relative path -> file bytes (``None`` for a directory), hidden entries included."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            out[os.path.relpath(full, root)] = Path(full).read_bytes()
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from model_state import assert_model_unchanged, model_snapshot
+from model_state import assert_model_unchanged, model_snapshot, tree_snapshot
 from torch import nn
 
 import jupyter_lora as jl
@@ -23,18 +23,6 @@ from jupyter_lora.core.errors import AdapterMismatchError, NoAdapterError, Targe
 from jupyter_lora.testing import tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def tree_snapshot(root: Path) -> dict[str, bytes | None]:
-    """Relative path -> file bytes (``None`` for a directory), hidden entries included."""
-    out: dict[str, bytes | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            full = os.path.join(dirpath, f)
-            out[os.path.relpath(full, root)] = Path(full).read_bytes()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- workspace

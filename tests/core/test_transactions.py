@@ -12,6 +12,7 @@ import peft.peft_model
 import pytest
 import torch
 import transformers.modeling_utils
+from model_state import tree_snapshot
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.model import LoraModel
 from torch import nn
@@ -101,17 +102,6 @@ def lora(model: nn.Module, **settings: Any) -> nn.Module:
     settings.setdefault("r", 4)
     settings.setdefault("targets", "q_proj,k_proj,v_proj,o_proj")
     return jl.inject(model, **settings)
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    out: dict[str, bytes | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            full = os.path.join(dirpath, f)
-            out[os.path.relpath(full, root)] = Path(full).read_bytes()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- inject
@@ -252,7 +242,7 @@ def test_load_failing_half_way(monkeypatch, tmp_path, start):
         perturb_lora(model, seed=3)
         name = "chat"
     before, out = snapshot(model), outputs(model)
-    files = tree(tmp_path)
+    files = tree_snapshot(tmp_path)
 
     calls = fail_on_call(monkeypatch, peft.peft_model, "set_peft_model_state_dict", 1, before=_half_then_fail)
     with pytest.raises(RuntimeError, match="forced failure"):
@@ -260,7 +250,7 @@ def test_load_failing_half_way(monkeypatch, tmp_path, start):
     assert calls["n"] == 1
     assert_same(before, model)
     assert torch.equal(outputs(model), out)
-    assert tree(tmp_path) == files
+    assert tree_snapshot(tmp_path) == files
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -276,14 +266,16 @@ def test_save_failing_half_way_keeps_previous_save(monkeypatch, tmp_path, adapte
     target = tmp_path / "run1"
     jl.save(model, target)
     perturb_lora(model)  # the next save would write different bytes
-    files = tree(tmp_path)
+    files = tree_snapshot(tmp_path)
     before = snapshot(model)
 
     calls = fail_on_call(monkeypatch, peft.peft_model, "safe_save_file", 1, before=_partial_write)
     with pytest.raises(RuntimeError, match="forced failure"):
         jl.save(model, target)
     assert calls["n"] == 1
-    assert tree(tmp_path) == files  # previous save byte-identical, no '.run1.saving-*' left beside it
+    assert (
+        tree_snapshot(tmp_path) == files
+    )  # previous save byte-identical, no '.run1.saving-*' left beside it
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     assert_same(before, model)
 
@@ -294,7 +286,7 @@ def test_save_failing_at_install_keeps_previous_save(monkeypatch, tmp_path):
     target = tmp_path / "run1"
     jl.save(model, target)
     perturb_lora(model)
-    files = tree(tmp_path)
+    files = tree_snapshot(tmp_path)
     monkeypatch.setattr(_adapters, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
@@ -307,7 +299,7 @@ def test_save_failing_at_install_keeps_previous_save(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="forced failure"):
         jl.save(model, target)
     monkeypatch.undo()
-    assert tree(tmp_path) == files
+    assert tree_snapshot(tmp_path) == files
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
@@ -318,7 +310,7 @@ def test_merged_save_failing_half_way(monkeypatch, tmp_path):
     jl.save(earlier, target, merged=True)  # an earlier merged save at the same path
     model = lora(tiny_model("llama"))
     perturb_lora(model)
-    files = tree(tmp_path)
+    files = tree_snapshot(tmp_path)
     before, out = snapshot(model), outputs(model)
     calls = fail_on_call(monkeypatch, transformers.modeling_utils, "safe_save_file", 1, before=_partial_write)
     with pytest.raises(RuntimeError, match="forced failure"):
@@ -327,7 +319,7 @@ def test_merged_save_failing_half_way(monkeypatch, tmp_path):
     # still adapted, nothing merged (transformers records `architectures`/`dtype` in the config before writing)
     assert_same(before, model, config=False)
     assert torch.equal(outputs(model), out)
-    assert tree(tmp_path) == files
+    assert tree_snapshot(tmp_path) == files
 
 
 def test_merged_save_leaves_live_model_adapted(tmp_path):
