@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint browser-deps bench clean
+.PHONY: setup demo test lint browser-deps bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_throughput.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/observer_cost.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/panel_latency.py
+
+# The README's screenshots (docs/progress.png, docs/panel.png), taken by the two browser tests that show them.
+screenshots: setup browser-deps
+	HF_HUB_OFFLINE=1 JUPYTER_LORA_SCREENSHOTS=docs $(PY) -m pytest -q \
+	  tests/browser/test_widgets_smoke.py::test_training_progress_widget_and_stop \
+	  tests/browser/test_panel_browser.py::test_panel_live_counts_highlight_and_inject
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

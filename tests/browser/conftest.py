@@ -37,6 +37,12 @@ Helpers (``from lab_helpers import ...``)
     appends a cell printing ``repr(expr)``, runs it and returns the value (``ast.literal_eval``, else the string).
 ``append_cell(page, source)``, ``cell(page, i)``, ``accept_dialogs(page)``.
 
+Screenshots
+-----------
+Tests write screenshots only under their ``tmp_path``. ``keep_screenshot(path)`` (a fixture) also copies one into
+the directory named by ``$JUPYTER_LORA_SCREENSHOTS`` when it is set, under the same file name: ``make screenshots``
+runs the browser tests with ``JUPYTER_LORA_SCREENSHOTS=docs`` to refresh the README's images.
+
 A test of a new widget (the panel, say) looks like::
 
     import pytest
@@ -82,6 +88,8 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = os.environ.get("JL_CHROMIUM", "/usr/bin/chromium")
+# A directory that keep_screenshot copies screenshots into (unset: none are copied; make screenshots sets docs).
+SCREENSHOTS_ENV = "JUPYTER_LORA_SCREENSHOTS"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -276,6 +284,22 @@ def browser(tmp_path_factory):
             browser.close()
     finally:
         playwright.stop()
+
+
+@pytest.fixture
+def keep_screenshot():
+    """``keep(path)``: copy the screenshot at ``path`` into ``$JUPYTER_LORA_SCREENSHOTS`` (created if needed) and
+    return the copy's path; None, and nothing written, when the variable is unset or empty."""
+
+    def keep(shot: Path) -> Path | None:
+        directory = os.environ.get(SCREENSHOTS_ENV)
+        if not directory:
+            return None
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(shot, target / Path(shot).name))
+
+    return keep
 
 
 @pytest.fixture

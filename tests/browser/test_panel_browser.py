@@ -1,11 +1,10 @@
 """The LoRA panel in a real JupyterLab: the rank slider changes the count in the DOM, a typed regex highlights
-matching modules, Inject changes the model in the kernel. Saves docs/panel.png for the README."""
+matching modules, Inject changes the model in the kernel. Its screenshot is the README's docs/panel.png
+(``make screenshots``)."""
 
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from lab_helpers import kernel_eval, open_notebook, output_area, run_cell, write_notebook
@@ -13,14 +12,12 @@ from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
-
 
 def _count(locator) -> int:
     return int(re.sub(r"[^\d]", "", locator.inner_text()))
 
 
-def test_panel_live_counts_highlight_and_inject(page, notebook_dir, tmp_path):
+def test_panel_live_counts_highlight_and_inject(page, notebook_dir, tmp_path, keep_screenshot):
     cells = [
         "%load_ext jupyter_lora",
         "from jupyter_lora.testing import tiny_model\nmodel = tiny_model('llama')",
@@ -63,8 +60,7 @@ def test_panel_live_counts_highlight_and_inject(page, notebook_dir, tmp_path):
 
     shot = tmp_path / "panel.png"
     panel.screenshot(path=str(shot))
-    DOCS.mkdir(exist_ok=True)
-    shutil.copy(shot, DOCS / "panel.png")
+    keep_screenshot(shot)
 
 
 def test_panel_on_a_70b_shaped_model_stays_responsive(page, notebook_dir):

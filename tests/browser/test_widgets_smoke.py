@@ -1,11 +1,10 @@
 """The browser-test infrastructure on widgets that exist today: an ipywidgets slider, the %%lora HTML summary and
-the training progress widget (bar, plotly chart, Stop)."""
+the training progress widget (bar, plotly chart, Stop), whose screenshot is the README's docs/progress.png
+(``make screenshots``)."""
 
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from lab_helpers import kernel_eval, open_notebook, output_area, output_text, run_cell, write_notebook
@@ -13,7 +12,6 @@ from playwright.sync_api import Page, expect
 
 pytestmark = pytest.mark.browser
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 TRAIN_TIMEOUT_MS = 120_000
 
 SETUP = (
@@ -90,7 +88,7 @@ def test_lora_cell_magic_shows_the_plan_table(page, notebook_dir):
     assert kernel_eval(page, "type(model).__name__") == "PeftModelForCausalLM"
 
 
-def test_training_progress_widget_and_stop(page, notebook_dir, tmp_path):
+def test_training_progress_widget_and_stop(page, notebook_dir, tmp_path, keep_screenshot):
     write_notebook(
         notebook_dir,
         [
@@ -139,5 +137,4 @@ def test_training_progress_widget_and_stop(page, notebook_dir, tmp_path):
     state, step = kernel_eval(page, "(jl.last_run(model).state, jl.last_run(model).step)")
     assert state == "stopped" and 0 < step < 100000
 
-    DOCS.mkdir(exist_ok=True)
-    shutil.copyfile(shot, DOCS / "progress.png")
+    keep_screenshot(shot)

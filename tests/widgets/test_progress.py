@@ -6,6 +6,7 @@ printed lines, and on a ``transformers.Trainer`` run translated by ``ProgressCal
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,19 @@ import pytest
 from jupyter_lora.core.errors import UsageError
 from jupyter_lora.core.events import TrainingEvent
 from jupyter_lora.widgets import progress as P
-from jupyter_lora.widgets.progress import ProgressWidget, RunHistory, TextProgress, progress_observer
+from jupyter_lora.widgets.progress import (
+    ProgressWidget,
+    RunHistory,
+    TextProgress,
+    frontend,
+    progress_observer,
+)
+
+_spec = importlib.util.spec_from_file_location(
+    "observer_cost", Path(__file__).resolve().parents[2] / "benchmarks" / "observer_cost.py"
+)
+observer_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(observer_cost)
 
 TOTAL = 100
 EVAL_AT = (25, 50, 75, 100)
@@ -377,7 +391,7 @@ def test_events_from_a_background_thread_and_stop_from_the_main_thread():
 
 def test_show_and_ipython_display(monkeypatch, clock):
     shown = []
-    monkeypatch.setattr(P, "_display", lambda obj, **kw: shown.append(obj))
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(obj))
     w = ProgressWidget(clock=clock)
     w.show()
     w._ipython_display_()
@@ -448,7 +462,7 @@ def test_text_notebook_updates_one_display(monkeypatch, clock):
         shown.append(kwargs)
         return Handle()
 
-    monkeypatch.setattr(P, "_display", fake_display)
+    monkeypatch.setattr(frontend, "display", fake_display)
     t = TextProgress(title="nb <run>", output="notebook", clock=clock)
     assert t.min_interval == P.DEFAULT_MIN_INTERVAL
     t.show()
@@ -469,7 +483,7 @@ def test_text_notebook_updates_one_display(monkeypatch, clock):
 
 def test_text_notebook_first_flush_displays(monkeypatch, clock):
     shown = []
-    monkeypatch.setattr(P, "_display", lambda obj, **kw: shown.append(kw) or None)
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(kw) or None)
     t = TextProgress(output="notebook", clock=clock)
     t(ev("start", 0, total_steps=TOTAL))
     assert shown == [{"display_id": True}]
@@ -479,7 +493,7 @@ def test_text_notebook_first_flush_displays(monkeypatch, clock):
 
 
 def test_progress_observer_without_kernel_is_text():
-    assert P._in_kernel() is False
+    assert frontend.in_kernel() is False
     obs = progress_observer(stop=lambda: None, title="x")
     assert isinstance(obs, TextProgress) and obs.output == "terminal" and obs.title == "x"
     assert isinstance(progress_observer(mode="text"), TextProgress)
@@ -490,7 +504,7 @@ def test_progress_observer_in_a_kernel_is_the_widget(monkeypatch):
     class Shell:
         kernel = object()
 
-    monkeypatch.setattr(P, "_get_ipython", lambda: Shell())
+    monkeypatch.setattr(frontend, "get_ipython", lambda: Shell())
     calls = []
     obs = progress_observer(stop=lambda: calls.append(1), title="k", min_interval=0.5)
     assert isinstance(obs, ProgressWidget) and obs.min_interval == 0.5
@@ -500,9 +514,9 @@ def test_progress_observer_in_a_kernel_is_the_widget(monkeypatch):
 
 
 def test_measure_observer_cost_smoke():
-    cost = P.measure_observer_cost(n_steps=60, repeat=1)
+    cost = observer_cost.measure_observer_cost(n_steps=60, repeat=1)
     assert 0 < cost["record_us"] < cost["flush_us"]
-    assert P.measure_observer_cost(n_steps=20, kind="text", repeat=1)["record_us"] > 0
+    assert observer_cost.measure_observer_cost(n_steps=20, kind="text", repeat=1)["record_us"] > 0
 
 
 def test_importing_progress_is_cheap():
@@ -586,8 +600,8 @@ def test_callback_shows_its_widget_in_a_kernel(transformers, tmp_path, monkeypat
         kernel = object()
 
     shown = []
-    monkeypatch.setattr(P, "_get_ipython", lambda: Shell())
-    monkeypatch.setattr(P, "_display", lambda obj, **kw: shown.append(obj))
+    monkeypatch.setattr(frontend, "get_ipython", lambda: Shell())
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(obj))
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none")
     state, control = transformers.TrainerState(max_steps=5), transformers.TrainerControl()
     cb = ProgressCallback()  # auto: the widget, since we are "in a kernel"

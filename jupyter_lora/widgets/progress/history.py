@@ -1,0 +1,430 @@
+"""What one training run's events have said so far: ``RunHistory`` and the text it is shown with.
+
+Pure data: no ipywidgets, plotly or IPython. The widget and the text fallback both draw from one ``RunHistory``;
+``fmt_loss``, ``fmt_duration`` and ``thin`` are the number formats and plot thinning they share.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ...core.errors import UsageError
+from ...core.events import EVENT_KINDS, TrainingEvent
+from ...display import fmt_bytes, fmt_count
+
+__all__ = ["RunHistory", "fmt_duration", "fmt_loss", "thin"]
+
+_FINISHED = frozenset({"done", "stopped", "oom", "error"})
+_STEP_KEYS = (
+    "lr",
+    "tokens_per_s",
+    "elapsed",
+    "eta",
+    "memory_allocated",
+    "memory_peak",
+    "grad_norm",
+)
+_MAX_TEXT = 2000  # characters of one sample shown
+_STATUS_WORDS = {
+    "waiting": "waiting for the first step…",
+    "running": "training",
+    "stopping": "stopping…",
+    "stopped": "stopped",
+    "done": "finished",
+    "oom": "out of memory",
+    "error": "failed",
+}
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """65 -> '1:05', 3725 -> '1:02:05'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    total = round(max(seconds, 0.0))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def fmt_loss(x: float | None) -> str:
+    """4 significant digits, trailing zeros kept: 1.0 -> '1.000', 0.01234 -> '0.01234', 1234.5 -> '1234'."""
+    if x is None:
+        return "?"
+    return f"{x:.0f}" if math.isfinite(x) and abs(x) >= 1000 else f"{x:#.4g}"
+
+
+def _opt_float(value: Any) -> float | None:
+    """None stays None; anything else must convert to float (bad data raises, and the observer reports it)."""
+    return None if value is None else float(value)
+
+
+def _clip(text: str, limit: int = _MAX_TEXT) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def thin(values: list, stride: int) -> list:
+    """Every ``stride``-th value, always ending with the last one (what the plot shows of a long run)."""
+    if stride <= 1:
+        return list(values)
+    out = values[::stride]
+    if (len(values) - 1) % stride:
+        out.append(values[-1])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ history
+
+
+class RunHistory:
+    """What one run's events have said so far, aggregated for display. It holds no UI and is updated on every event.
+
+    The loss series keeps every logged step. ``loss`` holds None where the loss was not finite (a gap in the plot).
+    ``smoothed`` is the bias-corrected EMA: ``m = (1-a)·m + a·loss``, shown as ``m / (1 - (1-a)^n)``.
+    """
+
+    def __init__(self, *, ema_alpha: float = 0.1) -> None:
+        if not 0 < ema_alpha <= 1:
+            raise UsageError(f"`ema_alpha` must be in (0, 1], got {ema_alpha!r}.")
+        self.ema_alpha = float(ema_alpha)
+        self.status = "waiting"  # waiting | running | stopping | stopped | done | oom | error
+        self.step = 0
+        self.total_steps = 0
+        self.epoch = 0.0
+        self.time = 0.0
+        self.events = 0
+        self.info: dict[str, Any] = {}  # the start event's data
+        self.last: dict[str, Any] = {}  # latest step data: loss, lr, tokens_per_s, eta, memory, ...
+        self.tokens = 0
+        self.loss_steps: list[int] = []
+        self.loss: list[float | None] = []
+        self.smoothed: list[float | None] = []
+        self.nonfinite_losses = 0
+        self.lr_steps: list[int] = []
+        self.lr: list[float] = []
+        self.eval_steps: list[int] = []
+        self.eval_loss: list[float | None] = []
+        self.eval_accuracy: list[float | None] = []
+        self.best_eval_loss: float | None = None
+        self.last_eval: dict[str, Any] | None = None
+        self.samples: list[tuple[str, str]] = []
+        self.samples_step: int | None = None
+        self.samples_version = 0
+        self.checkpoint: tuple[int, str, str] | None = None  # (step, path, reason)
+        self.problems: list[tuple[str, str, str]] = []  # (kind, message, advice): run errors and OOM
+        self.stopped: dict[str, Any] | None = None  # the stop event's data
+        self.stop_requested = False  # Stop was pressed here
+        self.end: dict[str, Any] | None = None
+        self._ema = 0.0
+        self._ema_n = 0
+
+    # ---- recording
+
+    def record(self, event: TrainingEvent) -> None:
+        """Fold one event in. Unknown kinds are ignored (newer engines may emit more); malformed data raises."""
+        data = event.data if event.data is not None else {}
+        if not isinstance(data, Mapping):
+            raise TypeError(f"event data must be a mapping, got {type(data).__name__}")
+        self.events += 1
+        self.step = int(event.step)
+        if event.total_steps:
+            self.total_steps = int(event.total_steps)
+        self.epoch = float(event.epoch or 0.0)
+        self.time = float(event.time or 0.0)
+        handler = getattr(self, f"_on_{event.kind}", None) if event.kind in EVENT_KINDS else None
+        if handler is not None:
+            handler(data)
+
+    def request_stop(self) -> None:
+        """The Stop button was pressed: shown as "stopping" until the engine's stop/end event arrives."""
+        self.stop_requested = True
+        if self.status in ("waiting", "running"):
+            self.status = "stopping"
+
+    def _on_start(self, data: Mapping[str, Any]) -> None:
+        self.info = dict(data)
+        if not self.total_steps and data.get("total_steps"):
+            self.total_steps = int(data["total_steps"])
+        if self.status == "waiting":
+            self.status = "running"
+
+    def _on_step(self, data: Mapping[str, Any]) -> None:
+        if self.status == "waiting":
+            self.status = "running"
+        loss = _opt_float(data.get("loss"))
+        if loss is not None:
+            self._add_loss(loss)
+        lr = _opt_float(data.get("lr"))
+        if lr is not None:
+            self.lr_steps.append(self.step)
+            self.lr.append(lr)
+        tokens = data.get("tokens")
+        if tokens:
+            self.tokens += int(tokens)
+        for key in _STEP_KEYS:
+            value = data.get(key)
+            if value is not None:
+                self.last[key] = value
+        if (
+            "memory_allocated" in data and data["memory_allocated"] is None
+        ):  # CPU: say nothing about GPU memory
+            self.last.pop("memory_allocated", None)
+            self.last.pop("memory_peak", None)
+
+    def _add_loss(self, loss: float) -> None:
+        self.last["loss"] = loss
+        self.loss_steps.append(self.step)
+        if math.isfinite(loss):
+            a = self.ema_alpha
+            self._ema_n += 1
+            self._ema = (1 - a) * self._ema + a * loss
+            self.loss.append(loss)
+            self.smoothed.append(self._ema / (1 - (1 - a) ** self._ema_n))
+        else:
+            self.nonfinite_losses += 1
+            self.loss.append(None)
+            self.smoothed.append(None)
+
+    def _on_eval(self, data: Mapping[str, Any]) -> None:
+        value = _opt_float(data.get("eval_loss"))
+        finite = value is not None and math.isfinite(value)
+        self.eval_steps.append(self.step)
+        self.eval_loss.append(value if finite else None)
+        self.eval_accuracy.append(_opt_float(data.get("accuracy")))
+        best = _opt_float(data.get("best_eval_loss"))
+        if best is None and finite:
+            best = value if self.best_eval_loss is None else min(self.best_eval_loss, value)
+        if best is not None:
+            self.best_eval_loss = best
+        improved = data.get("improved")
+        if improved is None:
+            improved = finite and best is not None and value <= best
+        self.last_eval = {
+            "step": self.step,
+            "eval_loss": value,
+            "accuracy": self.eval_accuracy[-1],
+            "improved": bool(improved),
+        }
+
+    def _on_sample(self, data: Mapping[str, Any]) -> None:
+        samples = data.get("samples") or []
+        self.samples = [(str(s.get("prompt", "")), str(s.get("text", ""))) for s in samples]
+        self.samples_step = self.step
+        self.samples_version += 1
+
+    def _on_checkpoint(self, data: Mapping[str, Any]) -> None:
+        if data.get("path"):
+            self.checkpoint = (self.step, str(data["path"]), str(data.get("reason") or ""))
+
+    def _on_oom(self, data: Mapping[str, Any]) -> None:
+        self.status = "oom"
+        message = str(data.get("message") or "CUDA out of memory")
+        self.problems.append(("oom", message, str(data.get("advice") or "")))
+        if data.get("checkpoint"):
+            self.checkpoint = (self.step, str(data["checkpoint"]), "oom")
+
+    def _on_stop(self, data: Mapping[str, Any]) -> None:
+        if self.status not in ("oom", "error"):
+            self.status = "stopped"
+        self.stopped = dict(data)
+        if data.get("checkpoint"):
+            self.checkpoint = (self.step, str(data["checkpoint"]), "stop")
+
+    def _on_end(self, data: Mapping[str, Any]) -> None:
+        self.end = dict(data)
+        if self.status not in ("oom", "error", "stopped"):
+            stopped = self.stopped is not None or self.status == "stopping" or data.get("state") == "stopped"
+            self.status = "stopped" if stopped else "done"
+        if data.get("checkpoint"):
+            self.checkpoint = (self.step, str(data["checkpoint"]), "end")
+
+    def _on_error(self, data: Mapping[str, Any]) -> None:
+        self.status = "error"
+        kind = data.get("type") or data.get("exception") or data.get("exception_type") or "Error"
+        message = f"{kind}: {data.get('message') or ''}".rstrip(": ")
+        self.problems.append(("error", message, str(data.get("advice") or "")))
+
+    # ---- derived values
+
+    @property
+    def finished(self) -> bool:
+        """True once the run stopped, ended or failed."""
+        return self.status in _FINISHED
+
+    def elapsed(self) -> float:
+        """Seconds since the run started, from the latest event."""
+        if self.end is not None and self.end.get("elapsed") is not None:
+            return float(self.end["elapsed"])
+        return self.time or float(self.last.get("elapsed") or 0.0)
+
+    def eta(self) -> float | None:
+        """Seconds left: the engine's estimate when it gives one, else elapsed/step · steps left."""
+        if self.finished:
+            return None
+        if self.last.get("eta") is not None:
+            return float(self.last["eta"])
+        if self.step > 0 and self.total_steps > self.step:
+            return self.elapsed() / self.step * (self.total_steps - self.step)
+        return None
+
+    def tokens_per_s(self) -> float | None:
+        """Throughput: the end event's, the engine's latest, or tokens counted / elapsed."""
+        if self.end is not None and self.end.get("tokens_per_s") is not None:
+            return float(self.end["tokens_per_s"])
+        if self.last.get("tokens_per_s") is not None:
+            return float(self.last["tokens_per_s"])
+        elapsed = self.elapsed()
+        return self.tokens / elapsed if self.tokens and elapsed > 0 else None
+
+    def status_text(self) -> str:
+        """The status in words: 'training', 'stopping…', 'finished', 'out of memory', ..."""
+        return _STATUS_WORDS[self.status]
+
+    def step_text(self) -> str:
+        """'step 40/200' (or 'step 40' while the total is unknown)."""
+        return f"step {self.step}/{self.total_steps}" if self.total_steps else f"step {self.step}"
+
+    def line_text(self) -> str:
+        """The compact terminal line: 'step 40/200 · loss 1.234 · 1,234 tok/s · ETA 0:12'."""
+        parts = [self.step_text()]
+        if "loss" in self.last:
+            parts.append(f"loss {fmt_loss(self.last['loss'])}")
+        tps = self.tokens_per_s()
+        if tps is not None:
+            parts.append(f"{tps:,.0f} tok/s")
+        eta = self.eta()
+        if eta is not None:
+            parts.append(f"ETA {fmt_duration(eta)}")
+        return " · ".join(parts)
+
+    def stats_text(self) -> str:
+        """The full stats line: steps, epoch, time, throughput, GPU memory, loss, lr, latest eval."""
+        parts = [self.step_text(), f"epoch {self.epoch:.2f}"]
+        when = f"{fmt_duration(self.elapsed())} elapsed"
+        eta = self.eta()
+        if eta is not None:
+            when += f" / ETA {fmt_duration(eta)}"
+        parts.append(when)
+        tps = self.tokens_per_s()
+        if tps is not None:
+            parts.append(f"{tps:,.0f} tok/s")
+        now, peak = self.last.get("memory_allocated"), self.last.get("memory_peak")
+        if now is not None:
+            parts.append(f"GPU {fmt_bytes(now)}" + (f" (peak {fmt_bytes(peak)})" if peak is not None else ""))
+        if "loss" in self.last:
+            smooth = next((s for s in reversed(self.smoothed) if s is not None), None)
+            text = f"loss {fmt_loss(self.last['loss'])}"
+            if smooth is not None and len(self.smoothed) > 1:
+                text += f" (EMA {fmt_loss(smooth)})"
+            parts.append(text)
+        if "lr" in self.last:
+            parts.append(f"lr {float(self.last['lr']):.2e}")
+        if self.last_eval is not None:
+            text = f"eval {fmt_loss(self.last_eval['eval_loss'])}"
+            if self.last_eval["accuracy"] is not None:
+                text += f", acc {self.last_eval['accuracy']:.3f}"
+            if self.best_eval_loss is not None:
+                text += f" (best {fmt_loss(self.best_eval_loss)})"
+            parts.append(text)
+        if self.nonfinite_losses:
+            parts.append(f"{self.nonfinite_losses} non-finite loss value(s)")
+        return " · ".join(parts)
+
+    def run_text(self) -> str:
+        """What the start event said: '200 steps · 1,000 examples · 1.23M trainable params · cpu' ('' before it)."""
+        parts = []
+        info = self.info
+        if self.total_steps:
+            parts.append(f"{self.total_steps:,} steps")
+        if info.get("examples"):
+            examples = f"{int(info['examples']):,} examples"
+            if info.get("eval_examples"):
+                examples += f" (+{int(info['eval_examples']):,} eval)"
+            parts.append(examples)
+        if info.get("trainable_params"):
+            parts.append(f"{fmt_count(int(info['trainable_params']))} trainable params")
+        for key in ("task", "device"):
+            if info.get(key):
+                parts.append(str(info[key]))
+        return " · ".join(parts)
+
+    def header_text(self, title: str) -> str:
+        """'<title> · 200 steps · 1,000 examples · ...'."""
+        return " · ".join(p for p in (title, self.run_text()) if p)
+
+    def checkpoint_text(self) -> str:
+        """'checkpoint (every) at step 40: out/checkpoint-40', or '' when none."""
+        if self.checkpoint is None:
+            return ""
+        step, path, reason = self.checkpoint
+        return f"checkpoint{f' ({reason})' if reason else ''} at step {step}: {path}"
+
+    def summary_text(self) -> str:
+        """One line at the end: how it finished, steps, time, losses, tokens, checkpoint. '' while running."""
+        if not self.finished:
+            return ""
+        end = self.end or {}
+        steps = int(end.get("steps", self.step))
+        if self.status == "done":
+            head = f"finished: {steps:,} steps"
+        elif self.status == "stopped":
+            reason = (self.stopped or {}).get("reason") or ("user" if self.stop_requested else "")
+            head = f"stopped{f' ({reason})' if reason else ''} at step {steps}" + (
+                f"/{self.total_steps}" if self.total_steps else ""
+            )
+        elif self.status == "oom":
+            head = f"out of memory at step {steps}"
+        else:
+            head = f"failed at step {steps}"
+        parts = [f"{head} in {fmt_duration(self.elapsed())}"]
+        final = end.get("final_loss", self.last.get("loss"))
+        if final is not None:
+            parts.append(f"final loss {fmt_loss(float(final))}")
+        best = end.get("best_eval_loss", self.best_eval_loss)
+        if best is not None:
+            parts.append(f"best eval loss {fmt_loss(float(best))}")
+        tokens = int(end.get("tokens") or self.tokens or 0)
+        tps = self.tokens_per_s()
+        if tokens:
+            parts.append(f"{fmt_count(tokens)} tokens" + (f" at {tps:,.0f} tok/s" if tps else ""))
+        elif tps:
+            parts.append(f"{tps:,.0f} tok/s")
+        checkpoint = end.get("checkpoint") or (self.checkpoint[1] if self.checkpoint else None)
+        if checkpoint:
+            parts.append(f"checkpoint {checkpoint}")
+        return " · ".join(parts)
+
+    # ---- HTML pieces (user strings escaped)
+
+    def samples_html(self) -> str:
+        """The latest samples as an escaped two-column table ('' when there are none)."""
+        if not self.samples:
+            return ""
+        cell = "style='vertical-align:top;padding:2px 8px;border-top:1px solid #ddd;white-space:pre-wrap'"
+        rows = "".join(
+            f"<tr><td {cell}>{html.escape(_clip(p, 500))}</td><td {cell}>{html.escape(_clip(t))}</td></tr>"
+            for p, t in self.samples
+        )
+        return (
+            f"<div class='jl-samples'><b>samples at step {self.samples_step}</b>"
+            f"<table><tr><th style='text-align:left'>prompt</th><th style='text-align:left'>generated</th></tr>"
+            f"{rows}</table></div>"
+        )
+
+    def problems_html(self) -> str:
+        """Run errors and OOM reports with their advice ('' when there are none)."""
+        blocks = []
+        for kind, message, advice in self.problems:
+            color = "#e65100" if kind == "oom" else "#c62828"
+            label = "out of memory" if kind == "oom" else "error"
+            text = f"<b style='color:{color}'>{label}</b>: {html.escape(message)}"
+            if advice:
+                text += f"<div style='margin-left:1em'>{html.escape(advice)}</div>"
+            blocks.append(f"<div class='jl-problem'>{text}</div>")
+        return "".join(blocks)

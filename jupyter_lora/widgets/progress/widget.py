@@ -1,0 +1,262 @@
+"""``ProgressWidget``: live progress of one training run as ipywidgets and a plotly ``FigureWidget``.
+
+Train loss raw and smoothed, eval loss and learning rate on one chart, a progress bar with a Stop button, a stats
+line, errors with advice, the latest samples and a summary line. ipywidgets and plotly load when a widget is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+from ...core.errors import UsageError
+from ...core.events import TrainingEvent
+from . import frontend
+from .history import thin
+from .observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
+
+__all__ = ["ProgressWidget", "widgets_available"]
+
+
+@functools.lru_cache(maxsize=1)
+def widgets_available() -> bool:
+    """True when ipywidgets and plotly can both be imported (checked once)."""
+    try:
+        import ipywidgets  # noqa: F401
+        import plotly.graph_objects  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _array_maker() -> Callable[[list], Any]:
+    """float64 arrays when numpy is there: plotly validates and sends them as one binary buffer (about 30× faster
+    per redraw than lists, which it walks element by element); None becomes NaN, a gap. Lists without numpy."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - plotly works without numpy, only slower
+        return list
+    return functools.partial(np.array, dtype=np.float64)
+
+
+_BAR_STYLE = {
+    "waiting": "",
+    "running": "info",
+    "stopping": "warning",
+    "stopped": "warning",
+    "done": "success",
+    "oom": "danger",
+    "error": "danger",
+}
+_TRACE_NAMES = ("train loss", "train loss (EMA)", "eval loss", "learning rate")
+
+
+class ProgressWidget(ThrottledObserver):
+    """Live progress of one training run as ipywidgets: header, progress bar + Stop, stats, a plotly chart,
+    errors, latest samples and a final summary. Call it with each ``TrainingEvent``, from any thread.
+
+    ``stop``: called once when Stop is clicked (the run handle's ``.stop()``). Without it there is no button.
+    The chart's traces are, in order: train loss (raw), train loss (EMA), eval loss, learning rate (right axis).
+    At most ``max_points`` points per trace are drawn (evenly thinned). The history keeps every one.
+    """
+
+    def __init__(
+        self,
+        stop: Callable[[], Any] | None = None,
+        title: str | None = None,
+        *,
+        min_interval: float | None = None,
+        max_points: int = 2000,
+        ema_alpha: float = 0.1,
+        clock: Callable[[], float] | None = None,
+        height: int = 320,
+    ) -> None:
+        super().__init__(
+            title, DEFAULT_MIN_INTERVAL if min_interval is None else min_interval, clock, ema_alpha
+        )
+        if max_points < 2:
+            raise UsageError(f"`max_points` must be at least 2, got {max_points!r}.")
+        self.max_points = int(max_points)
+        self._stop = stop
+        self.stop_requested = False
+        self._drawn: dict[str, Any] = {}
+        self._build(height)
+        self.flush()
+
+    # ---- building
+
+    def _build(self, height: int) -> None:
+        import ipywidgets as widgets
+        import plotly.graph_objects as go
+
+        self._array = _array_maker()
+        self.header = widgets.HTML()
+        self.bar = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
+        self.stop_button = widgets.Button(
+            description="Stop",
+            icon="stop",
+            button_style="danger",
+            tooltip="finish the current step, save a checkpoint and stop",
+            layout=widgets.Layout(width="auto", display=None if self._stop else "none"),
+        )
+        self.stop_button.on_click(self._on_stop_click)
+        self.stats = widgets.HTML()
+        color = "#1f77b4"
+        self.figure = go.FigureWidget(
+            data=[
+                go.Scatter(
+                    name=_TRACE_NAMES[0], mode="lines", line={"width": 1, "color": color}, opacity=0.3
+                ),
+                go.Scatter(name=_TRACE_NAMES[1], mode="lines", line={"width": 2, "color": color}),
+                go.Scatter(name=_TRACE_NAMES[2], mode="markers", marker={"size": 8, "color": "#d62728"}),
+                go.Scatter(
+                    name=_TRACE_NAMES[3],
+                    mode="lines",
+                    yaxis="y2",
+                    line={"width": 1, "dash": "dot", "color": "#2ca02c"},
+                ),
+            ],
+            layout={
+                "height": height,
+                "margin": {"l": 55, "r": 70, "t": 30, "b": 40},
+                "template": "plotly_white",
+                "uirevision": "progress",  # keep the user's zoom across updates
+                "xaxis": {"title": {"text": "step"}, "rangemode": "tozero"},
+                "yaxis": {"title": {"text": "loss"}},
+                "yaxis2": {
+                    "title": {"text": "learning rate"},
+                    "overlaying": "y",
+                    "side": "right",
+                    "showgrid": False,
+                    "exponentformat": "e",
+                    "rangemode": "tozero",
+                },
+                "legend": {"orientation": "h", "y": 1.12, "x": 0},
+            },
+        )
+        self.errors = widgets.HTML()
+        self.samples = widgets.HTML()
+        self.summary = widgets.HTML()
+        self.box = widgets.VBox(
+            [
+                self.header,
+                widgets.HBox([self.bar, self.stop_button]),
+                self.stats,
+                self.figure,
+                self.errors,
+                self.samples,
+                self.summary,
+            ]
+        )
+
+    # ---- showing
+
+    def show(self) -> None:
+        """Display the widget in the current cell."""
+        frontend.display(self.box)
+
+    def _ipython_display_(self) -> None:
+        self.show()
+
+    def __repr__(self) -> str:
+        h = self.history
+        return f"<ProgressWidget {self.title!r}: {h.line_text()} [{h.status_text()}]>"
+
+    # ---- Stop
+
+    def _on_stop_click(self, _button: Any = None) -> None:
+        with self._lock:
+            if self.stop_requested or self._stop is None or self.history.finished:
+                return
+            self.stop_requested = True
+            self.history.request_stop()
+            with self.stop_button.hold_sync(), self.bar.hold_sync():
+                self.stop_button.disabled = True
+                self.stop_button.description = "stopping…"
+                self.stop_button.icon = "hourglass-half"
+                self.bar.bar_style = _BAR_STYLE["stopping"]
+        try:
+            self._stop()
+        except Exception as exc:  # clicks run on the kernel thread, where widget callback errors vanish
+            self.report_error(exc)
+
+    # ---- drawing
+
+    def _render(self, event: TrainingEvent | None) -> None:
+        h = self.history
+        widgets = (
+            self.header,
+            self.bar,
+            self.stats,
+            self.stop_button,
+            self.errors,
+            self.samples,
+            self.summary,
+        )
+        with ExitStack() as stack:
+            for widget in widgets:
+                stack.enter_context(widget.hold_sync())
+            run = h.run_text()
+            self.header.value = f"<b>{html.escape(self.title)}</b>" + (
+                f" <span style='color:#666'>· {html.escape(run)}</span>" if run else ""
+            )
+            total = max(h.total_steps, h.step, 1)
+            self.bar.max = total
+            self.bar.value = min(h.step, total)
+            self.bar.bar_style = _BAR_STYLE[h.status]
+            status = h.status_text()
+            checkpoint = h.checkpoint_text()
+            self.stats.value = (
+                f"<span style='font-variant-numeric:tabular-nums'>{html.escape(h.stats_text())}</span>"
+                f" <i style='color:#666'>{html.escape(status)}</i>"
+                + (f"<div style='color:#666'>{html.escape(checkpoint)}</div>" if checkpoint else "")
+            )
+            if h.finished:
+                self.stop_button.disabled = True
+                self.stop_button.description = h.status_text()
+                self.stop_button.icon = ""
+            if self._drawn.get("samples") != h.samples_version:
+                self.samples.value = h.samples_html()
+                self._drawn["samples"] = h.samples_version
+            self.errors.value = self._errors_html()
+            summary = h.summary_text()
+            self.summary.value = f"<b>{html.escape(summary)}</b>" if summary else ""
+        self._render_figure()
+
+    def _render_figure(self) -> None:
+        h = self.history
+        raw, smooth, evals, lr = self.figure.data
+        n_loss, n_eval, n_lr = len(h.loss_steps), len(h.eval_steps), len(h.lr_steps)
+        total = h.total_steps
+        if (n_loss, n_eval, n_lr, total) == self._drawn.get("figure"):
+            return
+        arr = self._array
+        with self.figure.batch_update():
+            if n_loss != self._drawn.get("loss"):
+                stride = math.ceil(n_loss / self.max_points)
+                xs = arr(thin(h.loss_steps, stride))
+                raw.x, raw.y = xs, arr(thin(h.loss, stride))
+                smooth.x, smooth.y = xs, arr(thin(h.smoothed, stride))
+            if n_eval != self._drawn.get("eval"):
+                evals.x, evals.y = arr(h.eval_steps), arr(h.eval_loss)
+            if n_lr != self._drawn.get("lr"):
+                stride = math.ceil(n_lr / self.max_points)
+                lr.x, lr.y = arr(thin(h.lr_steps, stride)), arr(thin(h.lr, stride))
+            if total and total != self._drawn.get("total"):
+                self.figure.layout.xaxis.range = [0, total]
+        self._drawn.update(
+            figure=(n_loss, n_eval, n_lr, total), loss=n_loss, eval=n_eval, lr=n_lr, total=total
+        )
+
+    def _errors_html(self) -> str:
+        text = self.history.problems_html()
+        if self.observer_error is not None:
+            text += f"<div style='color:#888'><i>{html.escape(self.observer_error_text())}</i></div>"
+        return text
+
+    def _show_observer_error(self) -> None:
+        self.errors.value = self._errors_html()
