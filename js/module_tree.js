@@ -56,7 +56,7 @@ function render({ model, el }) {
   // ------------------------------------------------------------------ state
   let display = null; // display tree (foldTree)
   let byPath = new Map(); // path -> raw node + block position (indexNodes)
-  let adaptable = []; // adaptable paths, model order
+  let adaptable = []; // raw nodes of the adaptable modules, model order
   let defaults = new Set(); // keys open by default
   const overrides = new Map(); // key -> open, what the user toggled
   let rows = new Map(); // key -> {row, caret, check, frac, node} for the rows on screen
@@ -163,13 +163,8 @@ function render({ model, el }) {
   }
 
   function refreshMatches() {
-    const result = matchSpec(targetsInput.value, adaptable);
-    let matched = result.paths;
-    if (layerList) {
-      const keep = new Set(layerList);
-      matched = new Set([...matched].filter((p) => keep.has(byPath.get(p).layer)));
-    }
-    marks = highlight(display, matched);
+    const result = matchSpec(targetsInput.value, adaptable, layerList);
+    marks = highlight(display, result.paths);
     const problems = [];
     if (result.invalid.length) problems.push(`not a valid pattern: ${result.invalid.join(", ")}`);
     if (result.unmatched.length) problems.push(`matches nothing: ${result.unmatched.join(", ")}`);
@@ -187,7 +182,7 @@ function render({ model, el }) {
     display = foldTree(nodes, blockLists);
     byPath = indexNodes(nodes, blockLists);
     adaptable = [];
-    for (const raw of nodes) if (raw.kind && raw.path) adaptable.push(raw.path);
+    for (const raw of nodes) if (raw.kind && raw.path) adaptable.push(raw);
     defaults = defaultExpanded(display);
     selectedSet = pythonSelection();
     refreshLayers();
@@ -320,8 +315,7 @@ function render({ model, el }) {
       });
       targetsInput.value = text;
       // Show the result now (the same rules Python applies); Python's `selected` replaces it when it arrives.
-      const local = matchSpec(text, adaptable).paths;
-      selectedSet = layerList ? new Set([...local].filter((p) => layerList.includes(byPath.get(p).layer))) : local;
+      selectedSet = matchSpec(text, adaptable, layerList).paths;
       commit("targets");
       refreshMatches();
       updateFooter();

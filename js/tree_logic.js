@@ -112,34 +112,148 @@ export function globSource(pattern) {
       while (j < n && pattern[j] !== "]") j++;
       if (j >= n) out += "\\["; // no closing bracket: a literal "["
       else {
-        let stuff = pattern.slice(i, j);
+        out += globClass(pattern, i, j);
         i = j + 1;
-        const negate = stuff[0] === "!";
-        if (negate) stuff = stuff.slice(1);
-        stuff = stuff.replace(/\\/g, "\\\\").replace(/]/g, "\\]");
-        if (!negate && stuff[0] === "^") stuff = "\\" + stuff;
-        out += `[${negate ? "^" : ""}${stuff}]`;
       }
     } else out += escapeRegExp(c);
   }
   return out;
 }
 
-/** A Python regex (the part after "re:") as a JS RegExp matching a whole path, or null if it does not compile. */
+// The bracket expression pattern[i:j] (between "[" and "]") as fnmatch translates it: ranges that run backwards
+// are dropped ("[3-01]" is "[1]"), an empty set never matches, "[!]"-like negated empty sets match any character.
+function globClass(pattern, i, j) {
+  let stuff = pattern.slice(i, j);
+  if (!stuff.includes("-")) stuff = stuff.replace(/\\/g, "\\\\");
+  else {
+    const chunks = [];
+    let k = pattern[i] === "!" ? i + 2 : i + 1;
+    for (;;) {
+      k = pattern.indexOf("-", k);
+      if (k < 0 || k >= j) break;
+      chunks.push(pattern.slice(i, k));
+      i = k + 1;
+      k += 3;
+    }
+    const chunk = pattern.slice(i, j);
+    if (chunk) chunks.push(chunk);
+    else chunks[chunks.length - 1] += "-";
+    for (let m = chunks.length - 1; m > 0; m--) {
+      if (chunks[m - 1].slice(-1) > chunks[m][0]) {
+        chunks[m - 1] = chunks[m - 1].slice(0, -1) + chunks[m].slice(1);
+        chunks.splice(m, 1);
+      }
+    }
+    stuff = chunks.map((part) => part.replace(/\\/g, "\\\\").replace(/-/g, "\\-")).join("-");
+  }
+  if (!stuff) return "(?!)";
+  if (stuff === "!") return ".";
+  if (stuff[0] === "!") stuff = "^" + stuff.slice(1);
+  else if (stuff[0] === "^") stuff = "\\" + stuff;
+  return `[${stuff.replace(/]/g, "\\]")}]`;
+}
+
+// Escapes Python's re knows (besides digits and punctuation); any other ASCII letter is an error there.
+const PY_ESCAPES = "abBdDfnrstvwWxuAZ";
+
+/**
+ * A Python regex (the part after "re:") as a JS RegExp matching a whole path, as re.fullmatch does, or null when
+ * Python would refuse it or JS cannot express it (atomic groups, possessive quantifiers, \U, \N{...}).
+ * Translated: leading global flags (?imsx), \A and \Z, (?P<name>...) and (?P=name), (?#comments), "]" first in
+ * a set, x{,n}; verbose mode drops the whitespace and comments.
+ */
 export function pythonRegExp(source) {
   let src = String(source);
   let flags = "";
+  let verbose = false;
   const inline = /^\(\?([aiLmsux]+)\)/.exec(src); // leading global flags, e.g. (?i)
   if (inline) {
-    for (const f of inline[1]) {
-      if (f === "x") return null; // verbose mode has no JS equivalent
-      if ("ims".includes(f) && !flags.includes(f)) flags += f;
+    const given = inline[1];
+    if (given.includes("L") || (given.includes("a") && given.includes("u"))) return null; // refused for text
+    for (const f of given) {
+      if (f === "x") verbose = true;
+      else if ("ims".includes(f) && !flags.includes(f)) flags += f;
     }
     src = src.slice(inline[0].length);
   }
-  src = src.replace(/\(\?P</g, "(?<").replace(/\(\?P=(\w+)\)/g, "\\k<$1>"); // Python's named groups
+  let out = "";
+  let inSet = false;
+  let setStart = false; // right after "[" or "[^": a "]" here is a literal
+  let i = 0;
+  const n = src.length;
+  while (i < n) {
+    const c = src[i];
+    if (c === "\\") {
+      const next = src[i + 1];
+      if (next === undefined) return null;
+      if (/[A-Za-z]/.test(next) && !PY_ESCAPES.includes(next)) return null; // "bad escape"
+      if (next === "A" || next === "Z") {
+        if (inSet) return null;
+        out += next === "A" ? "^" : "$";
+      } else out += c + next;
+      setStart = false;
+      i += 2;
+      continue;
+    }
+    if (inSet) {
+      if (c === "^" && setStart && out.endsWith("[")) out += c;
+      else if (c === "]" && setStart) {
+        out += "\\]";
+        setStart = false;
+      } else {
+        if (c === "]") inSet = false;
+        out += c;
+        setStart = false;
+      }
+      i++;
+      continue;
+    }
+    if (verbose && /\s/.test(c)) {
+      i++;
+      continue;
+    }
+    if (verbose && c === "#") {
+      const end = src.indexOf("\n", i);
+      i = end < 0 ? n : end + 1;
+      continue;
+    }
+    if (c === "[") {
+      inSet = true;
+      setStart = true;
+      out += c;
+      i++;
+      continue;
+    }
+    const rest = src.slice(i);
+    if (rest.startsWith("(?#")) {
+      const end = src.indexOf(")", i);
+      if (end < 0) return null;
+      i = end + 1;
+      continue;
+    }
+    if (rest.startsWith("(?P<")) {
+      out += "(?<";
+      i += 4;
+      continue;
+    }
+    const backref = /^\(\?P=(\w+)\)/.exec(rest);
+    if (backref) {
+      out += `\\k<${backref[1]}>`;
+      i += backref[0].length;
+      continue;
+    }
+    if (/^\(\?<[^=!]/.test(rest)) return null; // Python names groups only as (?P<name>...)
+    const upTo = /^\{,(\d*)\}/.exec(rest);
+    if (upTo) {
+      out += `{0,${upTo[1]}}`;
+      i += upTo[0].length;
+      continue;
+    }
+    out += c;
+    i++;
+  }
   try {
-    return new RegExp(`^(?:${src})$`, flags);
+    return new RegExp(`^(?:${out})$`, flags);
   } catch {
     return null;
   }
@@ -157,7 +271,7 @@ export function itemMatcher(item) {
       // fnmatch(path, glob) or fnmatch(path, "*." + glob)
       re = new RegExp(`^(?:.*\\.)?(?:${globSource(item)})$`);
     } catch {
-      return null; // e.g. a reversed range [z-a], which Python's fnmatch silently drops
+      return null;
     }
     return (path) => re.test(path);
   }
@@ -165,23 +279,28 @@ export function itemMatcher(item) {
   return (path) => path === item || path.endsWith(dotted);
 }
 
-function adaptablePathsOf(paths) {
+function adaptableNodesOf(paths) {
   const out = [];
   for (const p of paths || []) {
     if (typeof p === "string") {
-      if (p) out.push(p);
-    } else if (p && p.kind && p.path) out.push(p.path);
+      if (p) out.push({ path: p, layer: null });
+    } else if (p && p.kind && p.path) out.push(p);
   }
   return out;
 }
 
 /**
- * The adaptable paths a spec selects, as Python's resolve_targets does before presets, layers and exclude.
- * `paths`: adaptable module paths, or raw nodes (those with kind "" are skipped).
- * Returns {paths: Set, presets: [normalized names], invalid: [items that do not compile], unmatched: [items]}.
+ * What the tree highlights for a spec: the adaptable paths that `text` selects inside the `layers` blocks, by the
+ * rules of Python's resolve_targets. Presets are resolved by Python only (they depend on the model's task heads
+ * and PEFT's per-architecture defaults): they are reported, not expanded. `exclude` is Python's alone too.
+ * `paths`: raw nodes (those with kind "" are skipped; `layer` is read from them), or adaptable paths when
+ * `layers` is null. `layers`: indices from parseLayers (null = every layer).
+ * Returns {paths: Set, presets: [normalized names], invalid: [items that do not compile], unmatched: [items that
+ * select no adaptable module, in any layer]}.
  */
-export function matchSpec(text, paths) {
-  const candidates = adaptablePathsOf(paths);
+export function matchSpec(text, paths, layers = null) {
+  const candidates = adaptableNodesOf(paths);
+  const keep = layers ? new Set(layers) : null;
   const result = { paths: new Set(), presets: [], invalid: [], unmatched: [] };
   for (const item of splitSpec(text)) {
     const preset = presetName(item);
@@ -195,10 +314,10 @@ export function matchSpec(text, paths) {
       continue;
     }
     let hit = false;
-    for (const path of candidates) {
-      if (test(path)) {
-        result.paths.add(path);
+    for (const node of candidates) {
+      if (test(node.path)) {
         hit = true;
+        if (!keep || keep.has(node.layer)) result.paths.add(node.path);
       }
     }
     if (!hit) result.unmatched.push(item);
@@ -559,10 +678,8 @@ export function toggleTarget(text, selected, node, nodesByPath, options = {}) {
   const allowed = (p) => !layerSet || layerSet.has(byPath.get(p).layer);
   let current = null;
   if (options.preferText && String(text ?? "").trim()) {
-    const adaptable = [];
-    for (const raw of byPath.values()) if (raw.kind && raw.path) adaptable.push(raw.path);
-    const spec = matchSpec(text, adaptable);
-    if (!spec.presets.length && !spec.invalid.length) current = new Set([...spec.paths].filter(allowed));
+    const spec = matchSpec(text, byPath.values(), options.layers || null);
+    if (!spec.presets.length && !spec.invalid.length) current = spec.paths;
   }
   if (current === null) current = new Set([...(selected || [])].filter(isAdaptable));
   const clicked = (node.targetPaths || node.paths || (node.path ? [node.path] : [])).filter(isAdaptable);

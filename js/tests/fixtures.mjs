@@ -1,5 +1,8 @@
-// Synthetic `nodes` traits, shaped like jupyter_lora.core.targets.tree_rows: pre-order, params summed upwards,
-// layer = index of the repeated block a path is in (Python's _layer_of), the root named after its class.
+// Synthetic `nodes` traits, shaped like jupyter_lora.widgets.tree.tree_rows: pre-order, params summed upwards,
+// the root named after its class, layer = the index of the repeated block a path is in, read with tree_logic.js's
+// blockOf (targets.test.mjs checks that reading against the rows Python builds for real models).
+
+import { blockOf } from "../tree_logic.js";
 
 /** m("q_proj", "Linear", {params, kind, shape}, [children]) */
 export function m(name, type, opts = {}, children = []) {
@@ -9,15 +12,10 @@ export function m(name, type, opts = {}, children = []) {
 export const linear = (name, i, o, type = "Linear") =>
   m(name, type, { params: i * o, kind: "linear", shape: `${i}→${o}` });
 
-function layerOf(path, blockLists) {
-  for (const list of blockLists) {
-    const head = list ? `${list}.` : "";
-    if (path.startsWith(head) && path !== list) {
-      const first = path.slice(head.length).split(".")[0];
-      if (/^\d+$/.test(first)) return Number(first);
-    }
-  }
-  return null;
+/** The layer of a path: the index of the block it lies in, or null outside the block lists. */
+export function layerOf(path, blockLists) {
+  const { index } = blockOf(path, blockLists);
+  return index !== null && /^\d+$/.test(index) ? Number(index) : null;
 }
 
 /** Flatten a module description into the trait's rows. */

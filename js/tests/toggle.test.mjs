@@ -19,12 +19,8 @@ for (const [name, { nodes, blockLists }] of Object.entries(models)) {
   walkTree(root, (n) => byKey.set(n.key, n));
   setup[name] = { nodes, blockLists, root, byKey, byPath: indexNodes(nodes, blockLists), all: adaptablePaths(nodes) };
 }
-const select = (name, text, layers = null) => {
-  const { all, byPath } = setup[name];
-  const paths = [...matchSpec(text, all).paths];
-  return layers ? paths.filter((p) => layers.includes(byPath.get(p).layer)) : paths;
-};
-const inLayers = (paths, layers) => paths.filter((p) => layers.includes(Number(p.split(".")[2])));
+const select = (name, text, layers = null) => [...matchSpec(text, setup[name].nodes, layers).paths];
+const inLayers = (paths, layers) => paths.filter((p) => layers.includes(setup.llama.byPath.get(p).layer));
 const llamaAll = setup.llama.all;
 const linear = llamaAll.filter((p) => p.includes(".layers."));
 

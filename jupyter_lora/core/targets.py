@@ -19,12 +19,13 @@ import fnmatch
 import re
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, is_tuner_layer
 from .errors import TargetError, UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, TaskInfo, base_model_of, detect_task, param_count, tied_duplicates
 
@@ -33,9 +34,11 @@ __all__ = [
     "ModelIndex",
     "ModuleInfo",
     "index_model",
+    "layer_of",
     "parse_layers",
     "resolve_targets",
     "split_spec",
+    "unwrapped_modules",
 ]
 
 PRESETS = ("attention", "mlp", "all-linear", "qv")
@@ -104,7 +107,6 @@ class ModelIndex:
     weight_dtype: Any = None  # the most common floating dtype among the parameters (None: none is floating)
     layer_lists: tuple[str, ...] = ()
     _resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)
-    _tree: list[dict] | None = field(default=None, repr=False)
 
 
 def _kind(module: nn.Module) -> tuple[str, int, int, int, int] | None:
@@ -146,7 +148,8 @@ def _layer_lists(model: nn.Module) -> list[str]:
     return outer
 
 
-def _layer_of(path: str, layer_lists: Sequence[str]) -> int | None:
+def layer_of(path: str, layer_lists: Sequence[str]) -> int | None:
+    """The index of the repeated block ``path`` lies in (``model.layers.3.mlp`` -> 3), or None outside them."""
     for prefix in layer_lists:
         head = prefix + "." if prefix else ""
         if path.startswith(head):
@@ -179,25 +182,21 @@ def index_model(model: nn.Module) -> ModelIndex:
     return index
 
 
-def _unwrap_tuner(module: nn.Module) -> nn.Module:
-    """The original layer under a PEFT LoRA layer, so an adapted model indexes like its base."""
-    base_layer = getattr(module, "base_layer", None)
-    return base_layer if isinstance(base_layer, nn.Module) and hasattr(module, "lora_A") else module
-
-
-def _unwrapped_modules(base: nn.Module):
-    """``named_modules()`` as the base model had them: inside an adapted model each PEFT layer is reported as its
-    original layer and PEFT's own children (lora_A, lora_B, modules_to_save copies ...) are skipped."""
-    skip: list[str] = []
-    for path, module in base.named_modules():
-        if skip and any(path.startswith(p) for p in skip):
+def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the base model had them: inside an adapted model each PEFT tuner layer is
+    reported as its original layer, each modules_to_save wrapper as its original module, and PEFT's own children
+    (lora_A, lora_B, the modules_to_save copies ...) are skipped."""
+    skip: str | None = None  # pre-order: the children of an unwrapped module come right after it
+    for path, module in model.named_modules():
+        if skip is not None and path.startswith(skip):
             continue
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            skip.append(path + ".")
-            module = _unwrap_tuner(module)
-        elif type(module).__name__ == "ModulesToSaveWrapper":
-            skip.append(path + ".")
+        skip = None
+        if is_modules_to_save_wrapper(module):
+            skip = path + "." if path else ""
             module = module.original_module
+        if is_tuner_layer(module):
+            skip = path + "." if path else ""
+            module = base_layer_of(module)
         yield path, module
 
 
@@ -205,7 +204,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
     layer_lists = _layer_lists(base)
     modules: list[ModuleInfo] = []
     module_types: dict[str, str] = {}
-    for path, module in _unwrapped_modules(base):
+    for path, module in unwrapped_modules(base):
         module_types[path] = type(module).__name__
         if not path:
             continue
@@ -227,7 +226,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
                 weight_params=param_count(weight) if weight is not None else 0,
                 bias_params=bias.numel() if isinstance(bias, nn.Parameter) else 0,
                 dtype=str(weight.dtype).replace("torch.", "") if weight is not None else "float32",
-                layer=_layer_of(path, layer_lists),
+                layer=layer_of(path, layer_lists),
                 suffix=path.rsplit(".", 1)[-1],
             )
         )
@@ -308,8 +307,9 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def parse_layers(value: Any, num_layers: int) -> tuple[int, ...] | None:
-    """``"0-11, 20"`` / ``5`` / ``[0, 1, -1]`` / ``range(4)`` -> sorted layer indices, checked against the model."""
-    if value is None or value == "" or value == []:
+    """``"0-11, 20"`` / ``5`` / ``[0, 1, -1]`` / ``range(4)`` -> sorted layer indices, checked against the model.
+    None, a blank string or an empty list -> None (every layer)."""
+    if value is None or value == [] or (isinstance(value, str) and not value.strip()):
         return None
     if num_layers == 0:
         raise UsageError(
@@ -391,6 +391,14 @@ def _heads(index: ModelIndex) -> set[str]:
 
 def _under(path: str, prefixes: Iterable[str]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def preset_name(item: str) -> str | None:
+    """The preset a spec item names (``"Attention"``, ``"all_linear"``, ``"all"`` -> ``"all-linear"``), else None."""
+    lowered = item.lower().replace("_", "-")
+    if lowered == "all":
+        return "all-linear"
+    return lowered if lowered in PRESETS else None
 
 
 def preset_paths(index: ModelIndex, preset: str) -> list[str]:
@@ -486,9 +494,8 @@ def resolve_targets(
     all_paths = [m.path for m in index.modules]
     selected: set[str] = set()
     for item in items:
-        lowered = item.lower().replace("_", "-")
-        if lowered in PRESETS or lowered == "all":
-            preset = "all-linear" if lowered == "all" else lowered
+        preset = preset_name(item)
+        if preset is not None:
             hits = preset_paths(index, preset)
             if not hits:
                 raise TargetError(
@@ -555,7 +562,7 @@ def compact_target_modules(index: ModelIndex, paths: Sequence[str]) -> list[str]
     return list(paths)
 
 
-__all__ += ["compact_target_modules", "invalidate", "preset_paths", "suffix_summary"]
+__all__ += ["compact_target_modules", "invalidate", "preset_name", "preset_paths", "suffix_summary"]
 
 
 def resolve(
@@ -568,43 +575,3 @@ def resolve(
 
 
 __all__ += ["resolve"]
-
-
-def tree_rows(model: nn.Module) -> list[dict]:
-    """The module hierarchy of ``model`` (its base, PEFT layers unwrapped) as a flat pre-order list for the panel:
-    ``{id, path, name, type, params, kind, parent, depth, shape, layer}``; ``params`` counts everything under the
-    node once, ``kind`` is "" for modules that cannot take LoRA. Cached with the index."""
-    index = index_model(model)
-    if index._tree is not None:
-        return index._tree
-    base = base_model_of(model)
-    rows: list[dict] = []
-    ids: dict[str, int] = {}
-    own: list[int] = []
-    seen: set[int] = set()
-    for path, module in _unwrapped_modules(base):
-        parent = ids.get(path.rsplit(".", 1)[0] if "." in path else "", -1) if path else -1
-        info = index.by_path.get(path)
-        rows.append({
-            "id": len(rows), "path": path, "name": path.rsplit(".", 1)[-1] if path else type(base).__name__,
-            "type": type(module).__name__, "params": 0, "kind": info.kind if info else "", "parent": parent,
-            "depth": path.count(".") + 1 if path else 0,
-            "shape": f"{info.in_features}→{info.out_features}" if info else "",
-            "layer": _layer_of(path, index.layer_lists) if path else None,
-        })  # fmt: skip
-        ids[path] = rows[-1]["id"]
-        fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
-        seen.update(id(p) for p in fresh)
-        own.append(sum(param_count(p) for p in fresh))
-    # Parameters of each node = its own + its descendants' (children come after their parent in pre-order).
-    totals = list(own)
-    for row in reversed(rows):
-        if row["parent"] >= 0:
-            totals[row["parent"]] += totals[row["id"]]
-    for row, total in zip(rows, totals, strict=True):
-        row["params"] = total
-    index._tree = rows
-    return rows
-
-
-__all__ += ["tree_rows"]

@@ -1,18 +1,71 @@
 """The module tree: an anywidget whose front end (``js/module_tree.js``, plain DOM) shows the model's modules with
 repeated blocks folded, highlights what a target spec matches as you type, and turns checkbox clicks into spec
-text. Python resolves the spec (``jupyter_lora.find_targets``) and sends back ``selected``.
+text. Python resolves the spec (``jupyter_lora.find_targets``) and sends back ``selected``; ``tree_rows`` builds
+the ``nodes`` the front end draws.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anywidget
 import traitlets
 
-__all__ = ["ModuleTree", "front_end_source"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from jupyter_lora.core.targets import ModelIndex
+
+__all__ = ["ModuleTree", "front_end_source", "tree_rows"]
+
+# Rows are built once per model index: the entry dies with the model and is rebuilt when the index is.
+_ROWS: weakref.WeakKeyDictionary[nn.Module, tuple[ModelIndex, list[dict]]] = weakref.WeakKeyDictionary()
+
+
+def tree_rows(model: nn.Module) -> list[dict]:
+    """The module hierarchy of ``model`` (its base, PEFT layers unwrapped) as a flat pre-order list for the tree:
+    ``{id, path, name, type, params, kind, parent, depth, shape, layer}``; ``params`` counts everything under the
+    node once, ``kind`` is "" for modules that cannot take LoRA. Cached with the model's index."""
+    from jupyter_lora.core.modelinfo import base_model_of, param_count
+    from jupyter_lora.core.targets import index_model, layer_of, unwrapped_modules
+
+    index = index_model(model)
+    base = base_model_of(model)
+    cached = _ROWS.get(base)
+    if cached is not None and cached[0] is index:
+        return cached[1]
+    rows: list[dict] = []
+    ids: dict[str, int] = {}
+    own: list[int] = []
+    seen: set[int] = set()
+    for path, module in unwrapped_modules(base):
+        parent = ids.get(path.rsplit(".", 1)[0] if "." in path else "", -1) if path else -1
+        info = index.by_path.get(path)
+        rows.append({
+            "id": len(rows), "path": path, "name": path.rsplit(".", 1)[-1] if path else type(base).__name__,
+            "type": type(module).__name__, "params": 0, "kind": info.kind if info else "", "parent": parent,
+            "depth": path.count(".") + 1 if path else 0,
+            "shape": f"{info.in_features}→{info.out_features}" if info else "",
+            "layer": layer_of(path, index.layer_lists) if path else None,
+        })  # fmt: skip
+        ids[path] = rows[-1]["id"]
+        fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
+        seen.update(id(p) for p in fresh)
+        own.append(sum(param_count(p) for p in fresh))
+    # Parameters of each node = its own + its descendants' (children come after their parent in pre-order).
+    totals = list(own)
+    for row in reversed(rows):
+        if row["parent"] >= 0:
+            totals[row["parent"]] += totals[row["id"]]
+    for row, total in zip(rows, totals, strict=True):
+        row["params"] = total
+    _ROWS[base] = (index, rows)
+    return rows
+
 
 _MARKER = "// @inline tree_logic.js"
 

@@ -1,14 +1,37 @@
-"""Target discovery and the spec grammar: names, suffixes, globs, regexes, presets, layers, exclude."""
+"""Target discovery and the spec grammar: names, suffixes, globs, regexes, presets, layers, exclude.
+
+The shared table (tests/fixtures/target_cases.json) is also read by js/tests/targets.test.mjs: the module tree's
+highlighter must select what the resolver selects, on the tree rows the panel sends (tests/fixtures/target_rows.json,
+checked here against what the panel builds; `python tests/core/test_targets.py` rewrites it).
+"""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
 
 import pytest
 from torch import nn
 
 import jupyter_lora as jl
 from jupyter_lora.core.errors import TargetError, UsageError
-from jupyter_lora.core.targets import index_model, parse_layers, split_spec
+from jupyter_lora.core.targets import (
+    index_model,
+    parse_layers,
+    preset_name,
+    resolve,
+    resolve_targets,
+    split_spec,
+    unwrapped_modules,
+)
 from jupyter_lora.testing import tiny_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TABLE = json.loads((FIXTURES / "target_cases.json").read_text(encoding="utf-8"))
+ROWS_FILE = FIXTURES / "target_rows.json"
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +164,117 @@ def test_index_is_cached_and_rebuilt_after_a_structure_change(llama):
     assert after is not before
     # The adapted model indexes like its base: same adaptable paths.
     assert [m.path for m in after.modules] == [m.path for m in before.modules]
+
+
+# ----------------------------------------------------------------------------------------------- the shared table
+
+
+@cache
+def _shape_model(shape: str) -> nn.Module:
+    spec = TABLE["shapes"][shape]
+    return tiny_model(spec["arch"], **spec["config"])
+
+
+def _panel_rows(shape: str) -> dict:
+    """What the panel sends the tree for a shape (tree_rows is the widgets' view of the model)."""
+    from jupyter_lora.widgets.tree import tree_rows
+
+    model = _shape_model(shape)
+    index = index_model(model)
+    return {"block_lists": list(index.layer_lists), "num_layers": index.num_layers, "rows": tree_rows(model)}
+
+
+def _dump_rows() -> str:
+    parts = []
+    for shape in TABLE["shapes"]:
+        state = _panel_rows(shape)
+        rows = ",\n".join("      " + json.dumps(row, ensure_ascii=False) for row in state["rows"])
+        parts.append(
+            f'  "{shape}": {{\n    "block_lists": {json.dumps(state["block_lists"])}, '
+            f'"num_layers": {state["num_layers"]},\n    "rows": [\n{rows}\n    ]\n  }}'
+        )
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+CASES = TABLE["cases"]
+
+
+@pytest.mark.parametrize("shape", list(TABLE["shapes"]))
+def test_stored_rows_are_what_the_panel_sends(shape):
+    stored = json.loads(ROWS_FILE.read_text(encoding="utf-8"))[shape]
+    assert stored == _panel_rows(shape), (
+        f"{ROWS_FILE.name} is out of date for {shape!r}: rewrite it with `python tests/core/test_targets.py`"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_table_resolve(case):
+    model = _shape_model(case["shape"])
+    options = {key: case[key] for key in ("layers", "exclude") if key in case}
+    if "error" in case:
+        with pytest.raises(UsageError, match=case["error"]):
+            resolve(model, case["targets"], **options)
+    else:
+        assert resolve(model, case["targets"], **options) == tuple(case["expected"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_table_highlight(case):
+    """The tree's half of a case by the resolver's rules: each item that is not a preset resolved alone (one that
+    selects nothing highlights nothing), inside the layers when the layers field is valid; no exclude."""
+    index = index_model(_shape_model(case["shape"]))
+    items = split_spec(case["targets"])
+    assert [n for n in dict.fromkeys(preset_name(i) for i in items) if n] == case.get("presets", [])
+    highlight: set[str] = set()
+    flagged = []
+    for item in (i for i in items if preset_name(i) is None):
+        try:
+            highlight.update(resolve_targets(index, item))
+        except TargetError:
+            flagged.append(item)
+    assert sorted(flagged) == sorted(case.get("unmatched", []) + case.get("invalid", []))
+    try:
+        layers = parse_layers(case.get("layers"), index.num_layers)
+    except UsageError:
+        layers = None
+    if layers is not None:
+        highlight = {p for p in highlight if index.by_path[p].layer in layers}
+    default = [] if "error" in case else case["expected"]
+    assert highlight == set(case.get("highlight", default))
+
+
+LAYER_CASES = TABLE["layers"]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c["id"] for c in LAYER_CASES])
+def test_table_layers(case):
+    if "error" in case:
+        with pytest.raises(UsageError, match=case["error"]):
+            parse_layers(case["layers"], case["num_layers"])
+    else:
+        expected = None if case["expected"] is None else tuple(case["expected"])
+        assert parse_layers(case["layers"], case["num_layers"]) == expected
+
+
+def test_an_adapted_model_walks_like_its_base():
+    """PEFT's tuner layers and modules_to_save wrappers are reported as the layers they wrap."""
+    model = tiny_model("bert")
+    before = [(path, type(module)) for path, module in unwrapped_modules(model)]
+    adapted = jl.inject(model, r=4, targets="query, value", modules_to_save="classifier")
+    base = adapted.base_model.model
+    assert [(path, type(module)) for path, module in unwrapped_modules(base)] == before
+    assert any(".lora_A" in path for path, _ in base.named_modules())
+
+
+def test_a_plain_model_is_indexed_without_importing_peft():
+    code = (
+        "import sys, torch; from jupyter_lora.core.targets import resolve; "
+        "net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)); "
+        "print(resolve(net, '*'), 'peft' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "('0', '1') False"
+
+
+if __name__ == "__main__":
+    ROWS_FILE.write_text(_dump_rows(), encoding="utf-8")
