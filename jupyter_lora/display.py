@@ -1,30 +1,47 @@
 """Renderings of core results: HTML for notebooks and aligned plain text for terminals, both from the same data.
 
+The core's result classes carry only a short ``__repr__``; ``register_formatters`` teaches an IPython shell to show
+them with the renderings below (``jupyter_lora`` does that when it is imported in IPython, and ``%load_ext``).
 Every user-supplied string goes through ``html.escape``. Nothing here imports IPython, ipywidgets or plotly.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .core.units import fmt_bytes, fmt_count
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.adapters import AdapterStatus
     from .core.compare import Comparison
+    from .core.export import ExportResult
     from .core.memory import MemoryEstimate
     from .core.plan import Plan
 
 __all__ = [
+    "RENDERINGS",
+    "InjectSummary",
+    "comparison_html",
+    "comparison_text",
     "estimate_html",
     "estimate_text",
+    "export_html",
+    "export_text",
     "fmt_bytes",
     "fmt_count",
     "plan_html",
     "plan_text",
+    "register_formatters",
+    "render_html",
+    "render_text",
     "status_html",
     "status_text",
+    "summary_html",
+    "summary_text",
+    "unregister_formatters",
 ]
 
 _COMPONENT_LABELS = {
@@ -39,31 +56,6 @@ _COMPONENT_LABELS = {
     "overhead": "workspace/overhead",
     "cuda_context": "CUDA context",
 }
-
-
-def fmt_count(n: int) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            value = n / size
-            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
-    return str(n)
-
-
-def fmt_bytes(n: int) -> str:
-    """Bytes in binary units: '1.5 GiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return (
-                f"{value:.0f} {unit}"
-                if unit == "B"
-                else f"{value:.3g} {unit}"
-                if value < 100
-                else f"{value:.0f} {unit}"
-            )
-        value /= 1024
-    raise AssertionError
 
 
 def _table_text(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
@@ -115,20 +107,29 @@ def _plan_headline(p: Plan) -> str:
     )
 
 
+def _plan_notes(p: Plan) -> list[str]:
+    notes = []
+    if p.replaces:
+        notes.append(f"replaces the existing adapter '{p.name}'")
+    if p.removes_others:
+        notes.append(f"removes the other adapters: {', '.join(repr(n) for n in p.other_adapters)}")
+    return notes
+
+
 _PLAN_HEADERS = ("module", "kind", "count", "shape", "params")
 _PLAN_RIGHT = (False, False, True, False, True)
 
 
 def plan_text(p: Plan) -> str:
-    lines = [_plan_headline(p)]
-    if p.replaces:
-        lines.append(f"(replaces the existing adapter '{p.name}')")
+    """A plan as a headline and an aligned table of the targeted modules."""
+    lines = [_plan_headline(p), *(f"({note})" for note in _plan_notes(p))]
     lines += _table_text(_PLAN_HEADERS, _plan_rows(p), _PLAN_RIGHT)
     return "\n".join(lines)
 
 
 def plan_html(p: Plan) -> str:
-    extra = f"<div><i>replaces the existing adapter '{html.escape(p.name)}'</i></div>" if p.replaces else ""
+    """A plan as HTML: the headline and a table of the targeted modules."""
+    extra = "".join(f"<div><i>{html.escape(note)}</i></div>" for note in _plan_notes(p))
     return (
         f"<div class='jl-plan'><div><b>{html.escape(_plan_headline(p))}</b></div>{extra}"
         f"{_table_html(_PLAN_HEADERS, _plan_rows(p), _PLAN_RIGHT)}</div>"
@@ -175,12 +176,14 @@ _EST_RIGHT = (False, True, True, True)
 
 
 def estimate_text(m: MemoryEstimate) -> str:
+    """A memory estimate as a headline and an aligned table of its components."""
     lines = [_estimate_headline(m), *_table_text(_EST_HEADERS, _estimate_rows(m), _EST_RIGHT)]
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)
 
 
 def estimate_html(m: MemoryEstimate) -> str:
+    """A memory estimate as HTML, with a bar of the GPU's capacity when there is a GPU."""
     notes = "".join(f"<div><i>{html.escape(n)}</i></div>" for n in m.notes)
     bar = ""
     if m.gpu_capacity_bytes:
@@ -230,6 +233,7 @@ def _status_headline(s: AdapterStatus) -> str:
 
 
 def status_text(s: AdapterStatus) -> str:
+    """The adapters on a model as a headline and an aligned table."""
     lines = [_status_headline(s)]
     if s.adapters:
         lines += _table_text(_STATUS_HEADERS, _status_rows(s), _STATUS_RIGHT)
@@ -237,6 +241,7 @@ def status_text(s: AdapterStatus) -> str:
 
 
 def status_html(s: AdapterStatus) -> str:
+    """The adapters on a model as HTML."""
     table = _table_html(_STATUS_HEADERS, _status_rows(s), _STATUS_RIGHT) if s.adapters else ""
     return f"<div class='jl-status'><div><b>{html.escape(_status_headline(s))}</b></div>{table}</div>"
 
@@ -245,6 +250,7 @@ def status_html(s: AdapterStatus) -> str:
 
 
 def comparison_text(c: Comparison) -> str:
+    """Base and adapter outputs for one prompt, as text (the prompt as typed)."""
     lines = [f"prompt: {c.prompt}"]
     if c.kind == "classification":
         rows = [
@@ -258,6 +264,7 @@ def comparison_text(c: Comparison) -> str:
 
 
 def comparison_html(c: Comparison) -> str:
+    """Base and adapter outputs side by side, as HTML."""
     prompt = f"<div><b>prompt</b>: {html.escape(c.prompt)}</div>"
     if c.kind == "classification":
         rows = [
@@ -319,6 +326,7 @@ def _summary_title(s: InjectSummary) -> str:
 
 
 def summary_text(s: InjectSummary) -> str:
+    """What a ``%%lora`` cell did, as text: the plan and the memory to train."""
     lines = [_summary_title(s), plan_text(s.plan)]
     if s.estimate is not None:
         m = s.estimate
@@ -328,6 +336,7 @@ def summary_text(s: InjectSummary) -> str:
 
 
 def summary_html(s: InjectSummary) -> str:
+    """What a ``%%lora`` cell did, as HTML."""
     parts = [f"<div><i>{html.escape(_summary_title(s))}</i></div>", plan_html(s.plan)]
     if s.estimate is not None:
         m = s.estimate
@@ -337,3 +346,88 @@ def summary_html(s: InjectSummary) -> str:
         )
         parts.append(_table_html(("component", "bytes"), _memory_line(m), (False, True)))
     return "<div class='jl-summary'>" + "".join(parts) + "</div>"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def export_text(e: ExportResult) -> str:
+    """Where a training job was exported and the commands that run it."""
+    lines = [f"Exported the training job to {e.directory} ({', '.join(e.files)}). Run it with:"]
+    lines += [f"  {c}" for c in e.commands]
+    return "\n".join(lines)
+
+
+def export_html(e: ExportResult) -> str:
+    """Where a training job was exported and the commands that run it, as HTML."""
+    commands = "".join(f"<pre style='margin:2px 0'>{html.escape(c)}</pre>" for c in e.commands)
+    return (
+        f"<div class='jl-export'>Exported the training job to <code>{html.escape(str(e.directory))}</code> "
+        f"({html.escape(', '.join(e.files))}). Run it with:{commands}</div>"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ IPython formatters
+
+# (module, class name) of each core result -> (plain-text rendering, HTML rendering)
+RENDERINGS: dict[tuple[str, str], tuple[Callable[[Any], str], Callable[[Any], str]]] = {
+    ("jupyter_lora.core.plan", "Plan"): (plan_text, plan_html),
+    ("jupyter_lora.core.memory", "MemoryEstimate"): (estimate_text, estimate_html),
+    ("jupyter_lora.core.adapters.inspection", "AdapterStatus"): (status_text, status_html),
+    ("jupyter_lora.core.compare", "Comparison"): (comparison_text, comparison_html),
+    ("jupyter_lora.core.export", "ExportResult"): (export_text, export_html),
+}
+
+
+def _renderings(obj: Any) -> tuple[Callable[[Any], str], Callable[[Any], str]]:
+    cls = type(obj)
+    found = RENDERINGS.get((cls.__module__, cls.__name__))
+    if found is None:
+        raise TypeError(f"No rendering for {cls.__module__}.{cls.__name__}.")
+    return found
+
+
+def render_text(obj: Any) -> str:
+    """The plain-text rendering of a core result (what a terminal IPython shows)."""
+    return _renderings(obj)[0](obj)
+
+
+def render_html(obj: Any) -> str:
+    """The HTML rendering of a core result (what a notebook shows)."""
+    return _renderings(obj)[1](obj)
+
+
+def _pretty_printer(text: Callable[[Any], str]) -> Callable[[Any, Any, bool], None]:
+    def printer(obj: Any, p: Any, cycle: bool) -> None:
+        p.text(text(obj))
+
+    return printer
+
+
+# IPython's plain-text formatter calls printers as printer(obj, pretty_printer, cycle).
+_PLAIN_PRINTERS = {key: _pretty_printer(text) for key, (text, _) in RENDERINGS.items()}
+
+
+def _formatter_pairs(shell: Any):
+    formatters = shell.display_formatter.formatters
+    for key, (_, html_rendering) in RENDERINGS.items():
+        yield formatters["text/plain"], key, _PLAIN_PRINTERS[key]
+        yield formatters["text/html"], key, html_rendering
+
+
+def register_formatters(shell: Any) -> bool:
+    """Let ``shell`` (an IPython shell) show core results as aligned text and HTML. Classes are named, not
+    imported, so nothing heavy loads. Returns whether anything was added (False when already registered)."""
+    added = False
+    for formatter, (module, name), func in _formatter_pairs(shell):
+        if formatter.for_type_by_name(module, name) is not func:
+            formatter.for_type_by_name(module, name, func)
+            added = True
+    return added
+
+
+def unregister_formatters(shell: Any) -> None:
+    """Remove what ``register_formatters`` added to ``shell``."""
+    for formatter, (module, name), func in _formatter_pairs(shell):
+        if formatter.for_type_by_name(module, name) is func:
+            formatter.pop(f"{module}.{name}", None)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.guards import require_adapters
+from .adapters.peft_facts import active_names
 from .errors import UsageError
 from .modelinfo import detect_task, require_module
 
@@ -30,15 +32,8 @@ class Comparison:
     base_probs: tuple[float, ...] = ()
     adapter_probs: tuple[float, ...] = ()
 
-    def _repr_html_(self) -> str:
-        from ..display import comparison_html
-
-        return comparison_html(self)
-
     def __repr__(self) -> str:
-        from ..display import comparison_text
-
-        return comparison_text(self)
+        return f"Comparison({self.kind} for {self.prompt!r}: base {self.base!r}, adapter {self.adapter_name!r} {self.adapter!r})"
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -54,10 +49,8 @@ def compare(
     max_new_tokens: int = 40,
 ) -> Comparison:
     """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding)."""
-    from .adapters import _active_names, _require_adapters
-
     require_module(model)
-    peft_model = _require_adapters(model, "compare")
+    peft_model = require_adapters(model, "compare")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError(f"`prompt` must be non-empty text, got {prompt!r}.")
     if tokenizer is None or not callable(tokenizer):
@@ -68,7 +61,7 @@ def compare(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
     task = detect_task(peft_model)
-    name = _active_names(peft_model)[0]
+    name = active_names(peft_model)[0]
     inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(_device(peft_model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     modes = [(m, m.training) for m in peft_model.modules()]

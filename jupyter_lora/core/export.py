@@ -32,16 +32,7 @@ class ExportResult:
     commands: tuple[str, ...]
 
     def __repr__(self) -> str:
-        lines = [f"Exported the training job to {self.directory} ({', '.join(self.files)}). Run it with:"]
-        lines += [f"  {c}" for c in self.commands]
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        import html
-
-        commands = "".join(f"<pre style='margin:2px 0'>{html.escape(c)}</pre>" for c in self.commands)
-        return (f"<div>Exported the training job to <code>{html.escape(str(self.directory))}</code> "
-                f"({html.escape(', '.join(self.files))}). Run it with:{commands}</div>")  # fmt: skip
+        return f"ExportResult({str(self.directory)!r}: {len(self.files)} files; run: {self.commands[0]!r})"
 
 
 _TRAIN_PY = '''"""Train the exported LoRA job. One device:  python train.py
@@ -136,12 +127,15 @@ def export(
     a model built from a config is saved into the job)."""
     import torch
 
-    from .adapters import _active_names, _require_adapters, _unload_clean, save
+    from .adapters import save
+    from .adapters.guards import require_adapters
+    from .adapters.operations import unload_clean
+    from .adapters.peft_facts import active_names
     from .modelinfo import base_model_of
     from .train import make_train_config
     from .transaction import Transaction
 
-    peft_model = _require_adapters(model, "export")
+    peft_model = require_adapters(model, "export")
     config = make_train_config(**train_settings)  # validate now, not in the exported run
     target = Path(directory).expanduser()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -150,7 +144,7 @@ def export(
         )
     target.mkdir(parents=True, exist_ok=True)
     files = ["train.py", "job.json", "adapter/"]
-    name = _active_names(peft_model)[0]
+    name = active_names(peft_model)[0]
     save(peft_model, target / "adapter", name=name)
 
     base_model = base_model_of(peft_model)
@@ -163,7 +157,7 @@ def export(
         # model restored exactly as it was by the transaction).
         transaction = Transaction(peft_model)
         with transaction:
-            clean = _unload_clean(peft_model)
+            clean = unload_clean(peft_model)
             clean.save_pretrained(str(target / "base"))
             transaction.restore()
         source, base_is_local = "base", True

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..settings import SETTINGS, canonical, keys, validate_one
 from .errors import UsageError, did_you_mean
 from .modelinfo import base_model_of, is_peft_model, param_count
 from .plan import Plan
 from .plan import plan as make_plan
 from .targets import index_model
+from .units import fmt_bytes
 
 __all__ = ["Calibration", "MemoryEstimate", "estimate", "model_from_config"]
 
@@ -39,7 +41,6 @@ _DTYPES = {
     "half": torch.float16,
 }
 _QUANT = {None: None, "none": None, "4bit": "nf4", "nf4": "nf4", "fp4": "fp4", "8bit": "int8", "int8": "int8"}
-_OPTIMS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "sgd", "adafactor")
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,13 @@ class MemoryEstimate:
         """Whether training fits on the present GPU (None without one)."""
         return None if self.gpu_capacity_bytes is None else self.total_bytes <= self.gpu_capacity_bytes
 
-    def _repr_html_(self) -> str:
-        from ..display import estimate_html
-
-        return estimate_html(self)
-
     def __repr__(self) -> str:
-        from ..display import estimate_text
-
-        return estimate_text(self)
+        fits = "" if self.fits is None else f", {'fits' if self.fits else 'does not fit'} on {self.gpu_name}"
+        return (
+            f"MemoryEstimate(training {fmt_bytes(self.total_bytes)}, inference {fmt_bytes(self.inference_bytes)}; "
+            f"batch {self.batch} × seq {self.seq}, {self.dtype}{' ' + self.quant if self.quant else ''}, "
+            f"{self.optim}{', ckpt' if self.ckpt else ''}{fits})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ model sources
@@ -351,10 +350,10 @@ def estimate(
     source: Any,
     plan: Plan | None = None,
     *,
-    seq: int = 1024,
-    batch: int = 8,
-    ckpt: bool = False,
-    optim: str = "adamw",
+    seq: int = SETTINGS["seq"].default,
+    batch: int = SETTINGS["batch"].default,
+    ckpt: bool | str = SETTINGS["ckpt"].default,
+    optim: str = SETTINGS["optim"].default,
     dtype: Any = None,
     quant: str | None = None,
     double_quant: bool | None = None,
@@ -367,19 +366,22 @@ def estimate(
     path/model id — read as a config, no weights loaded) and memory for inference at the same batch × seq.
 
     ``plan``: the adapter to train (default: the adapter the model holds, or ``plan(model, **settings)``).
-    ``ckpt``: gradient checkpointing. ``optim``: adamw | adamw8bit | paged_adamw8bit | adafactor | sgd.
+    ``seq``, ``batch``, ``ckpt``, ``optim``: as training would run (their defaults are training's: see
+    ``jupyter_lora.settings``); ``ckpt="auto"`` is gradient checkpointing on for 4/8-bit bases, as in training.
     ``chunked_loss``: the LM loss computed in chunks (default: as the training engine does — on CUDA for
     Llama-family models). ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config).
     ``quant``: None | 4bit | 8bit
     (default: how the model is loaded); ``double_quant``: 4-bit double quantisation (default: the model's, else on).
     """
-    seq = _positive_int(seq, "seq")
-    batch = _positive_int(batch, "batch")
-    optim_key = str(optim).lower().replace("-", "_")
-    if optim_key not in _OPTIMS:
-        raise UsageError(
-            f"`optim` must be one of {', '.join(_OPTIMS)}, got {optim!r}.{did_you_mean(optim_key, _OPTIMS)}"
-        )
+    # the settings' other spellings (batch_size, max_seq_len, ...) reach the options they name
+    options = {"seq": seq, "batch": batch, "ckpt": ckpt, "optim": optim, "dtype": dtype, "quant": quant}
+    settings = canonical(settings, keys("estimate"), "estimate setting")
+    options.update({k: settings.pop(k) for k in list(settings) if k in options})
+    seq, batch, ckpt, optim, dtype, quant = options.values()
+    seq = validate_one("seq", seq)
+    batch = validate_one("batch", batch)
+    optim_key = validate_one("optim", optim)
+    ckpt = validate_one("ckpt", ckpt)
     quant_key = _QUANT.get(quant if quant is None else str(quant).lower(), "?")
     if quant_key == "?":
         raise UsageError(f"`quant` must be none, 4bit (nf4), fp4 or 8bit, got {quant!r}.")
@@ -393,6 +395,10 @@ def estimate(
         quant_key = loaded_quant
     if double_quant is None:
         double_quant = loaded_double
+    if ckpt == "auto":
+        ckpt = quant_key is not None
+        if ckpt:
+            notes.append("gradient checkpointing on: training turns it on for 4/8-bit bases (ckpt: auto)")
 
     weight_dtype = _weight_dtype(model, dtype, notes)
     e = 4 if weight_dtype == torch.float32 else 2
@@ -502,12 +508,6 @@ def _advice(ckpt: bool, quant: str | None, batch: int) -> str:
         if tips
         else "does not fit this GPU; try a shorter seq"
     )
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UsageError(f"`{name}` must be a positive whole number, got {value!r}.")
-    return value
 
 
 def _weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype:

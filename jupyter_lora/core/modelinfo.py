@@ -4,8 +4,8 @@ its tied weights, and honest parameter counts (PEFT's way: shared tensors once, 
 
 from __future__ import annotations
 
-import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "TaskInfo",
     "base_model_of",
     "detect_task",
+    "fingerprint",
     "is_peft_model",
     "normalize_task_type",
     "param_count",
@@ -73,8 +74,6 @@ def _short_repr(obj: Any, limit: int = 40) -> str:
 
 def is_peft_model(model: Any) -> bool:
     """True for a ``peft.PeftModel`` (without importing peft when it was never imported)."""
-    import sys
-
     peft_model = sys.modules.get("peft.peft_model")
     return peft_model is not None and isinstance(model, peft_model.PeftModel)
 
@@ -236,15 +235,18 @@ def param_count(param: torch.Tensor) -> int:
     n = param.numel()
     if n == 0 and hasattr(param, "ds_numel"):
         return int(param.ds_numel)
-    if type(param).__name__ == "Params4bit":
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # a 4-bit weight exists only once bitsandbytes is imported
+    if bnb_nn is not None and isinstance(param, bnb_nn.Params4bit):
         quant_storage = getattr(param, "quant_storage", None)
         itemsize = quant_storage.itemsize if quant_storage is not None else param.element_size()
         n = n * 2 * itemsize
     return n
 
 
-def local_path(value: Any) -> str | None:
-    """``value`` as a path if it names an existing file or directory."""
-    if isinstance(value, (str, os.PathLike)) and os.path.exists(os.fspath(value)):
-        return os.fspath(value)
-    return None
+def fingerprint(model: nn.Module) -> int:
+    """A number that changes when the structure of ``model`` changes: its modules (paths and classes), its
+    parameters (names, shapes, dtypes) or, for a PeftModel, its adapters. Weights and training do not change it."""
+    modules = tuple((path, type(m).__qualname__) for path, m in model.named_modules())
+    params = tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters())
+    adapters = tuple(getattr(model, "peft_config", None) or ())
+    return hash((modules, params, adapters))

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, registered_wrapper
 from .errors import UsageError, did_you_mean
-from .modelinfo import ADAPTER_PARAM, base_model_of, is_peft_model, param_count, require_module
+from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
+from .quant import hide_hub_kernel_hint
 from .spec import LoraSpec, make_spec
 from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
 
-__all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "plan"]
+__all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "check_adapter_name", "plan"]
 
 # The names PEFT itself adds to modules_to_save for a task type (PeftModelFor... constructors).
 _PEFT_TASK_HEADS = {
@@ -65,7 +69,13 @@ class PlanGroup:
 
 @dataclass(frozen=True)
 class Plan:
-    """What ``inject`` would do with these settings (nothing is changed by making a plan)."""
+    """What ``inject`` would do with these settings (nothing is changed by making a plan).
+
+    ``total_params`` counts the model after injection: with the other adapters it already holds
+    (``other_adapters``, ``other_adapter_params`` parameters), unless the plan ``removes_others``. A plan
+    remembers the model it was made for and the model's structure then, so that ``inject(model, plan=p)`` applies
+    it only to that model, unchanged.
+    """
 
     spec: LoraSpec
     name: str
@@ -82,7 +92,11 @@ class Plan:
     is_meta: bool = False
     replaces: bool = False
     num_layers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    other_adapters: tuple[str, ...] = ()
+    other_adapter_params: int = 0
+    removes_others: bool = False
+    fingerprint: int = field(default=0, compare=False, repr=False)
+    base_ref: Callable[[], nn.Module | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def trainable_fraction(self) -> float:
@@ -114,6 +128,7 @@ class Plan:
 
     def to_peft_config(self):
         """The ``peft.LoraConfig`` that injects exactly this plan."""
+        hide_hub_kernel_hint()
         from peft import LoraConfig
 
         init: Any = {"default": True, "zero": False}.get(self.spec.init, self.spec.init)
@@ -132,15 +147,27 @@ class Plan:
             fan_in_fan_out=any(r.kind == "conv1d-gpt2" for r in self.modules),
         )
 
-    def _repr_html_(self) -> str:
-        from ..display import plan_html
-
-        return plan_html(self)
+    def check_applies_to(self, model: nn.Module) -> None:
+        """Raise a ``UsageError`` unless ``model`` is the model this plan was made for, unchanged since (the same
+        modules, parameter shapes and adapters). ``model`` is the PeftModel when the base has one."""
+        base = self.base_ref() if self.base_ref is not None else None
+        if base is None or base is not base_model_of(model):
+            raise UsageError(
+                "`plan` was made for another model. Make the plan from this model: "
+                "p = jupyter_lora.plan(model, ...), then jupyter_lora.inject(model, plan=p)."
+            )
+        if fingerprint(model) != self.fingerprint:
+            raise UsageError(
+                "`plan` no longer describes this model: its modules or adapters changed after the plan was made "
+                "(another inject, load, merge or delete?). Make the plan again: p = jupyter_lora.plan(model, ...)."
+            )
 
     def __repr__(self) -> str:
-        from ..display import plan_text
-
-        return plan_text(self)
+        variant = "" if self.spec.variant == "lora" else f" {self.spec.variant}"
+        return (
+            f"Plan(LoRA{variant} {self.name!r}: r={self.spec.r} on {len(self.targets)} modules, trainable "
+            f"{self.trainable_params:,} of {self.total_params:,})"
+        )
 
 
 def adapter_param_names(model: nn.Module) -> dict[str, set[str]]:
@@ -237,15 +264,29 @@ def _safetensors_size(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return 8 + length + offset
 
 
-def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default", **settings: Any) -> Plan:
-    """Describe what ``inject(model, name=name, **settings)`` would do. Touches nothing.
+def plan(
+    model: nn.Module,
+    spec: LoraSpec | None = None,
+    *,
+    name: str = "default",
+    replace: bool = False,
+    **settings: Any,
+) -> Plan:
+    """Describe what ``inject(model, name=name, replace=replace, **settings)`` would do. Touches nothing.
 
     ``settings`` are the LoRA settings (r, alpha, dropout, targets, layers, exclude, variant, init,
-    modules_to_save, bias, task_type); or pass a ready ``LoraSpec`` as ``spec``.
+    modules_to_save, bias, task_type); or pass a ready ``LoraSpec`` as ``spec``. ``replace=True``: the other
+    adapters the model holds are removed, so the counts are those of the model with this adapter alone.
     """
+    if not isinstance(replace, bool):
+        raise UsageError(f"`replace` must be True or False, got {replace!r}.")
     require_module(model)
     spec = make_spec(**settings) if spec is None else (spec.replace(**settings) if settings else spec)
-    _check_name(name)
+    check_adapter_name(name)
+    hide_hub_kernel_hint()  # resolving targets may read PEFT's tables, and PEFT imports bitsandbytes
+    wrapper = registered_wrapper(model)
+    if wrapper is not None:  # a base adapted earlier is planned through its wrapper, as inject does
+        model = wrapper
     index = index_model(model)
     task_type = index.task.task_type if spec.task_type == "auto" else spec.task_type
     paths = resolve_targets(index, spec.targets, spec.layers, spec.exclude)
@@ -309,8 +350,8 @@ def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default
     trainable += bias_trainable
     entries.extend(bias_entries)
 
-    others, replaces = _other_adapters(model, name)
-    total = index.base_params + others + extra_total
+    other_names, others, replaces = _other_adapters(model, name)
+    total = index.base_params + (0 if replace else others) + extra_total
     return Plan(
         spec=spec,
         name=name,
@@ -327,10 +368,16 @@ def plan(model: nn.Module, spec: LoraSpec | None = None, *, name: str = "default
         is_meta=index.is_meta,
         replaces=replaces,
         num_layers=index.num_layers,
+        other_adapters=other_names,
+        other_adapter_params=others,
+        removes_others=replace and bool(other_names),
+        fingerprint=fingerprint(model),
+        base_ref=weakref.ref(base),
     )
 
 
-def _check_name(name: Any) -> None:
+def check_adapter_name(name: Any) -> None:
+    """Raise a ``UsageError`` unless ``name`` is usable as an adapter name (letters, digits, _ or -)."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
         raise UsageError(
             f"`name` must be a short adapter name of letters, digits, _ or -, got {name!r}. E.g. name: chat."
@@ -339,7 +386,7 @@ def _check_name(name: Any) -> None:
 
 def _module_params(base: nn.Module, path: str):
     module = base.get_submodule(path)
-    if type(module).__name__ == "ModulesToSaveWrapper":
+    if is_modules_to_save_wrapper(module):
         module = module.original_module
     return list(module.named_parameters())
 
@@ -361,12 +408,12 @@ def _saved_embedding_entries(base: nn.Module, paths) -> list[tuple[str, str, tup
         fn = getattr(base, getter, None)
         layer = fn() if callable(fn) else None
         if layer is not None:
-            layers.append(getattr(layer, "base_layer", layer))
+            layers.append(base_layer_of(layer))
     wanted = {id(layer) for layer in layers}
     entries = []
     for path in paths:
         module = base.get_submodule(path)
-        module = getattr(module, "base_layer", module)
+        module = base_layer_of(module)
         if id(module) in wanted:
             w = module.weight
             entries.append(
@@ -404,11 +451,12 @@ def _bias_params(base: nn.Module, spec: LoraSpec, paths, save_paths):
     return sum(p.numel() for _, p, _ in params), entries
 
 
-def _other_adapters(model: nn.Module, name: str) -> tuple[int, bool]:
-    """Parameters of the adapters other than ``name`` already in ``model``, and whether ``name`` exists."""
+def _other_adapters(model: nn.Module, name: str) -> tuple[tuple[str, ...], int, bool]:
+    """The adapters other than ``name`` already in ``model``, their parameters, and whether ``name`` exists."""
     if not is_peft_model(model):
-        return 0, False
+        return (), 0, False
     names = adapter_param_names(model)
     params = dict(model.named_parameters())
     others = sum(param_count(params[n]) for adapter, ns in names.items() if adapter != name for n in ns)
-    return others, name in getattr(model, "peft_config", {})
+    configured = getattr(model, "peft_config", {})
+    return tuple(n for n in configured if n != name), others, name in configured

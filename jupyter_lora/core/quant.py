@@ -4,14 +4,17 @@ asked for (PEFT's ``is_bnb_available`` pattern)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from .errors import UsageError
+from .units import fmt_bytes
 
-__all__ = ["BaseLoad", "is_bnb_available", "load_base", "require_bitsandbytes"]
+__all__ = ["BaseLoad", "hide_hub_kernel_hint", "is_bnb_available", "load_base", "require_bitsandbytes"]
 
 
 @lru_cache(maxsize=1)
@@ -20,8 +23,32 @@ def is_bnb_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+class _HideHubKernelHint(logging.Filter):
+    """bitsandbytes (0.50, CPU build) logs at import that it failed to fetch an optional kernel from the Hugging
+    Face Hub and suggests `pip install kernels`; on an offline or GPU-less machine that is noise that points users
+    at a download. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+_HINT_FILTER = _HideHubKernelHint()
+
+
+def hide_hub_kernel_hint() -> None:
+    """Drop bitsandbytes' import-time hint about a Hub kernel (see ``_HideHubKernelHint``). Called before code
+    that imports bitsandbytes: our own import, and PEFT's and transformers', which import it when it is installed.
+    Does nothing once bitsandbytes is imported or when it is not installed."""
+    if "bitsandbytes" in sys.modules or not is_bnb_available():
+        return
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _HINT_FILTER not in logger.filters:
+        logger.addFilter(_HINT_FILTER)
+
+
 def require_bitsandbytes(purpose: str) -> Any:
     """Import bitsandbytes for ``purpose`` or raise a UsageError with the install command."""
+    hide_hub_kernel_hint()
     if not is_bnb_available():
         raise UsageError(
             f"{purpose} need bitsandbytes, which is not installed: pip install 'jupyter-lora[qlora]' "
@@ -59,8 +86,6 @@ class BaseLoad:
         return self.memory_after - self.memory_before
 
     def __repr__(self) -> str:
-        from ..display import fmt_bytes
-
         quant = f"{self.bits}-bit {self.quant_type}" if self.bits else "unquantised"
         return (f"Loaded {self.source} ({quant}, {self.dtype}) on {self.device} in {self.seconds:.1f} s: memory "
                 f"{fmt_bytes(self.memory_before)} → {fmt_bytes(self.memory_after)} (+{fmt_bytes(self.memory_used)})")  # fmt: skip

@@ -20,145 +20,35 @@ import tempfile
 import threading
 import time
 import warnings
-import weakref
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import UsageError, did_you_mean
+from ..settings import TrainSettings, build
+from . import runs
+from .adapters.files import fsync_tree, install_staged
+from .adapters.peft_facts import adapts_embeddings, is_quantized, wrapper_for
+from .errors import UsageError
 from .events import TrainingEvent
 from .loss import chunked_causal_lm_loss
 from .modelinfo import base_model_of, detect_task, param_count, require_module
 
 __all__ = ["TrainConfig", "TrainingRun", "make_train_config", "resume", "train"]
 
-_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-_OPTIMS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings. ``steps`` (optimizer steps) wins over ``epochs``. ``warmup`` < 1 is a fraction of the
-    steps, else a step count. ``eval``: "auto" (10% when there are ≥ 100 examples), a fraction, a count, or 0."""
-
-    steps: int | None = None
-    epochs: float = 1.0
-    lr: float = 2e-4
-    batch: int = 8
-    grad_accum: int = 1
-    seq: int = 512
-    warmup: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    optim: str = "adamw"
-    eval: Any = "auto"
-    eval_every: int | None = None
-    save_every: int | None = None
-    output_dir: str | None = None
-    keep_checkpoints: int = 2
-    packing: bool = False
-    ckpt: Any = "auto"  # auto: on for 4/8-bit bases (QLoRA), off otherwise
-    samples: tuple[str, ...] = ()
-    sample_every: int | None = None
-    max_new_tokens: int = 40
-    seed: int = 0
-    early_stop: int | None = None
-    keep_best: bool | None = None
-    log_every: int | None = None
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    task: str = "auto"
-    chunked_loss: Any = "auto"  # auto (on CUDA, supported causal LMs) | true | false — see core/loss.py
-
-
-_ALIASES = {"learning_rate": "lr", "batch_size": "batch", "gradient_accumulation_steps": "grad_accum",
-            "max_steps": "steps", "num_epochs": "epochs", "gradient_checkpointing": "ckpt", "max_seq_len": "seq",
-            "seq_len": "seq", "warmup_ratio": "warmup", "lr_scheduler": "scheduler"}  # fmt: skip
+# Training settings, declared with their help and checks in jupyter_lora.settings.
+TrainConfig = TrainSettings
 
 
 def make_train_config(**kwargs: Any) -> TrainConfig:
     """A validated ``TrainConfig``; unknown keys get a did-you-mean."""
-    names = tuple(f.name for f in fields(TrainConfig))
-    values: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        name = _ALIASES.get(key, key)
-        if name not in names:
-            raise UsageError(
-                f"Unknown training setting `{key}`.{did_you_mean(key, names + tuple(_ALIASES))} "
-                f"Settings: {', '.join(names)}."
-            )
-        values[name] = value
-    cfg = TrainConfig(**values)
-
-    def positive_int(name: str, allow_none: bool = False) -> None:
-        v = getattr(cfg, name)
-        if v is None and allow_none:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise UsageError(f"`{name}` must be a positive whole number, got {v!r}.")
-
-    positive_int("steps", allow_none=True)
-    positive_int("batch")
-    positive_int("grad_accum")
-    positive_int("seq")
-    positive_int("eval_every", allow_none=True)
-    positive_int("save_every", allow_none=True)
-    positive_int("sample_every", allow_none=True)
-    positive_int("max_new_tokens")
-    positive_int("log_every", allow_none=True)
-    positive_int("keep_checkpoints")
-    positive_int("early_stop", allow_none=True)
-    if isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, (int, float)) or not cfg.epochs > 0:
-        raise UsageError(f"`epochs` must be a positive number, got {cfg.epochs!r}.")
-    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < 1:
-        raise UsageError(
-            f"`lr` must be a positive number below 1, got {cfg.lr!r}. LoRA usually trains well at 2e-4."
-        )
-    if not 1e-5 <= cfg.lr <= 1e-3:
-        warnings.warn(
-            f"lr={cfg.lr:g} is outside the usual LoRA range 1e-5..1e-3 (2e-4 is a good start).",
-            UserWarning,
-            stacklevel=3,
-        )
-    if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, (int, float)) or cfg.warmup < 0:
-        raise UsageError(f"`warmup` must be a fraction (< 1) or a number of steps, got {cfg.warmup!r}.")
-    if cfg.scheduler not in _SCHEDULERS:
-        raise UsageError(
-            f"`scheduler` must be one of {', '.join(_SCHEDULERS)}, got {cfg.scheduler!r}."
-            f"{did_you_mean(str(cfg.scheduler), _SCHEDULERS)}"
-        )
-    if cfg.optim not in _OPTIMS:
-        raise UsageError(
-            f"`optim` must be one of {', '.join(_OPTIMS)}, got {cfg.optim!r}.{did_you_mean(str(cfg.optim), _OPTIMS)}"
-        )
-    if cfg.ckpt not in ("auto", True, False):
-        raise UsageError(f"`ckpt` (gradient checkpointing) must be auto, true or false, got {cfg.ckpt!r}.")
-    if cfg.chunked_loss not in ("auto", True, False):
-        raise UsageError(f"`chunked_loss` must be auto, true or false, got {cfg.chunked_loss!r}.")
-    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UsageError(f"`precision` must be auto, bf16, fp16 or fp32, got {cfg.precision!r}.")
-    if cfg.max_grad_norm is not None and (
-        not isinstance(cfg.max_grad_norm, (int, float)) or cfg.max_grad_norm <= 0
-    ):
-        raise UsageError(
-            f"`max_grad_norm` must be positive (or null to turn clipping off), got {cfg.max_grad_norm!r}."
-        )
-    samples = cfg.samples
-    if isinstance(samples, str):
-        samples = (samples,)
-    if not all(isinstance(s, str) for s in samples):
-        raise UsageError(f"`samples` must be prompts (strings), got {samples!r}.")
-    return replace(cfg, samples=tuple(samples), lr=float(cfg.lr), epochs=float(cfg.epochs))
+    return build(TrainSettings, kwargs, "training setting")
 
 
 # ------------------------------------------------------------------------------------------------ the run handle
 
-# base model -> the run training it (one at a time), and -> the last run (for resume without arguments)
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, TrainingRun] = weakref.WeakKeyDictionary()
-_LAST: weakref.WeakKeyDictionary[nn.Module, TrainingRun] = weakref.WeakKeyDictionary()
 _STATE_FILE = "trainer_state.pt"
 
 
@@ -241,10 +131,8 @@ class TrainingRun:
 
 
 def _peft_of(model: nn.Module) -> nn.Module:
-    from .adapters import _wrapper_for
-
     require_module(model)
-    peft_model = _wrapper_for(model)
+    peft_model = wrapper_for(model)
     if peft_model is None:
         raise UsageError(
             "This model has no LoRA adapter to train. Inject one first: model = jupyter_lora.inject(model, r=16) "
@@ -295,8 +183,8 @@ def train(
     config = make_train_config(**settings)
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
-    running = _ACTIVE.get(base)
-    if running is not None and not running.done:
+    running = runs.active_run(base)
+    if running is not None:
         raise UsageError(
             "This model is already training. Stop that run first (run.stop() or %lora stop model)."
         )
@@ -323,8 +211,7 @@ def _observer_list(observers: Any) -> list:
 
 
 def _launch(run: TrainingRun, base: nn.Module, background: bool) -> TrainingRun:
-    _ACTIVE[base] = run
-    _LAST[base] = run
+    runs.register(base, run)
     run.state = "running"
     if background:
         run._thread = threading.Thread(target=_Engine(run).run, name="jupyter-lora-train", daemon=True)
@@ -360,10 +247,10 @@ def resume(
 
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
-    running = _ACTIVE.get(base)
-    if running is not None and not running.done:
+    running = runs.active_run(base)
+    if running is not None:
         raise UsageError("This model is still training; stop it before resuming.")
-    last = _LAST.get(base)
+    last = runs.last_run(base)
     if checkpoint is None:
         checkpoint = (last.checkpoint if last is not None else None) or (
             latest_checkpoint(last.output_dir) if last is not None else None
@@ -445,14 +332,20 @@ class _Engine:
             {"params": no_decay, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        if cfg.optim in ("adamw8bit", "paged_adamw8bit"):
+        if cfg.optim in ("adamw8bit", "paged_adamw8bit", "paged_adamw"):
             from .quant import require_bitsandbytes
 
-            bnb = require_bitsandbytes("8-bit optimizers")
-            cls = bnb.optim.PagedAdamW8bit if cfg.optim == "paged_adamw8bit" else bnb.optim.AdamW8bit
+            bnb = require_bitsandbytes("8-bit and paged optimizers")
+            cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+                   "paged_adamw": bnb.optim.PagedAdamW}[cfg.optim]  # fmt: skip
             return cls(groups, lr=cfg.lr)
         if cfg.optim == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+        if cfg.optim == "adafactor":
+            from transformers.optimization import Adafactor
+
+            # a fixed learning rate (the scheduler shapes it), as transformers' Trainer configures it
+            return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
         fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
@@ -485,7 +378,7 @@ class _Engine:
             run._emit("error", message=str(exc), type=type(exc).__name__)
         finally:
             self._cleanup(modes, base, use_cache, ckpt_was)
-            _ACTIVE.pop(base, None)
+            runs.finish(base)
             run._done.set()
 
     def _loop(self) -> None:
@@ -495,9 +388,7 @@ class _Engine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise UsageError("The active adapter has no trainable parameters (loaded with trainable=False?).")
-        from .adapters import _is_quantized
-
-        self._ckpt = cfg.ckpt is True or (cfg.ckpt == "auto" and _is_quantized(self.model))
+        self._ckpt = cfg.ckpt is True or (cfg.ckpt == "auto" and is_quantized(self.model))
         if self._ckpt:
             base = base_model_of(self.model)
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -737,9 +628,7 @@ class _Engine:
         stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=root))
         try:
             name = _active_name(self.model)
-            from .adapters import _targets_embeddings
-
-            embeddings = True if _targets_embeddings(self.model, name) else "auto"
+            embeddings = True if adapts_embeddings(self.model, name) else "auto"
             self.model.save_pretrained(
                 str(stage / "adapter"), selected_adapters=[name], safe_serialization=True,
                 save_embedding_layers=embeddings,
@@ -760,10 +649,8 @@ class _Engine:
             torch.save(state, stage / _STATE_FILE)
             (stage / "trainer_state.json").write_text(json.dumps(
                 {k: state[k] for k in ("step", "epoch", "batch_index", "best_eval_loss", "reason")}, indent=1))  # fmt: skip
-            from .adapters import _fsync_tree, _install
-
-            _fsync_tree(stage)
-            _install(stage, final)
+            fsync_tree(stage)
+            install_staged(stage, final)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
@@ -838,9 +725,7 @@ class _Engine:
             tips.append(f"seq: {cfg.seq // 2}")
         if not getattr(self, "_ckpt", False):
             tips.append("ckpt: true")
-        from .adapters import _is_quantized
-
-        if not _is_quantized(self.model):
+        if not is_quantized(self.model):
             tips.append("a 4-bit base (%lora base VAR ID --4bit)")
         advice = "Out of GPU memory at step {}. The adapter and model are intact{}. Try {}.".format(
             run.step + 1, f"; state saved in {path}" if path else "", "; ".join(tips) or "a smaller model"
@@ -931,11 +816,9 @@ def _set_rng_state(state: dict) -> None:
 
 def last_run(model: nn.Module) -> TrainingRun | None:
     """The most recent training run of ``model`` in this session (running or not), or None."""
-    from .adapters import _wrapper_for
-
     require_module(model)
-    peft_model = _wrapper_for(model)
-    return _LAST.get(base_model_of(peft_model if peft_model is not None else model))
+    peft_model = wrapper_for(model)
+    return runs.last_run(peft_model if peft_model is not None else model)
 
 
 __all__ += ["last_run", "latest_checkpoint"]

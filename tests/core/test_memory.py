@@ -10,6 +10,7 @@ import torch
 
 import jupyter_lora as jl
 from jupyter_lora import UsageError
+from jupyter_lora.display import estimate_html, estimate_text
 from jupyter_lora.testing import llama_config, tiny_config, tiny_model
 
 GiB = 1024**3
@@ -228,7 +229,7 @@ def test_wrong_source_type_raises_usage_error():
 
 
 def test_text_rendering(est):
-    text = repr(est)
+    text = estimate_text(est)
     assert "Training" in text
     lines = text.splitlines()
     assert any(line.split()[:1] == ["total"] for line in lines)
@@ -236,7 +237,7 @@ def test_text_rendering(est):
 
 
 def test_html_rendering_escapes(est):
-    html = est._repr_html_()
+    html = estimate_html(est)
     assert "<table" in html
     assert "total" in html
     hostile = dataclasses.replace(
@@ -245,7 +246,7 @@ def test_html_rendering_escapes(est):
         gpu_name="<b>GPU & co</b>",
         gpu_capacity_bytes=80 * GiB,
     )
-    html = hostile._repr_html_()
+    html = estimate_html(hostile)
     assert "<script>" not in html and "<b>GPU" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;GPU &amp; co&lt;/b&gt;" in html

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import jupyter_lora as jl
+from jupyter_lora.display import plan_html, plan_text
 from jupyter_lora.testing import tiny_inputs, tiny_model
 
 
@@ -120,9 +121,9 @@ def test_groups_and_rendering():
     groups = {g.name: g for g in p.groups()}
     assert groups["q_lin"].count == 2 and groups["q_lin"].params == 2 * 4 * (32 + 32)
     assert groups["pre_classifier"].role == "modules_to_save"
-    text = repr(p)
+    text = plan_text(p)
     assert "trainable" in text and "q_lin" in text and "pre_classifier" in text
-    html = p._repr_html_()
+    html = plan_html(p)
     assert "<table" in html and "q_lin" in html
 
 
@@ -132,7 +133,7 @@ def test_user_strings_are_escaped_in_html():
             super().__init__()
             self.add_module("x<b>", nn.Linear(4, 4))
 
-    html = jl.plan(Net(), targets="re:x<b>")._repr_html_()
+    html = plan_html(jl.plan(Net(), targets="re:x<b>"))
     assert "x&lt;b&gt;" in html and "x<b>" not in html
 
 

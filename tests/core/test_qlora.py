@@ -76,12 +76,12 @@ def test_load_inject_count_train_merge_reload(checkpoint, tmp_path, bits):
 
 
 def test_dequantized_merge_that_does_not_fit_changes_nothing(checkpoint, monkeypatch):
-    from jupyter_lora.core import adapters
+    from jupyter_lora.core.adapters import merging
 
     model, _ = jl.load_base(checkpoint, 4)
     model = jl.inject(model, r=4)
     before = [type(m).__name__ for m in model.modules()]
-    monkeypatch.setattr(adapters, "_free_memory", lambda device: 1024)
+    monkeypatch.setattr(merging, "_free_memory", lambda device: 1024)
     with pytest.raises(UsageError, match=r"needs .* only 1 KiB is free"):
         jl.merge(model, dequantize=True)
     assert [type(m).__name__ for m in model.modules()] == before

@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 
 import jupyter_lora as jl
-from jupyter_lora.core import adapters
+from jupyter_lora.core.adapters import files
+from jupyter_lora.display import status_html, status_text
 from jupyter_lora.testing import tiny_inputs, tiny_model
 
 
@@ -112,7 +113,7 @@ def test_loaded_adapter_is_trainable_unless_asked(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
 def test_save_replaces_an_earlier_save_in_one_step(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(adapters, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     target = tmp_path / "adapter"
     jl.save(_trained(targets="q_proj"), target)
     model = _trained(targets="v_proj", seed=3)
@@ -140,7 +141,7 @@ def test_merged_save_is_a_full_model_and_leaves_the_live_model_adapted(tmp_path)
 def test_status_reports_adapters_and_counts():
     plain = tiny_model("llama")
     s = jl.status(plain)
-    assert s.adapters == () and "No LoRA adapter" in repr(s)
+    assert s.adapters == () and "No LoRA adapter" in status_text(s)
     model = jl.inject(plain, r=4, targets="attention")
     model = jl.inject(model, r=2, targets="mlp", name="mlp-only", variant="dora")
     s = jl.status(model)
@@ -151,7 +152,7 @@ def test_status_reports_adapters_and_counts():
     assert (s.trainable_params, s.total_params) == model.get_nb_trainable_parameters()
     assert s.enabled is True and s.merged == ()
     assert len(s.layers) == 14
-    assert "mlp-only" in repr(s) and "<table" in s._repr_html_()
+    assert "mlp-only" in status_text(s) and "<table" in status_html(s)
 
 
 def test_unload_returns_the_original_base():

@@ -18,7 +18,7 @@ from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 import jupyter_lora as jl
-from jupyter_lora.core import adapters as _adapters
+from jupyter_lora.core.adapters import files as adapter_files
 from jupyter_lora.core.modelinfo import base_model_of
 from jupyter_lora.testing import tiny_inputs, tiny_model
 
@@ -287,7 +287,7 @@ def test_save_failing_at_install_keeps_previous_save(monkeypatch, tmp_path):
     jl.save(model, target)
     perturb_lora(model)
     files = tree_snapshot(tmp_path)
-    monkeypatch.setattr(_adapters, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(adapter_files, "_exchange", lambda a, b: False)
     real_rename = os.rename
 
     def rename(src, dst):

@@ -1,0 +1,125 @@
+"""What adapters a model holds — names, active, merged, sizes, per model and per layer — as data
+(``AdapterStatus``), from PEFT's ``get_model_status`` / ``get_layer_status``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .. import targets
+from ..modelinfo import ADAPTER_PARAM, base_model_of, param_count, require_module
+from .peft_facts import active_names, parameter_counts, wrapper_for
+
+__all__ = ["AdapterInfo", "AdapterStatus", "LayerStatus", "status"]
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """One adapted module: which adapters it holds, which are active and merged."""
+
+    path: str
+    kind: str
+    enabled: bool
+    active: tuple[str, ...]
+    merged: tuple[str, ...]
+    available: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One named adapter on the model."""
+
+    name: str
+    active: bool
+    r: int
+    alpha: float
+    variant: str
+    modules: int
+    params: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """The adapters on a model, from PEFT's ``get_model_status``/``get_layer_status``, as data."""
+
+    model_type: str | None
+    adapters: tuple[AdapterInfo, ...]
+    enabled: bool | None
+    merged: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+    layers: tuple[LayerStatus, ...] = field(default=(), repr=False)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """Names of the active adapters."""
+        return tuple(a.name for a in self.adapters if a.active)
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(a.name) for a in self.adapters)
+        return (
+            f"AdapterStatus({self.model_type or 'model'}: adapters [{names}], active {list(self.active)}, "
+            f"trainable {self.trainable_params:,} of {self.total_params:,})"
+        )
+
+
+def _variant(config) -> str:
+    if getattr(config, "use_dora", False):
+        return "dora"
+    return "rslora" if getattr(config, "use_rslora", False) else "lora"
+
+
+def status(model: nn.Module) -> AdapterStatus:
+    """What adapters ``model`` holds (names, active, merged, sizes), per model and per layer."""
+    require_module(model)
+    peft_model = wrapper_for(model)
+    model_type = getattr(getattr(base_model_of(model), "config", None), "model_type", None)
+    if peft_model is None:
+        total = targets.index_model(model).base_params
+        trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
+        return AdapterStatus(model_type, (), None, (), trainable, total)
+    from peft import get_layer_status, get_model_status
+
+    model_status = get_model_status(peft_model)
+    layer_rows = tuple(
+        LayerStatus(
+            path=row.name.removeprefix("model."),
+            kind=row.module_type,
+            enabled=row.enabled,
+            active=tuple(row.active_adapters),
+            merged=tuple(row.merged_adapters),
+            available=tuple(row.available_adapters),
+        )
+        for row in get_layer_status(peft_model)
+    )
+    per_adapter: dict[str, int] = {}
+    modules: dict[str, int] = {}
+    for pname, p in peft_model.named_parameters():
+        m = ADAPTER_PARAM.search(pname)
+        if m:
+            per_adapter[m.group(2)] = per_adapter.get(m.group(2), 0) + param_count(p)
+    for row in layer_rows:
+        for n in row.available:
+            modules[n] = modules.get(n, 0) + 1
+    active = set(active_names(peft_model))
+    infos = []
+    for name, cfg in peft_model.peft_config.items():
+        tm = cfg.target_modules
+        infos.append(
+            AdapterInfo(
+                name=name,
+                active=name in active,
+                r=int(cfg.r),
+                alpha=float(cfg.lora_alpha),
+                variant=_variant(cfg),
+                modules=modules.get(name, 0),
+                params=per_adapter.get(name, 0),
+                targets=tuple(sorted(tm)) if isinstance(tm, (set, list, tuple)) else (str(tm),),
+            )
+        )
+    trainable, total = parameter_counts(peft_model)
+    enabled = model_status.enabled if isinstance(model_status.enabled, bool) else None
+    merged = model_status.merged_adapters if isinstance(model_status.merged_adapters, list) else []
+    return AdapterStatus(model_type, tuple(infos), enabled, tuple(merged), trainable, total, layer_rows)

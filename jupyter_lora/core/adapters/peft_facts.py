@@ -1,0 +1,170 @@
+"""Facts about PEFT on a live model: which modules are PEFT layers, which adapters they hold, which adapter is
+active, which PeftModel wraps a base model, and whether the base is quantised.
+
+PEFT and bitsandbytes types are looked up in ``sys.modules``: a model can only hold their layers once they have
+been imported, so asking never imports them.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from ..errors import UsageError
+from ..modelinfo import is_peft_model, param_count
+
+__all__ = [
+    "active_names",
+    "adapter_layers",
+    "adapts_embeddings",
+    "base_layer_of",
+    "forget_wrapper",
+    "holds_adapter",
+    "is_lora_layer",
+    "is_modules_to_save_wrapper",
+    "is_quantized",
+    "is_tuner_layer",
+    "parameter_counts",
+    "register_wrapper",
+    "registered_wrapper",
+    "remember_grad_flags",
+    "restore_grad_flags",
+    "wrapper_for",
+]
+
+# base model -> the PeftModel wrapping it, so that passing the (already adapted) base again finds its wrapper
+# instead of wrapping twice.
+_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = weakref.WeakKeyDictionary()
+# base model -> {parameter name: requires_grad} as it was before PEFT froze it, so unload can give it back.
+_GRAD_FLAGS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _loaded_type(module_name: str, name: str) -> type | None:
+    module = sys.modules.get(module_name)
+    return getattr(module, name, None) if module is not None else None
+
+
+def _is_instance(obj: object, module_name: str, *names: str) -> bool:
+    types = tuple(t for t in (_loaded_type(module_name, n) for n in names) if t is not None)
+    return bool(types) and isinstance(obj, types)
+
+
+# --------------------------------------------------------------------------------------------------- layers
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    """True for a layer that PEFT put in place of an original one (any PEFT method)."""
+    return _is_instance(module, "peft.tuners.tuners_utils", "BaseTunerLayer")
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """True for a PEFT LoRA layer (``lora_A``/``lora_B`` around a ``base_layer``), quantised ones included."""
+    return _is_instance(module, "peft.tuners.lora.layer", "LoraLayer")
+
+
+def is_modules_to_save_wrapper(module: nn.Module) -> bool:
+    """True for PEFT's ``ModulesToSaveWrapper``: a fully trained copy of a module beside the original."""
+    return _is_instance(module, "peft.utils.other", "ModulesToSaveWrapper")
+
+
+def base_layer_of(module: nn.Module) -> nn.Module:
+    """The original layer under a PEFT layer, or ``module`` itself."""
+    return module.get_base_layer() if is_tuner_layer(module) else module
+
+
+def holds_adapter(module: nn.Module, name: str) -> bool:
+    """Whether the LoRA layer ``module`` holds weights of adapter ``name`` (linear/conv or embedding)."""
+    return name in module.lora_A or name in getattr(module, "lora_embedding_A", {})
+
+
+def adapter_layers(model: nn.Module, names: Iterable[str]) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, layer)`` of the LoRA layers in ``model`` that hold any of the adapters ``names``."""
+    names = list(names)
+    for path, module in model.named_modules():
+        if is_lora_layer(module) and any(holds_adapter(module, n) for n in names):
+            yield path, module
+
+
+def adapts_embeddings(peft_model: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` adapts an input or output embedding (``embed_tokens``/``lm_head``), which PEFT
+    then saves along with the adapter."""
+    return any(
+        path.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head")
+        for path, _ in adapter_layers(peft_model, [name])
+    )
+
+
+def active_names(peft_model: nn.Module) -> list[str]:
+    """The names of the active adapters of a PeftModel."""
+    active = peft_model.base_model.active_adapter
+    return [active] if isinstance(active, str) else list(active)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameters, counted as PEFT counts them (packed 4-bit weights unpacked)."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = param_count(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds bitsandbytes 4-bit or 8-bit layers."""
+    return any(_is_instance(m, "bitsandbytes.nn", "Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------------- wrappers
+
+
+def register_wrapper(peft_model: nn.Module) -> None:
+    """Remember that ``peft_model`` wraps its base, so that the base passed again finds this wrapper."""
+    _WRAPPERS[peft_model.base_model.model] = weakref.ref(peft_model)
+
+
+def forget_wrapper(base: nn.Module) -> None:
+    """Forget the wrapper of ``base`` (after it was unloaded or merged)."""
+    _WRAPPERS.pop(base, None)
+
+
+def registered_wrapper(model: nn.Module) -> nn.Module | None:
+    """The PeftModel for ``model``: itself, or the live wrapper registered for this base; else None."""
+    if is_peft_model(model):
+        return model
+    ref = _WRAPPERS.get(model)
+    wrapper = ref() if ref is not None else None
+    if wrapper is not None and wrapper.base_model.model is model:
+        return wrapper
+    return None
+
+
+def wrapper_for(model: nn.Module) -> nn.Module | None:
+    """The PeftModel for ``model`` (see ``registered_wrapper``), or None for a plain model. A model that holds PEFT
+    layers without a PeftModel around it (adapted elsewhere) is refused: it cannot be changed safely here."""
+    wrapper = registered_wrapper(model)
+    if wrapper is not None:
+        return wrapper
+    if any(is_tuner_layer(m) for m in model.modules()):
+        raise UsageError(
+            "This model already holds LoRA layers but is not a PeftModel (it was adapted elsewhere, e.g. with "
+            "transformers' model.add_adapter). Pass the PeftModel, or start from a fresh base model."
+        )
+    return None
+
+
+def remember_grad_flags(base: nn.Module) -> None:
+    """Keep ``requires_grad`` of every parameter of ``base`` before PEFT freezes it."""
+    _GRAD_FLAGS[base] = {n: p.requires_grad for n, p in base.named_parameters()}
+
+
+def restore_grad_flags(base: nn.Module) -> None:
+    """Give the parameters of ``base`` the ``requires_grad`` they had before it was wrapped."""
+    flags = _GRAD_FLAGS.get(base)
+    if flags:
+        for n, p in base.named_parameters():
+            if n in flags and p.requires_grad != flags[n]:
+                p.requires_grad_(flags[n])

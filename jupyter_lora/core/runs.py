@@ -1,0 +1,44 @@
+"""Which training run belongs to which model: the run training it now (one at a time) and its most recent run.
+
+The training engine registers a run when it starts and reports when it ends; adapter operations ask whether a
+model is being trained before they change it. Runs are kept per base model (the model under a PEFT wrapper), so
+the wrapper and the base it wraps have the same runs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+
+from .modelinfo import base_model_of
+
+__all__ = ["active_run", "finish", "last_run", "register"]
+
+# base model -> the run training it, and -> its most recent run (for resume without arguments)
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_LAST: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def register(model: nn.Module, run: Any) -> None:
+    """Record ``run`` as the run training ``model`` now and as its most recent run."""
+    base = base_model_of(model)
+    _ACTIVE[base] = run
+    _LAST[base] = run
+
+
+def finish(model: nn.Module) -> None:
+    """Record that the run training ``model`` has ended (it stays its most recent run)."""
+    _ACTIVE.pop(base_model_of(model), None)
+
+
+def active_run(model: nn.Module) -> Any | None:
+    """The run training ``model`` right now, or None when nothing is training it."""
+    run = _ACTIVE.get(base_model_of(model))
+    return run if run is not None and not run.done else None
+
+
+def last_run(model: nn.Module) -> Any | None:
+    """The most recent run of ``model`` in this session (running or not), or None."""
+    return _LAST.get(base_model_of(model))
