@@ -6,49 +6,19 @@
 >>> jl.save(model, "adapters/run1")
 
 Importing this package is cheap: torch, transformers and PEFT load on first use of a function that needs them.
+Imported inside IPython (a notebook or a terminal), it teaches the shell to show results — plans, estimates,
+adapter status, comparisons — as HTML tables and aligned text.
 """
 
 from __future__ import annotations
 
-import importlib
+import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first access)
-_LAZY = {
-    "plan": "jupyter_lora.core.plan",
-    "Plan": "jupyter_lora.core.plan",
-    "estimate": "jupyter_lora.core.memory",
-    "MemoryEstimate": "jupyter_lora.core.memory",
-    "inject": "jupyter_lora.core.adapters",
-    "merge": "jupyter_lora.core.adapters",
-    "unload": "jupyter_lora.core.adapters",
-    "save": "jupyter_lora.core.adapters",
-    "load": "jupyter_lora.core.adapters",
-    "use": "jupyter_lora.core.adapters",
-    "enable": "jupyter_lora.core.adapters",
-    "disable": "jupyter_lora.core.adapters",
-    "delete": "jupyter_lora.core.adapters",
-    "status": "jupyter_lora.core.adapters",
-    "AdapterStatus": "jupyter_lora.core.adapters",
-    "LoraSpec": "jupyter_lora.core.spec",
-    "make_spec": "jupyter_lora.core.spec",
-    "find_targets": "jupyter_lora.core.targets",
-    "compare": "jupyter_lora.core.compare",
-    "Comparison": "jupyter_lora.core.compare",
-    "UsageError": "jupyter_lora.core.errors",
-    "train": "jupyter_lora.core.train",
-    "resume": "jupyter_lora.core.train",
-    "last_run": "jupyter_lora.core.train",
-    "TrainingRun": "jupyter_lora.core.train",
-    "TrainingEvent": "jupyter_lora.core.events",
-    "ProgressCallback": "jupyter_lora.widgets.progress",
-    "Panel": "jupyter_lora.widgets.panel",
-    "load_base": "jupyter_lora.core.quant",
-    "export": "jupyter_lora.core.export",
-}
-_RENAMED = {"find_targets": "resolve"}
+from . import api as _api
 
 __all__ = [
     "AdapterStatus",
@@ -112,25 +82,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'jupyter_lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
+    value = getattr(_api, name)  # an AttributeError names this module
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_api.__all__))
 
 
 # ------------------------------------------------------------------------------------------------ IPython extension
 
 
+# shells whose result formatters load_ipython_extension added (so unload_ipython_extension takes them away)
+_FORMATTERS_FROM_EXTENSION: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext jupyter_lora``: register ``%lora`` / ``%%lora`` (cheap: torch loads on first use)."""
+    from .display import register_formatters
     from .magics.lora import LoraMagics
 
+    if register_formatters(ipython):
+        _FORMATTERS_FROM_EXTENSION.add(ipython)
     if any(isinstance(m, LoraMagics) for m in ipython.configurables):
         return
     magics = LoraMagics(shell=ipython)  # Magics.__init__ adds it to ipython.configurables (for %config)
@@ -149,12 +123,26 @@ def unload_ipython_extension(ipython: Any) -> None:
             del table["lora"]
     manager.registry.pop("LoraMagics", None)
     ipython.configurables[:] = [c for c in ipython.configurables if not isinstance(c, LoraMagics)]
+    if ipython in _FORMATTERS_FROM_EXTENSION:
+        from .display import unregister_formatters
+
+        unregister_formatters(ipython)
+        _FORMATTERS_FROM_EXTENSION.discard(ipython)
+
+
+def _register_formatters_in_running_ipython() -> None:
+    """Imported inside IPython: show results richly even without ``%load_ext`` (IPython is never imported here)."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    if shell is not None and hasattr(shell, "display_formatter"):
+        from .display import register_formatters
+
+        register_formatters(shell)
 
 
 def _enable_colab_widgets() -> None:
     """In Colab, third-party widgets (anywidget, plotly FigureWidget) render only with its custom manager."""
-    import sys
-
     if "google.colab" in sys.modules:
         try:
             from google.colab import output
@@ -162,3 +150,6 @@ def _enable_colab_widgets() -> None:
             output.enable_custom_widget_manager()
         except Exception:  # an older Colab runtime: widgets fall back to their text/HTML forms
             pass
+
+
+_register_formatters_in_running_ipython()

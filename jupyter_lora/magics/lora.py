@@ -9,33 +9,44 @@ from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, Float, Integer, Unicode
+from traitlets import Any as Any_
+from traitlets import Bool, TraitError
 
 from ..core.errors import UsageError, did_you_mean
+from ..settings import SETTINGS, Setting, keys, validate_one
 from . import parse as p
 
 __all__ = ["LoraMagics"]
 
 
-@magics_class
-class LoraMagics(Magics):
-    """LoRA fine-tuning of the model in a notebook variable. Settings: ``%config LoraMagics.default_r = 16``."""
+class _SettingTrait(Any_):
+    """A ``%config LoraMagics`` option that changes one setting's default; values are checked by the schema."""
 
-    default_r = Integer(16, help="LoRA rank when a %%lora cell gives no `r`.").tag(config=True)
-    default_alpha = Float(None, allow_none=True, help="LoRA alpha when none is given (None: 2*r).").tag(
-        config=True
-    )
-    default_dropout = Float(0.0, help="LoRA dropout when none is given.").tag(config=True)
-    default_targets = Unicode(
-        "", help="Targets when none are given ('' = PEFT's default for the model)."
-    ).tag(config=True)
-    default_seq = Integer(1024, help="Sequence length for memory estimates.").tag(config=True)
-    default_batch = Integer(8, help="Batch size for memory estimates.").tag(config=True)
-    default_ckpt = Bool(False, help="Estimate with gradient checkpointing.").tag(config=True)
-    default_optim = Unicode("adamw", help="Optimizer for memory estimates.").tag(config=True)
-    max_new_tokens = Integer(40, help="Tokens generated per side by %lora compare.").tag(config=True)
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        super().__init__(setting.default, help=f"Default `{setting.name}`: {setting.help}.")
+        self.info_text = setting.describe()
+        self.tag(config=True)
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        try:
+            return validate_one(self.setting.name, value)
+        except UsageError as exc:
+            raise TraitError(str(exc)) from None
+
+
+# One option per setting that declares one (default_r, default_seq, default_lr, ..., progress, max_new_tokens).
+_SettingDefaults = type(
+    "_SettingDefaults", (Magics,), {s.trait: _SettingTrait(s) for s in SETTINGS.values() if s.trait}
+)
+
+
+@magics_class
+class LoraMagics(_SettingDefaults):
+    """LoRA fine-tuning of the model in a notebook variable. Defaults of every setting:
+    ``%config LoraMagics.default_r = 16`` (``%config LoraMagics`` lists them)."""
+
     show_estimate = Bool(True, help="Show the memory estimate after %%lora.").tag(config=True)
-    progress = Unicode("auto", help="Training progress display: auto | widget | text.").tag(config=True)
 
     @line_cell_magic
     def lora(self, line: str, cell: str | None = None) -> Any:
@@ -93,50 +104,38 @@ class LoraMagics(Magics):
 
         return Pretty(p.USAGE)
 
-    def _settings(self, given: dict[str, Any]) -> dict[str, Any]:
-        settings = dict(given)
-        keys = set(settings)
-        if not keys & {"r", "rank", "lora_r"}:
-            settings["r"] = self.default_r
-        if not keys & {"alpha", "lora_alpha"} and self.default_alpha is not None:
-            settings["alpha"] = self.default_alpha
-        if not keys & {"dropout", "lora_dropout"}:
-            settings["dropout"] = self.default_dropout
-        if not keys & {"targets", "target_modules"} and self.default_targets:
-            settings["targets"] = self.default_targets
-        return settings
+    def _with_defaults(self, scope: str, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` (canonical names) plus every default of ``scope`` changed with ``%config``."""
+        changed = {}
+        for name in keys(scope):
+            setting = SETTINGS[name]
+            if setting.trait and name not in given:
+                value = getattr(self, setting.trait)
+                if value != setting.default:
+                    changed[name] = value
+        return {**changed, **given}
 
     def _estimate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "seq": options.get("seq", self.default_seq),
-            "batch": options.get("batch", self.default_batch),
-            "ckpt": options.get("ckpt", self.default_ckpt),
-            "optim": options.get("optim", self.default_optim),
-            **{k: options[k] for k in ("dtype", "quant") if k in options},
-        }
+        """What an estimate assumes (seq, batch, ckpt, optim, ...): as given, else what training would use."""
+        merged = self._with_defaults("estimate", options)
+        return {k: merged[k] for k in p.ESTIMATE_OPTIONS if k in merged}
 
     def _do_inject(self, command: p.Inject) -> Any:
-        import jupyter_lora as jl
         from jupyter_lora.display import InjectSummary
 
+        from .. import api as jl
+
         model = self._get_model(command.model)
-        settings = self._settings(dict(command.settings))
-        plan = jl.plan(model, name=command.name, **settings)
+        settings = self._with_defaults("inject", dict(command.settings))
+        plan = jl.plan(model, name=command.name, replace=command.replace, **settings)
         estimate = jl.estimate(model, plan, **self._estimate_options({})) if self.show_estimate else None
         if command.dry_run:
             return InjectSummary(plan, estimate, command.model, dry_run=True)
-        adapted = jl.inject(model, plan.spec, name=command.name)
-        self._set(command.model, adapted)
-        if command.replace:
-            others = [n for n in adapted.peft_config if n != command.name]
-            for other in others:
-                jl.delete(adapted, other)
-            if others:
-                plan = jl.plan(adapted, plan.spec, name=command.name)
+        self._set(command.model, jl.inject(model, plan=plan))
         return InjectSummary(plan, estimate, command.model)
 
     def _do_status(self, command: p.Status) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         if command.model is not None:
             return jl.status(self._get_model(command.model))
@@ -152,7 +151,7 @@ class LoraMagics(Magics):
         )
 
     def _do_estimate(self, command: p.Estimate) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         ns = self.shell.user_ns
         source: Any = ns.get(command.source, command.source)
@@ -163,11 +162,11 @@ class LoraMagics(Magics):
             torch_nn is not None and isinstance(source, torch_nn.Module) and jl.status(source).adapters
         )
         if settings or not is_adapted:
-            settings = self._settings(settings)
+            settings = self._with_defaults("inject", settings)
         return jl.estimate(source, **options, **settings)
 
     def _do_modelcommand(self, command: p.ModelCommand) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
         result = getattr(jl, command.action)(model, **command.options)
@@ -178,28 +177,28 @@ class LoraMagics(Magics):
         return jl.status(result)
 
     def _do_namedcommand(self, command: p.NamedCommand) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
         getattr(jl, command.action)(model, command.name)
         return jl.status(model)
 
     def _do_save(self, command: p.Save) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         path = jl.save(self._get_model(command.model), command.path, merged=command.merged, name=command.name)
         what = "merged model" if command.merged else "adapter"
         return _Note(f"Saved the {what} to {path} ({', '.join(sorted(x.name for x in path.iterdir()))}).")
 
     def _do_load(self, command: p.Load) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = jl.load(self._get_model(command.model), command.path, name=command.name)
         self._set(command.model, model)
         return jl.status(model)
 
     def _do_compare(self, command: p.Compare) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
         tokenizer = self._find_tokenizer(command.tokenizer, model)
@@ -243,16 +242,16 @@ class LoraMagics(Magics):
         return None
 
     def _do_train(self, command: p.Train) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
-        objects, settings = self._train_inputs(dict(command.settings), model)
+        objects, settings = self._train_inputs(self._with_defaults("train", dict(command.settings)), model)
         mode = settings.pop("progress", None)
         data = objects.pop("data")
         return self._start(lambda m, **kw: jl.train(m, data, **kw), model, objects, settings, mode)
 
     def _do_resume(self, command: p.Resume) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
         objects, settings = self._train_inputs(dict(command.settings), model)
@@ -262,7 +261,7 @@ class LoraMagics(Magics):
         )
 
     def _do_base(self, command: p.Base) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model, info = jl.load_base(command.source, command.bits, dtype=command.dtype)
         self._set(command.variable, model)
@@ -272,24 +271,23 @@ class LoraMagics(Magics):
         from jupyter_lora.widgets.panel import Panel
 
         model = self._get_model(command.model)
-        settings = {"r": self.default_r, "dropout": self.default_dropout, "seq": self.default_seq,
-                    "batch": self.default_batch, "targets": self.default_targets}  # fmt: skip
-        if self.default_alpha is not None:
-            settings["alpha"] = self.default_alpha
+        shown = [name for name, setting in SETTINGS.items() if setting.panel]
+        settings = {k: v for k, v in self._with_defaults("estimate", {}).items() if k in shown}
+        settings.update({k: v for k, v in self._with_defaults("train", {}).items() if k in shown})
         return Panel(model, variable=command.model, namespace=self.shell.user_ns, **settings)
 
     def _do_export(self, command: p.Export) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         model = self._get_model(command.model)
-        objects, settings = self._train_inputs(dict(command.settings), model)
+        objects, settings = self._train_inputs(self._with_defaults("train", dict(command.settings)), model)
         settings.pop("progress", None)
         objects.pop("eval_data", None)
         data = objects.pop("data")
         return jl.export(model, command.directory, data, tokenizer=objects.get("tokenizer"), **settings)
 
     def _do_stop(self, command: p.Stop) -> Any:
-        import jupyter_lora as jl
+        from .. import api as jl
 
         names = [command.model] if command.model else self._module_names()
         runs = [(n, jl.last_run(self.shell.user_ns[n])) for n in names if command.model or self._is_model(n)]

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import UsageError, did_you_mean
+from ..settings import SETTINGS, aliases, canonical, keys, settings_help
 
 __all__ = [
+    "ESTIMATE_OPTIONS",
     "SUBCOMMANDS",
     "USAGE",
     "Base",
@@ -38,27 +40,25 @@ __all__ = [
     "parse",
 ]
 
-USAGE = """\
+# What an estimate assumes beyond the adapter (seq, batch, ckpt, optim, dtype, quant): its command-line options.
+ESTIMATE_OPTIONS = tuple(k for k in keys("estimate") if k not in keys("inject"))
+_OPTIM = SETTINGS["optim"].choices
+_DTYPES = SETTINGS["dtype"].choices
+
+USAGE = f"""\
 %%lora MODEL [--name NAME] [--dry-run] [--replace]
     Inject (or re-inject) a LoRA adapter into the model held in variable MODEL. Cell body (YAML):
-        r: 16                  rank
-        alpha: 32              default 2*r
-        dropout: 0.05
-        targets: q_proj, v_proj    names, globs (*.attn.c_attn), re:<regex>, presets attention | mlp | all-linear | qv
-        layers: 0-11           optional layer indices/ranges
-        exclude: lm_head       optional
-        variant: lora          lora | dora | rslora
-        init: default          default | gaussian | pissa | olora | orthogonal | zero
-        modules_to_save: classifier
-        bias: none             none | all | lora_only
-        task_type: auto        auto | causal_lm | seq_2_seq_lm | seq_cls | token_cls | question_ans | feature_extraction
+{settings_help("inject")}
     Re-running the cell replaces the adapter of that name. --dry-run shows the plan without touching the model;
-    --replace also drops every other adapter first.
+    --replace also drops every other adapter first. The summary estimates GPU memory for training with the
+    training defaults (batch, seq, ckpt, optim below; change them with %config LoraMagics.default_seq = 1024).
 
 %lora status [MODEL]                         adapters, active, merged, sizes
-%lora estimate MODEL [--seq N] [--batch N] [--ckpt] [--optim adamw|adamw8bit|paged_adamw8bit]
-                     [--dtype bf16|fp16|fp32] [--4bit|--8bit]
+%lora estimate MODEL [--seq N] [--batch N] [--ckpt|--no-ckpt] [--optim {"|".join(_OPTIM)}]
+                     [--dtype {"|".join(_DTYPES)}] [--4bit|--8bit]
                                              GPU memory for training; MODEL: a model or config variable, or a path/model id
+    Optional body (YAML): the %%lora settings above, and
+{settings_help(ESTIMATE_OPTIONS)}
 %lora merge MODEL [--dequantize]             fold the adapter into the weights; MODEL becomes the plain model
                                              (--dequantize: a 4/8-bit base is dequantised to bf16 first)
 %lora base VAR MODEL_ID_OR_PATH [--4bit|--8bit] [--dtype bf16]
@@ -72,13 +72,7 @@ USAGE = """\
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side
 %%lora train MODEL                           train in the background with a live progress widget; body (YAML):
-        data: texts            a variable (texts, records, Dataset, DataFrame) or a .jsonl/.json/.csv/.txt path
-        tokenizer: tok         default: the one tokenizer in the notebook, or the model's own
-        steps: 200             or epochs: 1
-        lr: 2e-4   batch: 8   grad_accum: 1   seq: 512   warmup: 0.03   scheduler: cosine
-        eval: auto             a fraction, a count, 0, or eval_data: VAR;  eval_every: N   early_stop: N   keep_best: true
-        packing: false   ckpt: false   optim: adamw   save_every: N   output_dir: lora_runs/x
-        samples: ["prompt 1", "prompt 2"]   sample_every: 50
+{settings_help("train")}
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
@@ -87,25 +81,14 @@ USAGE = """\
                                              run with accelerate launch on many GPUs; body as for %%lora train
 %lora help                                   this text
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
+Defaults: %config LoraMagics.default_<setting> = value (e.g. default_r, default_seq, default_lr); %config LoraMagics
+lists them.
 """
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
     "train", "stop", "resume", "panel", "base", "export",
 )  # fmt: skip
-INJECT_KEYS = ("r", "alpha", "dropout", "targets", "layers", "exclude", "variant", "init", "modules_to_save", "bias",
-               "task_type")  # fmt: skip
-INJECT_ALIASES = ("rank", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform",
-                  "exclude_modules", "init_lora_weights", "task")  # fmt: skip
-ESTIMATE_KEYS = ("seq", "batch", "ckpt", "optim", "dtype", "quant", *INJECT_KEYS)
-# jupyter_lora.core.train.TrainConfig's fields (a test keeps the two in step), plus where the data comes from.
-TRAIN_CONFIG_KEYS = ("steps", "epochs", "lr", "batch", "grad_accum", "seq", "warmup", "scheduler", "weight_decay",
-                     "max_grad_norm", "optim", "eval", "eval_every", "save_every", "output_dir", "keep_checkpoints",
-                     "packing", "ckpt", "samples", "sample_every", "max_new_tokens", "seed", "early_stop", "keep_best",
-                     "log_every", "precision", "task", "chunked_loss")  # fmt: skip
-TRAIN_KEYS = ("data", "tokenizer", "eval_data", "progress", *TRAIN_CONFIG_KEYS)
-TRAIN_ALIASES = ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps", "num_epochs",
-                 "gradient_checkpointing", "max_seq_len", "seq_len", "warmup_ratio", "lr_scheduler")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -250,14 +233,15 @@ def _split(line: str) -> list[str]:
         ) from None
 
 
-def _yaml(cell: str | None, allowed: tuple[str, ...], aliases: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Parse a YAML mapping body; unknown keys get a did-you-mean, syntax errors their line number."""
+def _yaml(cell: str | None, scope: str) -> dict[str, Any]:
+    """Parse a YAML mapping body of the settings of ``scope``; unknown keys get a did-you-mean, syntax errors
+    their line number."""
     if cell is None or not cell.strip():
         return {}
     import yaml
 
     try:
-        data = yaml.load(cell, Loader=_unique_key_loader())  # a SafeLoader subclass
+        data = yaml.load(cell, Loader=yaml_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" on line {mark.line + 1}" if mark is not None else ""
@@ -272,16 +256,17 @@ def _yaml(cell: str | None, allowed: tuple[str, ...], aliases: tuple[str, ...] =
             f"%%lora: the cell body must be `key: value` lines (a YAML mapping), got {type(data).__name__}: "
             f"{str(data)[:60]!r}. E.g. `r: 16`."
         )
+    allowed, spellings = keys(scope), aliases(scope)
     for key in data:
-        if not isinstance(key, str) or key not in allowed + aliases:
+        if not isinstance(key, str) or key not in allowed + spellings:
             raise UsageError(
-                f"%%lora: unknown setting `{key}`.{did_you_mean(str(key), allowed + aliases)} "
+                f"%%lora: unknown setting `{key}`.{did_you_mean(str(key), allowed + spellings)} "
                 f"Settings: {', '.join(allowed)}."
             )
-    return data
+    return canonical(data, scope)
 
 
-def _unique_key_loader():
+def yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -360,7 +345,7 @@ def _parse_inject(model: str, rest: list[str], cell: str | None) -> Inject:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--replace", action="store_true")
     args = p.parse_args(rest)
-    settings = _yaml(cell, INJECT_KEYS, INJECT_ALIASES)
+    settings = _yaml(cell, "inject")
     return Inject(model=model, name=args.name, dry_run=args.dry_run, replace=args.replace, settings=settings)
 
 
@@ -376,18 +361,16 @@ def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
     p.add_argument("source")
     p.add_argument("--seq", type=_positive)
     p.add_argument("--batch", type=_positive)
-    p.add_argument("--ckpt", action="store_true", default=None)
-    p.add_argument(
-        "--optim", choices=("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor", "sgd")
-    )
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--optim", choices=_OPTIM)
+    p.add_argument("--dtype", choices=_DTYPES)
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--4bit", dest="quant", action="store_const", const="4bit")
     quant.add_argument("--8bit", dest="quant", action="store_const", const="8bit")
     args = p.parse_args(rest)
-    body = _yaml(cell, ESTIMATE_KEYS, INJECT_ALIASES)
-    options = {k: body.pop(k) for k in ("seq", "batch", "ckpt", "optim", "dtype", "quant") if k in body}
-    for key in ("seq", "batch", "ckpt", "optim", "dtype", "quant"):
+    body = _yaml(cell, "estimate")
+    options = {k: body.pop(k) for k in ESTIMATE_OPTIONS if k in body}
+    for key in ESTIMATE_OPTIONS:
         value = getattr(args, key)
         if value is not None:
             options[key] = value
@@ -411,7 +394,7 @@ def _parse_base(head: str, rest: list[str], cell: str | None) -> Base:
     bits = p.add_mutually_exclusive_group()
     bits.add_argument("--4bit", dest="bits", action="store_const", const=4)
     bits.add_argument("--8bit", dest="bits", action="store_const", const=8)
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=_DTYPES, default="bf16")
     args = p.parse_args(rest)
     return Base(_identifier(args.variable, "VAR"), args.source, args.bits, args.dtype)
 
@@ -461,7 +444,7 @@ def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
     p = _parser(head)
     p.add_argument("model")
     args = p.parse_args(rest)
-    settings = _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES)
+    settings = _yaml(cell, "train")
     if "data" not in settings:
         raise UsageError(
             "%%lora train: the cell body needs `data:` — a variable holding texts/records/a Dataset/a DataFrame, or a "
@@ -482,7 +465,7 @@ def _parse_export(head: str, rest: list[str], cell: str | None) -> Export:
     p.add_argument("model")
     p.add_argument("directory")
     args = p.parse_args(rest)
-    settings = _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES)
+    settings = _yaml(cell, "train")
     if "data" not in settings:
         raise UsageError(
             "%%lora export: the cell body needs `data:` (as for %%lora train) — the job trains on it; e.g. "
@@ -503,7 +486,7 @@ def _parse_resume(head: str, rest: list[str], cell: str | None) -> Resume:
     p.add_argument("model")
     p.add_argument("checkpoint", nargs="?")
     args = p.parse_args(rest)
-    return Resume(_identifier(args.model), args.checkpoint, _yaml(cell, TRAIN_KEYS, TRAIN_ALIASES))
+    return Resume(_identifier(args.model), args.checkpoint, _yaml(cell, "train"))
 
 
 def _parse_help(head: str, rest: list[str], cell: str | None) -> Help:

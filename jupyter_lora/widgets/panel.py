@@ -14,11 +14,11 @@ import ipywidgets as w
 
 from ..core.errors import UsageError
 from ..display import fmt_bytes, fmt_count
+from ..settings import SETTINGS, Setting, canonical, panel_keys, validate_one
 from .tree import ModuleTree
 
 __all__ = ["Panel"]
 
-_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "zero")
 _MEMORY_PARTS = (
     ("weights", "base weights", "#90a4ae"),
     ("adapter", "adapter", "#42a5f5"),
@@ -28,6 +28,40 @@ _MEMORY_PARTS = (
     ("logits", "logits", "#ef5350"),
     ("other", "overhead", "#bdbdbd"),
 )
+
+
+def _spec_text(value: Any) -> str:
+    """A target or layer spec as the text the tree's box shows."""
+    if value is None:
+        return ""
+    return ", ".join(str(x) for x in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _control(setting: Setting, value: Any) -> w.Widget:
+    """The control for one setting, from its declaration: choices -> a dropdown, a number with a panel range ->
+    a slider (or a bounded box when the range is wide), a flag -> a checkbox, an object -> a text box."""
+    label = setting.label or setting.name.replace("_", " ")
+    common = {"description": label, "tooltip": setting.help, "style": {"description_width": "70px"}}
+    if setting.kind in ("choice", "auto_bool"):
+        words = {"auto": "auto", True: "on", False: "off", None: "as loaded"}
+        options = [(words.get(c, str(c)), c) for c in setting.choices]
+        if setting.nullable and None not in setting.choices:
+            options.insert(0, (words[None], None))
+        return w.Dropdown(options=options, value=value, **common)
+    if setting.kind == "bool":
+        return w.Checkbox(value=bool(value), description=label, indent=False)
+    if setting.kind in ("int", "float"):
+        lo, hi, step = setting.panel_range or (setting.minimum or 0, 10**7, 1)
+        if setting.kind == "int" and (hi - lo) / step > 1000:
+            return w.BoundedIntText(value=value if value is not None else 100, min=int(lo), max=int(hi),
+                                    layout=w.Layout(width="170px"), **common)  # fmt: skip
+        if setting.kind == "int":
+            return w.IntSlider(
+                value=value, min=int(lo), max=int(hi), step=int(step), continuous_update=True, **common
+            )
+        return w.FloatSlider(value=value if value is not None else lo, min=lo, max=hi, step=step, **common)
+    return w.Text(value="" if value is None else str(value), placeholder=setting.help,
+                  layout=w.Layout(width="240px"), **common)  # fmt: skip
 
 
 def _pow2(value: int) -> int:
@@ -47,23 +81,20 @@ class Panel:
         variable: str = "model",
         namespace: MutableMapping[str, Any] | None = None,
         on_change: Callable[[Any], None] | None = None,
-        r: int = 16,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        targets: str = "",
-        layers: str = "",
-        variant: str = "lora",
-        init: str = "default",
-        batch: int = 8,
-        seq: int = 1024,
-        data: str = "",
         tokenizer: Any = None,
         name: str = "default",
+        **settings: Any,
     ):
-        import jupyter_lora as jl
+        """``settings``: starting values of the panel's controls (r, alpha, targets, seq, batch, ...; see
+        ``jupyter_lora.settings``); the rest start at their defaults."""
         from jupyter_lora.core.modelinfo import require_module
-        from jupyter_lora.core.targets import index_model, tree_rows
+        from jupyter_lora.core.targets import index_model
 
+        from .. import api as jl
+        from .tree import tree_rows
+
+        given = {k: validate_one(k, v) for k, v in canonical(settings, panel_keys(), "panel setting").items()}
+        values = {name: given.get(name, SETTINGS[name].default) for name in panel_keys()}
         self.model = require_module(model)
         self.variable = variable
         self.namespace = namespace
@@ -81,32 +112,31 @@ class Panel:
 
         self.tree = ModuleTree(
             nodes=tree_rows(self.model), block_lists=list(index.layer_lists), num_layers=index.num_layers,
-            targets=targets or "qv", layers=layers,
+            targets=_spec_text(values["targets"]) or "qv", layers=_spec_text(values["layers"]),
         )  # fmt: skip
-        style = {"description_width": "70px"}
-        self.r = w.IntSlider(
-            value=r, min=1, max=256, description="rank r", continuous_update=True, style=style
+        # One control per setting the panel shows, built from its declaration (the tree holds targets/layers).
+        self.controls: dict[str, w.Widget] = {
+            name: _control(SETTINGS[name], values[name])
+            for name in panel_keys()
+            if name not in ("targets", "layers")
+        }
+        self.controls["targets"], self.controls["layers"] = self.tree, self.tree
+        self.r, self.dropout, self.variant, self.init = (
+            self.controls[k] for k in ("r", "dropout", "variant", "init")
         )
+        self.batch, self.seq, self.ckpt, self.optim, self.quant = (
+            self.controls[k] for k in ("batch", "seq", "ckpt", "optim", "quant")
+        )
+        self.steps, self.data = self.controls["steps"], self.controls["data"]
+        alpha = values["alpha"]
+        self.alpha = self.controls["alpha"]
+        self.alpha.value = alpha if alpha is not None else 2 * self.r.value
+        self.alpha.disabled = alpha is None
         self.pow2 = w.Checkbox(
             value=False, description="powers of 2", indent=False, layout=w.Layout(width="110px")
         )
-        self.alpha = w.FloatSlider(value=alpha if alpha is not None else 2 * r, min=0.5, max=512, step=0.5,
-                                   description="alpha", style=style, disabled=alpha is None)  # fmt: skip
         self.alpha_lock = w.Checkbox(value=alpha is None, description="alpha = 2r", indent=False,
                                      layout=w.Layout(width="110px"))  # fmt: skip
-        self.dropout = w.FloatSlider(
-            value=dropout, min=0.0, max=0.5, step=0.01, description="dropout", style=style
-        )
-        self.variant = w.Dropdown(
-            options=["lora", "dora", "rslora"], value=variant, description="variant", style=style
-        )
-        self.init = w.Dropdown(options=list(_INITS), value=init, description="init", style=style)
-        self.batch = w.BoundedIntText(value=batch, min=1, max=4096, description="batch", style=style,
-                                      layout=w.Layout(width="150px"))  # fmt: skip
-        self.seq = w.BoundedIntText(value=seq, min=1, max=1 << 20, description="seq", style=style,
-                                    layout=w.Layout(width="170px"))  # fmt: skip
-        self.ckpt = w.Checkbox(value=False, description="grad. checkpointing", indent=False)
-        self.quant = w.Checkbox(value=False, description="4-bit base", indent=False)
         self.summary = w.HTML(layout=w.Layout(min_height="120px"))
         self.error = w.HTML()
         self.inject_button = w.Button(description="Inject", button_style="primary", icon="plus")
@@ -117,16 +147,12 @@ class Panel:
         self.code_button = w.ToggleButton(description="Show as code", icon="code")
         self.save_path = w.Text(value="adapters/run1", description="path", style={"description_width": "35px"},
                                 layout=w.Layout(width="240px"))  # fmt: skip
-        self.data = w.Text(value=data, placeholder="variable with texts/records", description="data",
-                           style={"description_width": "35px"}, layout=w.Layout(width="240px"))  # fmt: skip
-        self.steps = w.BoundedIntText(value=100, min=1, max=10**7, description="steps", style={"description_width": "40px"},
-                                      layout=w.Layout(width="140px"))  # fmt: skip
         self.code = w.Textarea(layout=w.Layout(width="100%", height="170px", display="none"))
         self.progress_area = w.VBox()
 
-        for widget in (self.r, self.alpha, self.dropout, self.variant, self.init, self.batch, self.seq, self.ckpt,
-                       self.quant):  # fmt: skip
-            widget.observe(self._on_control, names="value")
+        for key, widget in self.controls.items():
+            if widget is not self.tree and key not in ("data", "steps"):
+                widget.observe(self._on_control, names="value")
         self.pow2.observe(self._on_pow2, names="value")
         self.alpha_lock.observe(self._on_lock, names="value")
         self.tree.observe(self._on_control, names=["targets", "layers"])
@@ -140,7 +166,8 @@ class Panel:
         controls = w.VBox([
             w.HBox([self.r, self.pow2]), w.HBox([self.alpha, self.alpha_lock]), self.dropout,
             w.HBox([self.variant, self.init]),
-            w.HTML("<b>memory for</b>"), w.HBox([self.batch, self.seq]), w.HBox([self.ckpt, self.quant]),
+            w.HTML("<b>memory for training with</b>"), w.HBox([self.batch, self.seq]),
+            w.HBox([self.ckpt, self.quant]), self.optim,
             self.summary,
         ], layout=w.Layout(width="460px"))  # fmt: skip
         actions = w.VBox([
@@ -175,14 +202,17 @@ class Panel:
             out["layers"] = self.tree.layers.strip()
         return out
 
+    def estimate_settings(self) -> dict[str, Any]:
+        """What the memory figure assumes: the training settings (batch, seq, ckpt, optim) and the base."""
+        return {k: self.controls[k].value for k in ("seq", "batch", "ckpt", "optim", "quant")}
+
     def update(self) -> None:
         """Re-plan and re-estimate from the controls; show the numbers (or the error) in the panel."""
         start = time.perf_counter()
         jl = self._jl
         try:
             plan = jl.plan(self.model, name=self.adapter_name, **self.settings())
-            estimate = jl.estimate(self.model, plan, seq=int(self.seq.value), batch=int(self.batch.value),
-                                   ckpt=bool(self.ckpt.value), quant="4bit" if self.quant.value else None)  # fmt: skip
+            estimate = jl.estimate(self.model, plan, **self.estimate_settings())
         except UsageError as exc:
             with self.tree.hold_sync():
                 self.tree.error = str(exc)
@@ -206,11 +236,7 @@ class Panel:
             + (f" --name {self.adapter_name}" if self.adapter_name != "default" else "")
         ]
         for key, value in self.settings().items():
-            if (
-                value is None
-                or (key == "variant" and value == "lora")
-                or (key == "init" and value == "default")
-            ):
+            if value is None or value == SETTINGS[key].default:
                 continue
             lines.append(f"{key}: {value:g}" if isinstance(value, float) else f"{key}: {value}")
         return "\n".join(lines)
@@ -328,7 +354,10 @@ class Panel:
         self._guard(self._inject)()
 
     def _inject(self) -> None:
-        self._rebind(self._jl.inject(self.model, name=self.adapter_name, **self.settings()))
+        self.update()
+        if self.plan is None:
+            raise UsageError(self.tree.error or "Nothing to inject: the settings above have an error.")
+        self._rebind(self._jl.inject(self.model, plan=self.plan))
 
     def _merge(self) -> None:
         self._rebind(self._jl.merge(self.model))
@@ -355,8 +384,9 @@ class Panel:
         holder: dict[str, Any] = {}
         observer = progress_observer(stop=lambda: holder["run"].stop(wait=False), mode="widget")
         tokenizer = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
-        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer, steps=int(self.steps.value),
-                             batch=int(self.batch.value), observers=[observer, self._on_training_event])  # fmt: skip
+        settings = {k: self.controls[k].value for k in ("steps", "batch", "seq", "ckpt", "optim")}
+        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer, **settings,
+                             observers=[observer, self._on_training_event])  # fmt: skip
         holder["run"] = self.run = run
         self.progress_area.children = [getattr(observer, "box", w.HTML(repr(observer)))]
 

@@ -20,6 +20,7 @@ from peft import PeftModel  # imported up front: its first import may print back
 from torch import nn
 
 import jupyter_lora as jl
+from jupyter_lora.core.train import make_train_config
 from jupyter_lora.magics.lora import LoraMagics
 from jupyter_lora.testing import tiny_config, tiny_inputs, tiny_model, tiny_tokenizer
 
@@ -89,6 +90,18 @@ def logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 def namespace_snapshot(ip) -> dict[str, int]:
     """User variables -> identity of the object each holds."""
     return {k: id(v) for k, v in ip.user_ns.items() if not k.startswith("_") and k not in ip.user_ns_hidden}
+
+
+def shown(ip, obj: Any) -> tuple[str, str]:
+    """What the shell sends for ``obj`` as a cell's result: (plain text, HTML) through its display formatters,
+    with HTML on as in a Jupyter kernel (a terminal shell, like this one, turns it off)."""
+    html = ip.display_formatter.formatters["text/html"]
+    enabled, html.enabled = html.enabled, True
+    try:
+        data, _ = ip.display_formatter.format(obj)
+    finally:
+        html.enabled = enabled
+    return data["text/plain"], data.get("text/html", "")
 
 
 def assert_aligned(text: str, header: str, n_rows: int | None = None) -> None:
@@ -315,16 +328,17 @@ def test_status_with_and_without_a_model(ip):
     named = run(ip, "%lora status model")
     found = run(ip, "%lora status")
     assert isinstance(named, jl.AdapterStatus)
-    assert repr(found) == repr(named)
+    assert found == named
     assert [(a.name, a.r, a.modules) for a in named.adapters] == [("default", 4, 2)]
     assert named.active == ("default",) and named.enabled is True
     assert named.trainable_params == trainable(ip.user_ns["model"])
-    assert_aligned(repr(named), "adapter", n_rows=1)
-    assert "<table" in named._repr_html_()
+    text, html = shown(ip, named)
+    assert_aligned(text, "adapter", n_rows=1)
+    assert "<table" in html
 
     plain = run(ip, "%lora status other")
     assert plain.adapters == ()
-    assert "No LoRA adapter" in repr(plain)
+    assert "No LoRA adapter" in shown(ip, plain)[0]
 
 
 def test_estimate_model_config_and_path(ip, tmp_path):
@@ -335,10 +349,17 @@ def test_estimate_model_config_and_path(ip, tmp_path):
 
     default = run(ip, "%lora estimate model")
     assert isinstance(default, jl.MemoryEstimate)
-    assert (default.seq, default.batch, default.ckpt, default.optim) == (1024, 8, False, "adamw")
+    trained = make_train_config()  # an estimate describes the run `%%lora train` would start
+    assert (default.seq, default.batch, default.ckpt, default.optim) == (
+        trained.seq,
+        trained.batch,
+        False,
+        "adamw",
+    )
     assert default.trainable_params == jl.plan(model, r=16).trainable_params
-    assert_aligned(repr(default), "component")
-    assert "<table" in default._repr_html_()
+    text, html = shown(ip, default)
+    assert_aligned(text, "component")
+    assert "<table" in html
 
     small = run(ip, "%lora estimate model --seq 128 --batch 2 --ckpt")
     assert (small.seq, small.batch, small.ckpt) == (128, 2, True)
@@ -492,10 +513,9 @@ def test_compare_generation(ip):
     assert isinstance(named, jl.Comparison)
     assert named.kind == "generation" and named.prompt == "Hello" and named.adapter_name == "default"
     assert isinstance(named.base, str) and isinstance(named.adapter, str)
-    text = repr(named)
+    text, html = shown(ip, named)
     assert "prompt: Hello" in text
     assert re.search(r"^base: ", text, re.M) and re.search(r"^adapter 'default': ", text, re.M)
-    html = named._repr_html_()
     assert "<table" in html and "<th>base</th>" in html and "<th>adapter 'default'</th>" in html
 
     assert run(ip, '%lora compare model "Hello" --max-new-tokens 5') == named  # tokenizer found by type
@@ -518,10 +538,9 @@ def test_compare_classifier_shows_label_probabilities(ip):
     assert sum(comparison.base_probs) == pytest.approx(1.0, abs=1e-5)
     assert sum(comparison.adapter_probs) == pytest.approx(1.0, abs=1e-5)
     assert comparison.base_probs != comparison.adapter_probs
-    text = repr(comparison)
+    text, html = shown(ip, comparison)
     assert re.search(r"^label +base +adapter 'default'$", text, re.M), text
     assert_aligned(text, "label", n_rows=3)
-    html = comparison._repr_html_()
     assert "<table" in html and all(label in html for label in comparison.labels)
 
 
@@ -684,10 +703,10 @@ def test_html_escapes_user_strings(ip, tmp_path):
     run(ip, "%%lora model\nr: 4\ntargets: q_proj")
 
     comparison = run(ip, '%lora compare model "<b>hi</b> & bye" --max-new-tokens 3')
-    html = comparison._repr_html_()
+    text, html = shown(ip, comparison)
     assert "&lt;b&gt;hi&lt;/b&gt; &amp; bye" in html
     assert "<b>hi</b>" not in html
-    assert "prompt: <b>hi</b> & bye" in repr(comparison)  # plain text is shown as typed
+    assert "prompt: <b>hi</b> & bye" in text  # plain text is shown as typed
 
     path = tmp_path / "a<b>&c"
     note = run(ip, f'%lora save model "{path}"')
@@ -702,10 +721,11 @@ def test_every_result_has_html_and_aligned_text(ip):
     summary = run(ip, "%%lora model\nr: 4\ntargets: attention, mlp")
     status = run(ip, "%lora status model")
     estimate = run(ip, "%lora estimate model")
+    texts = {}
     for obj in (summary, status, estimate):
-        html = obj._repr_html_()
+        texts[type(obj).__name__], html = shown(ip, obj)
         assert "<table" in html and html.count("<table") == html.count("</table>"), type(obj).__name__
-    assert_aligned(repr(summary), "module", n_rows=len(summary.plan.groups()))
-    assert_aligned(repr(summary), "component")
-    assert_aligned(repr(status), "adapter", n_rows=1)
-    assert_aligned(repr(estimate), "component")
+    assert_aligned(texts["InjectSummary"], "module", n_rows=len(summary.plan.groups()))
+    assert_aligned(texts["InjectSummary"], "component")
+    assert_aligned(texts["AdapterStatus"], "adapter", n_rows=1)
+    assert_aligned(texts["MemoryEstimate"], "component")

@@ -83,12 +83,12 @@ VALID: list[tuple[str, str, str | None, Command]] = [
         Inject(model="model", settings={"targets": ["q_proj", "v_proj"], "layers": [0, 1]}),
     ),
     (
-        "inject-peft-aliases",
+        "inject-peft-aliases",  # PEFT's spellings arrive under the settings' own names
         "model",
         "lora_r: 8\nlora_alpha: 16\nlora_dropout: 0.1\ntarget_modules: q_proj",
         Inject(
             model="model",
-            settings={"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "q_proj"},
+            settings={"r": 8, "alpha": 16, "dropout": 0.1, "targets": "q_proj"},
         ),
     ),
     (

@@ -32,8 +32,10 @@ def _cell(ip, source):
 
 def test_parse_keys_follow_the_engine_settings():
     from jupyter_lora.core.train import TrainConfig
+    from jupyter_lora.settings import keys
 
-    assert set(p.TRAIN_CONFIG_KEYS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(keys("train"))
+    assert p.parse("train model", "data: x\nsteps: 3").settings == {"data": "x", "steps": 3}
 
 
 def test_train_runs_in_the_background_and_returns_at_once(ip, tmp_path, capsys):

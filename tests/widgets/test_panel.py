@@ -69,7 +69,7 @@ def test_memory_bar_follows_batch_seq_and_4bit(ns):
     panel.seq.value = 4096
     assert panel.estimate.total_bytes > small
     full = panel.estimate.breakdown["weights"]
-    panel.quant.value = True
+    panel.quant.value = "4bit"
     assert panel.estimate.breakdown["weights"] < full
     assert "jl-membar" in panel.summary.value
 
