@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import jupyter_lora as jl
+from jupyter_lora.display import render_text
 from jupyter_lora.testing import tiny_tokenizer
 from jupyter_lora.widgets.progress import TextProgress
 
@@ -26,10 +27,10 @@ def main() -> None:
 
     # 1. What would an adapter on the attention projections of layers 1-3 do? Nothing changes yet.
     plan = jl.plan(model, r=8, targets="attention", layers="1-3")
-    print(plan, end="\n\n")
+    print(render_text(plan), end="\n\n")
 
     # 2. How much GPU memory would training take (batch 8 x seq 512, bf16)?
-    print(jl.estimate(model, plan, seq=512, batch=8, dtype="bf16"), end="\n\n")
+    print(render_text(jl.estimate(model, plan, seq=512, batch=8, dtype="bf16")), end="\n\n")
 
     # 3. Inject (all linear layers, and the LM head: this toy model's head is random). The variable now holds a
     #    PeftModel; outputs are unchanged until it trains (B starts at 0).
@@ -48,7 +49,7 @@ def main() -> None:
         run = jl.train(model, texts, tokenizer=tok, steps=100, lr=1e-3, batch=4, eval=0, scheduler="constant",
                        warmup=0, output_dir=runs, observers=[TextProgress(output="terminal")], background=False)  # fmt: skip
     print(f"loss {run.history[0]['loss']:.3f} -> {run.history[-1]['loss']:.3f}")
-    print(jl.compare(model, "the quick brown", tokenizer=tok, max_new_tokens=20), end="\n\n")
+    print(render_text(jl.compare(model, "the quick brown", tokenizer=tok, max_new_tokens=20)), end="\n\n")
     batch = tok(texts[:2], return_tensors="pt")["input_ids"]
 
     # 5. Save (atomic, PEFT format), load into a fresh copy of the base, merge.
@@ -71,7 +72,7 @@ def main() -> None:
                 torch.allclose(merged(batch).logits, adapted, atol=1e-4),
             )
         print("merged model type:", type(merged).__name__)
-    print("\n" + repr(jl.status(model)))
+    print("\n" + render_text(jl.status(model)))
 
 
 if __name__ == "__main__":

@@ -139,11 +139,16 @@ def plan_html(p: Plan) -> str:
 # ------------------------------------------------------------------------------------------------ estimate
 
 
-def _estimate_headline(m: MemoryEstimate) -> str:
-    setup = (
-        f"batch {m.batch} × seq {m.seq}, {m.dtype}{' ' + m.quant if m.quant else ''}, {m.optim}"
-        f"{', gradient checkpointing' if m.ckpt else ''}"
+def _setup(m: MemoryEstimate) -> str:
+    """The run an estimate describes: ``batch 8 × seq 512, bf16 nf4, adamw, gradient checkpointing on``."""
+    return (
+        f"batch {m.batch} × seq {m.seq}, {m.dtype}{' ' + m.quant if m.quant else ''}, {m.optim}, "
+        f"gradient checkpointing {'on' if m.ckpt else 'off'}"
     )
+
+
+def _estimate_headline(m: MemoryEstimate) -> str:
+    setup = _setup(m)
     text = f"Training ≈ {fmt_bytes(m.total_bytes)} ({setup}); inference ≈ {fmt_bytes(m.inference_bytes)}"
     if m.gpu_capacity_bytes is not None:
         verdict = "fits" if m.fits else "does NOT fit"
@@ -330,7 +335,7 @@ def summary_text(s: InjectSummary) -> str:
     lines = [_summary_title(s), plan_text(s.plan)]
     if s.estimate is not None:
         m = s.estimate
-        lines.append(f"GPU memory to train (batch {m.batch} × seq {m.seq}, {m.dtype}, {m.optim}):")
+        lines.append(f"GPU memory to train with the training defaults ({_setup(m)}):")
         lines += _table_text(("component", "bytes"), _memory_line(m), (False, True))
     return "\n".join(lines)
 
@@ -341,8 +346,8 @@ def summary_html(s: InjectSummary) -> str:
     if s.estimate is not None:
         m = s.estimate
         parts.append(
-            f"<div style='margin-top:6px'><b>GPU memory to train</b> (batch {m.batch} × seq {m.seq}, "
-            f"{html.escape(m.dtype)}, {html.escape(m.optim)})</div>"
+            f"<div style='margin-top:6px'><b>GPU memory to train</b> with the training defaults "
+            f"({html.escape(_setup(m))})</div>"
         )
         parts.append(_table_html(("component", "bytes"), _memory_line(m), (False, True)))
     return "<div class='jl-summary'>" + "".join(parts) + "</div>"

@@ -11,6 +11,8 @@ Each setting has *scopes*, the commands that take it:
 - ``inject``   what to inject (``%%lora MODEL``, ``jl.plan`` / ``jl.inject``)
 - ``train``    how to train (``%%lora train``, ``jl.train``, ``jl.resume``, ``jl.export``)
 - ``estimate`` what a memory estimate assumes (``%lora estimate``, the summary after ``%%lora``, the panel's bar)
+
+This module is long because it is the list: one declaration per setting, with its help, range and spellings.
 """
 
 from __future__ import annotations

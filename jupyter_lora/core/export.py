@@ -106,9 +106,9 @@ fsdp_config:
 
 
 def _records(data: Any) -> list[dict]:
-    from .data import _load
+    from .data.sources import load_source
 
-    items = _load(data, "data").items
+    items = load_source(data, "data").items
     return [{"text": x} if isinstance(x, str) else dict(x) for x in items]
 
 

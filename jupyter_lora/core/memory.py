@@ -11,7 +11,6 @@ compute, 4 for fp32).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,27 +18,18 @@ import torch
 from torch import nn
 
 from ..settings import SETTINGS, canonical, keys, validate_one
-from .errors import UsageError, did_you_mean
-from .modelinfo import base_model_of, is_peft_model, param_count
+from .errors import UsageError
+from .modelinfo import is_peft_model, param_count
 from .plan import Plan
 from .plan import plan as make_plan
+from .sources import loaded_quantization, model_dims, resolve_source, resolve_weight_dtype
 from .targets import index_model
 from .units import fmt_bytes
 
-__all__ = ["Calibration", "MemoryEstimate", "estimate", "model_from_config"]
+__all__ = ["Calibration", "MemoryEstimate", "estimate"]
 
 GiB = 1024**3
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 _QUANT = {None: None, "none": None, "4bit": "nf4", "nf4": "nf4", "fp4": "fp4", "8bit": "int8", "int8": "int8"}
 
 
@@ -105,134 +95,7 @@ class MemoryEstimate:
         )
 
 
-# ------------------------------------------------------------------------------------------------ model sources
-
-
-def model_from_config(config: Any) -> nn.Module:
-    """A meta-device model (no weights) of the architecture ``config`` describes."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    model_cls = None
-    for name in getattr(config, "architectures", None) or ():
-        model_cls = getattr(transformers, name, None)
-        if model_cls is not None:
-            break
-    with init_empty_weights():
-        if model_cls is not None:
-            return model_cls(config)
-        for auto in (
-            transformers.AutoModelForCausalLM,
-            transformers.AutoModelForSeq2SeqLM,
-            transformers.AutoModel,
-        ):
-            try:
-                return auto.from_config(config)
-            except ValueError:
-                continue
-    raise UsageError(f"Cannot build a model for config of type {type(config).__name__}.")
-
-
-def _resolve_source(source: Any) -> nn.Module:
-    from transformers import PretrainedConfig
-
-    if isinstance(source, nn.Module):
-        return source
-    if isinstance(source, PretrainedConfig):
-        return model_from_config(source)
-    if isinstance(source, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        text = os.fspath(source)
-        # A Hub id is "name" or "org/name"; anything else that is not on disk is a path that does not exist.
-        looks_like_path = text.startswith((".", "~", "/")) or text.count("/") > 1 or "\\" in text
-        if looks_like_path and not os.path.exists(os.path.expanduser(text)):
-            raise UsageError(
-                f"`source` {text!r} does not exist. Give a local model directory (with config.json), a model id, "
-                "a transformers config object, or the model itself."
-            )
-        try:
-            config = AutoConfig.from_pretrained(text)
-        except (OSError, ValueError) as exc:
-            raise UsageError(
-                f"Cannot read a model config from {os.fspath(source)!r}: {str(exc).splitlines()[0]} "
-                "Give a local model directory (with config.json), a model id reachable from here, a config "
-                "object, or the model itself."
-            ) from None
-        return model_from_config(config)
-    raise UsageError(
-        f"`estimate` takes a model, a transformers config, or a path/model id; got {type(source).__name__}."
-    )
-
-
-# ------------------------------------------------------------------------------------------------ dimensions
-
-
-def _first(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _dims(model: nn.Module) -> dict[str, Any]:
-    base = base_model_of(model)
-    config = getattr(base, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    index = index_model(model)
-    suffixes = {m.suffix for m in index.modules}
-    h = int(_first(config, "hidden_size", "n_embd", "d_model", "dim", default=0) or 0)
-    heads = int(_first(config, "num_attention_heads", "n_head", "num_heads", "n_heads", default=1) or 1)
-    kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=None)
-    if kv_heads is None:
-        kv_heads = 1 if getattr(config, "multi_query", False) else heads
-    head_dim = int(_first(config, "head_dim", default=0) or (h // heads if heads else 0))
-    layers = int(
-        _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers", default=index.num_layers)
-    )
-    if getattr(config, "is_encoder_decoder", False):
-        layers += int(_first(config, "num_decoder_layers", default=layers) or 0)
-    inter = _first(config, "intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
-    inter = int(inter) if inter else 4 * h
-    gated = bool(suffixes & {"gate_proj", "gate_up_proj", "w3", "wi_0", "gate"})
-    rms = "rms" in " ".join(index.module_types.values()).lower()
-    return {
-        "hidden": h,
-        "intermediate": inter,
-        "layers": layers or index.num_layers,
-        "heads": heads,
-        "kv_heads": int(kv_heads),
-        "head_dim": head_dim,
-        "vocab": int(_first(config, "vocab_size", default=0) or 0),
-        "gated_mlp": gated,
-        "rms_norm": rms,
-        "model_type": index.model_type,
-    }
-
-
 # ------------------------------------------------------------------------------------------------ formulas
-
-
-def _model_quant(model: nn.Module, index) -> tuple[str | None, bool]:
-    """(quantisation, double quant) of a model that is already loaded quantised, from its bitsandbytes config or
-    its layers; (None, True) for an ordinary model."""
-    config = getattr(getattr(base_model_of(model), "config", None), "quantization_config", None)
-    if config is not None:
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        if get("load_in_4bit"):
-            return str(get("bnb_4bit_quant_type", "nf4") or "nf4"), bool(
-                get("bnb_4bit_use_double_quant", False)
-            )
-        if get("load_in_8bit"):
-            return "int8", False
-    kinds = {m.kind for m in index.modules}
-    if "linear4bit" in kinds:
-        return "nf4", True
-    if "linear8bit" in kinds:
-        return "int8", False
-    return None, True
 
 
 def _weights_bytes(
@@ -387,10 +250,10 @@ def estimate(
         raise UsageError(f"`quant` must be none, 4bit (nf4), fp4 or 8bit, got {quant!r}.")
     if attention not in ("sdpa", "eager", "flash"):
         raise UsageError(f"`attention` must be sdpa, flash or eager, got {attention!r}.")
-    model = _resolve_source(source)
+    model = resolve_source(source, "estimate")
     index = index_model(model)
     notes: list[str] = []
-    loaded_quant, loaded_double = _model_quant(model, index)
+    loaded_quant, loaded_double = loaded_quantization(model, index)
     if quant is None:
         quant_key = loaded_quant
     if double_quant is None:
@@ -400,7 +263,7 @@ def estimate(
         if ckpt:
             notes.append("gradient checkpointing on: training turns it on for 4/8-bit bases (ckpt: auto)")
 
-    weight_dtype = _weight_dtype(model, dtype, notes)
+    weight_dtype = resolve_weight_dtype(model, dtype, notes)
     e = 4 if weight_dtype == torch.float32 else 2
     if quant_key is not None:
         e = 2  # QLoRA computes in bf16
@@ -412,7 +275,7 @@ def estimate(
             if not settings:
                 shown = ", ".join(plan.target_modules[:4])
                 notes.append(f"no adapter given: estimated for r={plan.spec.r} on {shown}")
-    d = _dims(model)
+    d = model_dims(model)
     tokens = seq * batch
     weights, constants = _weights_bytes(model, weight_dtype, quant_key, index, bool(double_quant))
     lora_params = plan.adapter_params
@@ -508,30 +371,6 @@ def _advice(ckpt: bool, quant: str | None, batch: int) -> str:
         if tips
         else "does not fit this GPU; try a shorter seq"
     )
-
-
-def _weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype:
-    if dtype is not None:
-        if isinstance(dtype, torch.dtype):
-            return dtype
-        key = str(dtype).lower().replace("torch.", "")
-        if key not in _DTYPES:
-            raise UsageError(
-                f"`dtype` must be bf16, fp16 or fp32, got {dtype!r}.{did_you_mean(key, _DTYPES)}"
-            )
-        return _DTYPES[key]
-    index = index_model(model)
-    if index.weight_dtype is None:
-        return torch.bfloat16
-    if index.is_meta:
-        configured = getattr(getattr(base_model_of(model), "config", None), "dtype", None)
-        if isinstance(configured, torch.dtype):
-            return configured
-        if isinstance(configured, str) and configured.replace("torch.", "") in _DTYPES:
-            return _DTYPES[configured.replace("torch.", "")]
-        notes.append("config names no dtype: assumed bf16 weights")
-        return torch.bfloat16
-    return index.weight_dtype
 
 
 def _plan_of_adapted(model: nn.Module) -> Plan:

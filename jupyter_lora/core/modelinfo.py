@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..settings import TASK_TYPES, normalize_task_type
 from .errors import UsageError
 
 __all__ = [
@@ -32,25 +33,6 @@ __all__ = [
 ADAPTER_PARAM = re.compile(
     r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(\.|$)"
 )
-
-# PEFT's task types, with the spellings people type.
-TASK_TYPES = {
-    "CAUSAL_LM": "CAUSAL_LM",
-    "CAUSAL-LM": "CAUSAL_LM",
-    "CAUSAL": "CAUSAL_LM",
-    "SEQ_2_SEQ_LM": "SEQ_2_SEQ_LM",
-    "SEQ2SEQ": "SEQ_2_SEQ_LM",
-    "SEQ2SEQ_LM": "SEQ_2_SEQ_LM",
-    "SEQ_CLS": "SEQ_CLS",
-    "CLASSIFICATION": "SEQ_CLS",
-    "SEQUENCE_CLASSIFICATION": "SEQ_CLS",
-    "TOKEN_CLS": "TOKEN_CLS",
-    "TOKEN_CLASSIFICATION": "TOKEN_CLS",
-    "QUESTION_ANS": "QUESTION_ANS",
-    "QA": "QUESTION_ANS",
-    "FEATURE_EXTRACTION": "FEATURE_EXTRACTION",
-    "NONE": None,
-}
 
 # Task types whose head is created fresh on top of a pretrained backbone, so it must be trained and saved.
 _HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS"}
@@ -83,21 +65,6 @@ def base_model_of(model: nn.Module) -> nn.Module:
     if is_peft_model(model):
         return model.base_model.model
     return model
-
-
-def normalize_task_type(value: Any) -> str | None:
-    """PEFT task type from a user spelling (``causal-lm``, ``seq_cls``, ``qa``, ``none`` ...)."""
-    if value is None:
-        return None
-    key = str(value).strip().upper().replace(" ", "_")
-    if key in TASK_TYPES:
-        return TASK_TYPES[key]
-    from .errors import did_you_mean
-
-    names = sorted({v for v in TASK_TYPES.values() if v} | {"none"})
-    raise UsageError(
-        f"`task_type` must be one of {', '.join(names)}; got {value!r}.{did_you_mean(key, TASK_TYPES)}"
-    )
 
 
 @dataclass(frozen=True)

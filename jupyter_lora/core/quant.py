@@ -123,11 +123,12 @@ def load_base(
 
     import torch
     from transformers import (
-        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         BitsAndBytesConfig,
     )
+
+    from .sources import read_config
 
     if bits not in (None, 4, 8):
         raise UsageError(f"`bits` must be 4, 8 or None (unquantised), got {bits!r}.")
@@ -149,13 +150,11 @@ def load_base(
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
     text = os.fspath(source)
-    try:
-        model_config = AutoConfig.from_pretrained(text)
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"Cannot load a model from {text!r}: {str(exc).splitlines()[0]} Give a local directory with config.json "
-            "and weights, or a model id reachable from here."
-        ) from None
+    model_config = read_config(
+        text,
+        "load a model",
+        "Give a local directory with config.json and weights, or a model id reachable from here.",
+    )
     architectures = getattr(model_config, "architectures", None) or []
     wants_cls = (task or "").upper() in ("SEQ_CLS", "CLASSIFICATION") or any(
         a.endswith("ForSequenceClassification") for a in architectures

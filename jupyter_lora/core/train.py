@@ -5,6 +5,8 @@
 checkpoint and frees memory; ``resume(model)`` continues from the last checkpoint and reproduces the loss curve an
 uninterrupted run would have had (same data order, RNG, optimizer and scheduler state). A CUDA out-of-memory
 error is caught: memory is freed, the training state saved, the adapter left intact, advice reported.
+
+Over 500 lines because the loop, its checkpoints and its stop/resume/OOM paths share one state (``_Engine``).
 """
 
 from __future__ import annotations

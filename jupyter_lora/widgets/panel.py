@@ -104,9 +104,6 @@ class Panel:
         self.run = None
         self.last_update_ms = 0.0
         self._syncing = False
-        # PEFT's per-architecture defaults (the qv preset) import PEFT's tuners: do it now, not on the first click.
-        import peft.utils.constants  # noqa: F401
-
         self._jl = jl
         index = index_model(self.model)
 

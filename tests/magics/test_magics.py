@@ -729,3 +729,24 @@ def test_every_result_has_html_and_aligned_text(ip):
     assert_aligned(texts["InjectSummary"], "component")
     assert_aligned(texts["AdapterStatus"], "adapter", n_rows=1)
     assert_aligned(texts["MemoryEstimate"], "component")
+
+
+def test_inject_summary_estimates_the_run_training_would_start(ip, tmp_path):
+    """The memory figure after %%lora describes `%%lora train`'s run (its seq, batch, optimizer, checkpointing),
+    says so, and follows the same %config defaults training does."""
+    ip.user_ns["model"] = tiny_model("llama")
+    summary = run(ip, "%%lora model\nr: 4")
+    trained = make_train_config()
+    m = summary.estimate
+    assert (m.seq, m.batch, m.optim, m.ckpt) == (trained.seq, trained.batch, trained.optim, False)
+    text, _ = shown(ip, summary)
+    assert f"batch {trained.batch} × seq {trained.seq}" in text and "gradient checkpointing off" in text
+    run(ip, "%config LoraMagics.default_seq = 128")
+    run(ip, "%config LoraMagics.default_optim = 'adafactor'")
+    again = run(ip, "%%lora model\nr: 4").estimate
+    assert (again.seq, again.optim) == (128, "adafactor")
+    ip.user_ns.update(tok=tiny_tokenizer(), texts=["the quick brown fox"] * 8)
+    run(ip, "%config LoraMagics.progress = 'text'")
+    run(ip, f"%%lora train model\ndata: texts\nsteps: 1\nbatch: 4\neval: 0\noutput_dir: {tmp_path}")
+    started = jl.last_run(ip.user_ns["model"]).wait()
+    assert (started.config.seq, started.config.optim) == (128, "adafactor")

@@ -1,0 +1,181 @@
+"""Training data: whatever the user holds (texts, records, a ``datasets.Dataset``, a pandas DataFrame, a file)
+→ tokenized examples → deterministic, resumable batches.
+
+- ``sources``: reading a source into a list of texts or records;
+- ``formats``: recognising the record format and turning records into examples;
+- ``labels``: class ids and label names for classification;
+- ``tokenize``: causal LM (prompt masking), chat (assistant-only masking) and classification tokenisation;
+- ``prepared``: ``PreparedData`` — the eval split, padded or packed batches in a resumable order.
+
+``prepare_data`` runs them in that order; ``find_tokenizer`` finds the tokenizer saved beside a model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..modelinfo import base_model_of, normalize_task_type
+from .formats import Chat, cls_examples, lm_examples
+from .labels import label_ids
+from .prepared import PreparedData, eval_count, positive_setting, split_eval
+from .sources import DATA_FILE_TYPES, load_source
+from .tokenize import check_chat_template, pad_token_id, tokenize_cls, tokenize_lm
+
+__all__ = ["DATA_FILE_TYPES", "PreparedData", "find_tokenizer", "prepare_data"]
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def prepare_data(
+    data: Any,
+    tokenizer: Any,
+    *,
+    task: str = "CAUSAL_LM",
+    seq: int = 512,
+    eval: Any = None,
+    eval_data: Any = None,
+    packing: bool = False,
+    seed: int = 0,
+    label2id: Any = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> PreparedData:
+    """Tokenize ``data`` for ``task`` ("CAUSAL_LM" or "SEQ_CLS") and hold out an eval split.
+
+    ``data``: a list of strings or dicts (``text``; ``prompt``+``response``/``completion``;
+    ``instruction``+``output`` (+``input``); ``question``+``answer``; chat ``messages``; for SEQ_CLS a text column
+    and a ``label``), a dict of columns, a ``datasets.Dataset``, a pandas DataFrame, or a path to a .jsonl, .json,
+    .csv, .tsv or .txt file. ``eval``: None/"auto" (10% up to 500 examples when there are at least 100, else
+    none), a fraction in (0, 1), a number of examples, or 0/False; ``eval_data`` gives a separate eval set instead.
+    ``label2id``: ``{name: id}`` (or a list of names) for string labels; default: the sorted unique labels.
+    """
+    if tokenizer is not None and not callable(tokenizer):
+        raise UsageError(
+            f"`tokenizer` must be a transformers tokenizer, got {type(tokenizer).__name__}. "
+            "Pass the result of AutoTokenizer.from_pretrained(...)."
+        )
+    seq = positive_setting("seq", seq)
+    task = _data_task(task)
+    if packing and task != "CAUSAL_LM":
+        raise UsageError(f"`packing=True` is for causal LM training only (task {task}); set packing=False.")
+    if label_column is not None and task != "SEQ_CLS":
+        raise UsageError(
+            f"`label_column`={label_column!r} is for SEQ_CLS (classification) data; the task is {task}. "
+            "Drop label_column or pass task='SEQ_CLS'."
+        )
+
+    source = load_source(data, "data")
+    items = source.items
+    pretokenized = bool(items) and isinstance(items[0], Mapping) and "input_ids" in items[0]
+    if tokenizer is None and not pretokenized:
+        raise UsageError(
+            "`tokenizer` is missing: pass tokenizer=YOUR_TOKENIZER (in %%lora train: `tokenizer: VAR`), e.g. "
+            "AutoTokenizer.from_pretrained(<the model's name or folder>)."
+        )
+    if eval_data is not None:
+        if not (eval is None or eval is True or (isinstance(eval, str) and eval.strip().lower() == "auto")):
+            raise UsageError(
+                f"`eval`={eval!r} and `eval_data` are both given: pass eval_data for a separate eval set, or eval= "
+                "to hold out part of data — not both."
+            )
+        eval_source = load_source(eval_data, "eval_data")
+
+    if task == "SEQ_CLS":
+        train_ex, class_names = cls_examples(source, text_column, label_column, "data")
+        eval_ex = None
+        if eval_data is not None:
+            eval_ex, _ = cls_examples(eval_source, text_column, label_column, "eval_data")
+        ids, label_names = label_ids(
+            [ex.label for ex in train_ex] + [ex.label for ex in eval_ex or []], label2id, class_names
+        )
+        train_ex = [ex._replace(label=i) for ex, i in zip(train_ex, ids[: len(train_ex)], strict=True)]
+        if eval_ex is not None:
+            eval_ex = [ex._replace(label=i) for ex, i in zip(eval_ex, ids[len(train_ex) :], strict=True)]
+    else:
+        if label2id is not None:
+            raise UsageError(
+                "`label2id` is for SEQ_CLS (classification) data; drop it or pass task='SEQ_CLS'."
+            )
+        train_ex = lm_examples(source, text_column, "data")
+        eval_ex = lm_examples(eval_source, text_column, "eval_data") if eval_data is not None else None
+        label_names = ()
+        if any(isinstance(ex, Chat) for ex in train_ex + (eval_ex or [])):
+            check_chat_template(tokenizer)
+
+    if eval_data is None:
+        n_eval = eval_count(eval, len(train_ex))
+        train_ex, eval_ex = split_eval(train_ex, n_eval, seed)
+
+    tokenize_examples = tokenize_cls if task == "SEQ_CLS" else tokenize_lm
+    train, truncated, dropped = tokenize_examples(train_ex, tokenizer, seq)
+    if not train:
+        raise UsageError(
+            f"No training example is left: all {dropped} have nothing to learn after cutting them to `seq`={seq} "
+            "tokens (the prompt alone fills seq, or the chat template marks no assistant token). Raise seq or "
+            "shorten the prompts."
+        )
+    eval_tok = None
+    if eval_ex:
+        eval_tok, eval_truncated, eval_dropped = tokenize_examples(eval_ex, tokenizer, seq)
+        truncated += eval_truncated
+        dropped += eval_dropped
+        eval_tok = eval_tok or None
+
+    return PreparedData(
+        task=task,
+        train=train,
+        eval=eval_tok,
+        label_names=tuple(label_names),
+        train_tokens=sum(len(ex["input_ids"]) for ex in train),
+        truncated=truncated,
+        packing=bool(packing),
+        pad_token_id=pad_token_id(tokenizer),
+        dropped=dropped,
+        seq=seq,
+    )
+
+
+def find_tokenizer(model: Any) -> Any | None:
+    """The tokenizer saved beside ``model``'s weights, or None.
+
+    Looks at ``model.config._name_or_path`` and ``model.name_or_path`` (under a PEFT wrapper too); only a local
+    folder that holds tokenizer files is loaded (``local_files_only=True``), so the network is never touched.
+    """
+    base = base_model_of(model) if isinstance(model, torch.nn.Module) else model
+    config = getattr(base, "config", None)
+    candidates = [getattr(config, "_name_or_path", None), getattr(base, "name_or_path", None)]
+    for path in dict.fromkeys(c for c in candidates if isinstance(c, (str, os.PathLike)) and c):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            continue
+        if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+            continue
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception:  # a partial or foreign folder: the caller asks the user for tokenizer= instead
+            continue
+    return None
+
+
+def _data_task(task: Any) -> str:
+    normalized = normalize_task_type(task)
+    if normalized not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise UsageError(
+            f"`task`={task!r}: data can be prepared for CAUSAL_LM or SEQ_CLS only. Pass task='CAUSAL_LM' or "
+            "task='SEQ_CLS'."
+        )
+    return normalized

@@ -1,0 +1,42 @@
+"""Which modules of a model can take a LoRA adapter, and which ones a target spec selects.
+
+Spellings (the same in the magic, the panel and the Python API), comma-separated or as a list:
+
+* a module name or dotted suffix — ``q_proj``, ``self_attn.o_proj`` (PEFT's own rule: the path equals it or
+  ends with ``.`` + it);
+* a glob — ``*.attn.c_attn``, ``layers.1?.mlp.*``;
+* a regular expression — ``re:.*\\.(q|v)_proj`` (matched against the whole path, as PEFT does);
+* a preset — ``attention``, ``mlp``, ``all-linear``, or ``qv`` (PEFT's per-architecture default, usually the
+  query and value projections).
+
+``layers`` keeps only modules inside the given blocks (``"0-11, 20"``); ``exclude`` removes modules by the same
+spellings. A spec item that selects nothing, or only modules that cannot take LoRA, is an error that says so.
+
+- ``index``: the walk over a model that finds what can take LoRA (cached per model);
+- ``grammar``: the spellings above, without a model;
+- ``resolver``: a spec resolved on a model's index, with errors that name what the model has.
+"""
+
+from __future__ import annotations
+
+from .grammar import PRESETS, parse_layers, preset_name, split_spec
+from .index import ModelIndex, ModuleInfo, index_model, invalidate, layer_of, unwrapped_modules
+from .resolver import compact_target_modules, preset_paths, resolve, resolve_targets, suffix_summary
+
+__all__ = [
+    "PRESETS",
+    "ModelIndex",
+    "ModuleInfo",
+    "compact_target_modules",
+    "index_model",
+    "invalidate",
+    "layer_of",
+    "parse_layers",
+    "preset_name",
+    "preset_paths",
+    "resolve",
+    "resolve_targets",
+    "split_spec",
+    "suffix_summary",
+    "unwrapped_modules",
+]

@@ -1,0 +1,219 @@
+"""The module index: one walk over a model that records every module a LoRA adapter can take (its kind, shape,
+parameters and the repeated block it lies in), the model's task and heads, and its honest parameter total.
+Cached per model until its structure changes."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, is_tuner_layer
+from ..modelinfo import ADAPTER_PARAM, TaskInfo, base_model_of, detect_task, param_count, tied_duplicates
+
+__all__ = ["ModelIndex", "ModuleInfo", "index_model", "invalidate", "layer_of", "unwrapped_modules"]
+
+_LINEAR_KINDS = ("linear", "conv1d-gpt2", "linear4bit", "linear8bit")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module that can take LoRA. ``path`` is relative to the base (transformers) model."""
+
+    path: str
+    kind: str  # linear | conv1d-gpt2 | linear4bit | linear8bit | embedding | conv1d | conv2d | conv3d
+    type_name: str
+    in_features: int
+    out_features: int
+    kernel: int = 1  # product of a conv kernel's sizes
+    kernel_size: tuple[int, ...] = ()
+    groups: int = 1
+    weight_params: int = 0
+    bias_params: int = 0
+    dtype: str = "float32"
+    layer: int | None = None
+    suffix: str = ""
+
+    @property
+    def is_linear(self) -> bool:
+        return self.kind in _LINEAR_KINDS
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+
+@dataclass
+class ModelIndex:
+    """Everything about a model's structure that planning needs, collected in one walk and cached."""
+
+    modules: tuple[ModuleInfo, ...]
+    by_path: dict[str, ModuleInfo]
+    module_types: dict[str, str]  # every module path -> class name (for "cannot take LoRA" messages)
+    children: dict[str, tuple[str, ...]]  # adaptable descendants of each container path
+    num_layers: int
+    task: TaskInfo
+    model_type: str | None
+    base_params: int  # PEFT-style total of the base model (tied once, 4-bit unpacked)
+    module_params: dict[str, int] = field(default_factory=dict)  # path -> parameters (modules_to_save)
+    is_meta: bool = False
+    weight_dtype: Any = None  # the most common floating dtype among the parameters (None: none is floating)
+    layer_lists: tuple[str, ...] = ()
+    resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)  # spec -> paths (a cache)
+
+
+def _kind(module: nn.Module) -> tuple[str, int, int, int, int] | None:
+    """(kind, in, out, kernel volume, groups) for a module PEFT's LoRA can adapt, else None."""
+    name = type(module).__name__
+    if name == "Linear4bit" and hasattr(module, "in_features"):
+        return "linear4bit", module.in_features, module.out_features, 1, 1
+    if name in ("Linear8bitLt", "Linear8bit") and hasattr(module, "in_features"):
+        return "linear8bit", module.in_features, module.out_features, 1, 1
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features, 1, 1
+    if name == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D: weight is (in, out)
+        in_features, out_features = module.weight.shape
+        return "conv1d-gpt2", int(in_features), int(out_features), 1, 1
+    if isinstance(module, nn.Embedding):
+        return "embedding", module.num_embeddings, module.embedding_dim, 1, 1
+    for cls, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d")):
+        if isinstance(module, cls):
+            kernel = 1
+            for k in module.kernel_size:
+                kernel *= int(k)
+            return kind, module.in_channels, module.out_channels, kernel, module.groups
+    return None
+
+
+_LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
+
+
+def _layer_lists(model: nn.Module) -> list[str]:
+    """Paths of the repeated-block containers: ModuleLists whose children are all one class."""
+    lists = []
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYER_LIST_TYPES) and len(module) > 1:
+            classes = {type(child) for child in module}
+            if len(classes) == 1:
+                lists.append(name)
+    # Keep the outermost ones: T5's block list, not each block's inner sub-layer list or MoE expert lists.
+    outer = [p for p in lists if not any(p != q and p.startswith(q + ".") for q in lists)]
+    return outer
+
+
+def layer_of(path: str, layer_lists: Sequence[str]) -> int | None:
+    """The index of the repeated block ``path`` lies in (``model.layers.3.mlp`` -> 3), or None outside them."""
+    for prefix in layer_lists:
+        head = prefix + "." if prefix else ""
+        if path.startswith(head):
+            rest = path[len(head) :].split(".", 1)[0]
+            if rest.isdigit():
+                return int(rest)
+    return None
+
+
+# Models are indexed once; the cache entry dies with the model and is rebuilt if its module count changes
+# (our operations also drop it explicitly).
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, ModelIndex]] = weakref.WeakKeyDictionary()
+
+
+def invalidate(model: nn.Module) -> None:
+    """Forget the cached index of ``model`` (call after changing its structure)."""
+    _CACHE.pop(model, None)
+    _CACHE.pop(base_model_of(model), None)
+
+
+def index_model(model: nn.Module) -> ModelIndex:
+    """Walk ``model`` (or the base under a PEFT wrapper) once and describe what can take LoRA. Cached."""
+    base = base_model_of(model)
+    count = sum(1 for _ in base.modules())
+    cached = _CACHE.get(base)
+    if cached is not None and cached[0] == count:
+        return cached[1]
+    index = _build_index(base)
+    _CACHE[base] = (count, index)
+    return index
+
+
+def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as the base model had them: inside an adapted model each PEFT tuner layer is
+    reported as its original layer, each modules_to_save wrapper as its original module, and PEFT's own children
+    (lora_A, lora_B, the modules_to_save copies ...) are skipped."""
+    skip: str | None = None  # pre-order: the children of an unwrapped module come right after it
+    for path, module in model.named_modules():
+        if skip is not None and path.startswith(skip):
+            continue
+        skip = None
+        if is_modules_to_save_wrapper(module):
+            skip = path + "." if path else ""
+            module = module.original_module
+        if is_tuner_layer(module):
+            skip = path + "." if path else ""
+            module = base_layer_of(module)
+        yield path, module
+
+
+def _build_index(base: nn.Module) -> ModelIndex:
+    layer_lists = _layer_lists(base)
+    modules: list[ModuleInfo] = []
+    module_types: dict[str, str] = {}
+    for path, module in unwrapped_modules(base):
+        module_types[path] = type(module).__name__
+        if not path:
+            continue
+        kind = _kind(module)
+        if kind is None:
+            continue
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        modules.append(
+            ModuleInfo(
+                path=path,
+                kind=kind[0],
+                type_name=type(module).__name__,
+                in_features=int(kind[1]),
+                out_features=int(kind[2]),
+                kernel=kind[3],
+                kernel_size=tuple(int(k) for k in getattr(module, "kernel_size", ())),
+                groups=kind[4],
+                weight_params=param_count(weight) if weight is not None else 0,
+                bias_params=bias.numel() if isinstance(bias, nn.Parameter) else 0,
+                dtype=str(weight.dtype).replace("torch.", "") if weight is not None else "float32",
+                layer=layer_of(path, layer_lists),
+                suffix=path.rsplit(".", 1)[-1],
+            )
+        )
+    children: dict[str, list[str]] = {}
+    for info in modules:
+        parts = info.path.split(".")
+        for i in range(1, len(parts)):
+            children.setdefault(".".join(parts[:i]), []).append(info.path)
+    num_layers = 0
+    for prefix in layer_lists:
+        num_layers = max(num_layers, len(base.get_submodule(prefix)))
+
+    # Base total the way PEFT counts it (each tensor once), minus weights that transformers will tie.
+    seen: dict[str, Any] = {n: p for n, p in base.named_parameters() if not ADAPTER_PARAM.search(n)}
+    duplicates = tied_duplicates(base)
+    base_params = sum(param_count(p) for name, p in seen.items() if name not in duplicates)
+    task = detect_task(base)
+    is_meta = any(p.is_meta for p in seen.values())
+    floats = [p.dtype for p in seen.values() if p.dtype.is_floating_point]
+    weight_dtype = max(set(floats), key=floats.count) if floats else None
+    index = ModelIndex(
+        modules=tuple(modules),
+        by_path={m.path: m for m in modules},
+        module_types=module_types,
+        children={k: tuple(v) for k, v in children.items()},
+        num_layers=num_layers,
+        task=task,
+        model_type=getattr(getattr(base, "config", None), "model_type", None),
+        base_params=base_params,
+        is_meta=is_meta,
+        weight_dtype=weight_dtype,
+        layer_lists=tuple(layer_lists),
+    )
+    return index
