@@ -40,6 +40,7 @@ __all__ = [
     "canonical",
     "defaults",
     "keys",
+    "name_of",
     "normalize_task_type",
     "panel_keys",
     "settings_help",
@@ -721,6 +722,14 @@ SETTINGS: dict[str, Setting] = _read_schema()
 _ALIAS_OF = {alias: s.name for s in SETTINGS.values() for alias in s.aliases}
 
 
+def name_of(spelling: Any) -> str | None:
+    """The setting a name or other spelling refers to (None: no setting is spelled so)."""
+    if not isinstance(spelling, str):
+        return None
+    name = _ALIAS_OF.get(spelling, spelling)
+    return name if name in SETTINGS else None
+
+
 def keys(scope: str) -> tuple[str, ...]:
     """The settings a command takes, in declaration order."""
     return tuple(name for name, s in SETTINGS.items() if scope in s.scopes)
@@ -744,7 +753,7 @@ def _canonical(given: Mapping[str, Any], names: tuple[str, ...], what: str) -> d
         if name not in names:
             elsewhere = SETTINGS.get(name)
             if elsewhere is not None:
-                where = f" `{name}` is a setting of {'/'.join(elsewhere.scopes)}, not of this command."
+                where = f" `{name}` ({elsewhere.help}) is not one of the settings taken here."
             else:
                 spellings = names + tuple(a for n in names for a in SETTINGS[n].aliases)
                 where = did_you_mean(str(key), spellings)

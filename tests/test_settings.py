@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 import yaml
 
 import jupyter_lora as jl
@@ -84,7 +85,7 @@ def test_the_yaml_of_each_command_accepts_it(name, spelling):
     for scope, line, extra in (("inject", "model", ""), ("train", "train model", "data: texts\n"),
                                ("estimate", "estimate model", "")):  # fmt: skip
         if scope not in s.scopes:
-            with pytest.raises(jl.UsageError, match="unknown setting"):
+            with pytest.raises(jl.UsageError, match=f"`{spelling}` is a setting of .*not of this cell"):
                 p.parse(line, extra + body if name != "data" else body)
             continue
         command = p.parse(line, extra + body if name != "data" else body)
@@ -163,3 +164,57 @@ def test_estimates_describe_the_run_training_would_start(model):
     assert keys("estimate") == tuple(k for k in SETTINGS if "estimate" in SETTINGS[k].scopes) and set(
         p.ESTIMATE_OPTIONS
     ) == {"seq", "batch", "ckpt", "optim", "dtype", "quant"}
+
+
+# --- what a first user found -----------------------------------------------------------------------------------
+
+
+def test_a_setting_of_another_command_says_where_it_belongs():
+    with pytest.raises(jl.UsageError, match=r"`lr` is a setting of `%%lora train`, not of this cell"):
+        p.parse("model", "lr: 1e-4")
+    with pytest.raises(jl.UsageError, match=r"`r` is a setting of a `%%lora MODEL` cell"):
+        p.parse("train model", "data: x\nr: 4")
+
+
+def test_estimate_options_in_capitals():
+    assert p.parse("estimate model --optim AdamW").options == {"optim": "adamw"}
+
+
+def test_other_spellings_change_a_given_spec(model):
+    spec = make_spec(r=4, targets="q_proj")
+    assert jl.plan(model, spec, lora_alpha=8).spec.alpha == 8
+    assert (
+        jl.plan(model, spec, target_modules="v_proj").targets == jl.plan(model, r=4, targets="v_proj").targets
+    )
+
+
+def test_mica_rank_beyond_a_module_is_refused_when_planned(model):
+    smallest = min(
+        min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    with pytest.raises(jl.UsageError, match="init: mica needs r ≤"):
+        jl.plan(model, r=smallest * 4, init="mica", targets="all-linear")
+
+
+def test_sgd_keeps_a_momentum_buffer_in_the_estimate(model):
+    p_ = jl.plan(model, r=4)
+    assert jl.estimate(model, p_, optim="sgd").breakdown["optimizer"] == 4 * p_.trainable_params
+
+
+def test_the_panel_keeps_values_beyond_its_usual_ranges(model):
+    panel = jl.Panel(model, r=512, init="pissa_niter_4", train_settings={"lr": 1e-4})
+    assert panel.plan.spec.r == 512 and panel.plan.spec.init == "pissa_niter_4"
+    assert panel.controls["steps"].value == 0  # not set: train by epochs
+    assert panel.train_settings == {"lr": 1e-4}
+    with pytest.raises(jl.UsageError, match="`lr`"):
+        jl.Panel(model, train_settings={"lr": "fast"})
+
+
+def test_estimate_refuses_a_plan_it_cannot_use(model):
+    other = tiny_model("gpt2")
+    with pytest.raises(jl.UsageError, match="`plan` must be a plan"):
+        jl.estimate(model, "notaplan")
+    with pytest.raises(jl.UsageError, match="made for another model"):
+        jl.estimate(model, jl.plan(other))
+    with pytest.raises(jl.UsageError, match="either `plan` or adapter settings"):
+        jl.estimate(model, jl.plan(model), r=64)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..settings import SETTINGS, canonical, keys, validate_one
 from .errors import UsageError
-from .modelinfo import is_peft_model, param_count
+from .modelinfo import base_model_of, is_peft_model, param_count
 from .plan import Plan
 from .plan import plan as make_plan
 from .sources import loaded_quantization, model_dims, resolve_source, resolve_weight_dtype
@@ -138,14 +138,15 @@ def _weights_bytes(
 def _optimizer_bytes(optim: str, trainable: int) -> int:
     """AdamW: two fp32 moments (8 B/param). 8-bit AdamW (bitsandbytes, blockwise 2048): two 1-byte states plus an
     fp32 absmax per 2048 (≈2.004 B/param); the paged variant has the same GPU footprint until it pages out.
-    Adafactor: factored second moment, roughly 4 B/param worst case for LoRA's thin matrices. SGD: none."""
+    Adafactor: factored second moment, roughly 4 B/param worst case for LoRA's thin matrices. SGD: one fp32 momentum
+    buffer (training uses momentum 0.9)."""
     if optim in ("adamw", "paged_adamw"):
         return trainable * 8
     if optim in ("adamw8bit", "paged_adamw8bit"):
         return trainable * 2 + (trainable // 2048 + 1) * 8
-    if optim == "adafactor":
+    if optim in ("adafactor", "sgd"):
         return trainable * 4
-    return 0
+    raise AssertionError(optim)
 
 
 def _layer_activations(
@@ -267,6 +268,8 @@ def estimate(
     e = 4 if weight_dtype == torch.float32 else 2
     if quant_key is not None:
         e = 2  # QLoRA computes in bf16
+    if plan is not None:
+        _check_plan(plan, source, settings)
     if plan is None:
         if is_peft_model(model) and not settings:
             plan = _plan_of_adapted(model)
@@ -390,3 +393,20 @@ def _plan_of_adapted(model: nn.Module) -> Plan:
     the_plan = make_plan(model, spec, name=active)
     trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
     return replace(the_plan, trainable_params=trainable)
+
+
+def _check_plan(plan: Any, source: Any, settings: dict) -> None:
+    if not isinstance(plan, Plan):
+        raise UsageError(
+            f"`plan` must be a plan from jupyter_lora.plan(model, ...), got {type(plan).__name__} ({plan!r:.40})."
+        )
+    if settings:
+        raise UsageError(
+            f"Give either `plan` or adapter settings ({', '.join(settings)}), not both: the plan already says what "
+            "is injected. Make a new plan with those settings instead."
+        )
+    base = plan.base_ref() if plan.base_ref is not None else None
+    if isinstance(source, nn.Module) and base is not None and base is not base_model_of(source):
+        raise UsageError(
+            "`plan` was made for another model; make it from this one: jupyter_lora.plan(model, ...)."
+        )

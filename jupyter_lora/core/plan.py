@@ -188,6 +188,12 @@ def _adapter_dtype(dtype: str) -> str:
 
 def _lora_row(info, spec: LoraSpec) -> PlanRow:
     r = spec.r
+    smallest = min(info.in_features, info.out_features)
+    if spec.init == "mica" and r > smallest:
+        raise UsageError(
+            f"`r` {r} is larger than the smallest dimension of `{info.path}` ({info.in_features}→{info.out_features}); "
+            f"init: mica needs r ≤ {smallest} there. Use r: {smallest} or less, or another init."
+        )
     if info.kind in ("conv1d", "conv2d", "conv3d"):
         # lora_A: Conv(in -> r, kernel); lora_B: Conv(r -> out, 1x..x1, groups=groups)
         params = r * info.in_features * info.kernel + info.out_features * (r // info.groups)

@@ -5,10 +5,10 @@ declarations in ``jupyter_lora.settings``, so that no operation starts on settin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..settings import INITS, VARIANTS, LoraSettings, build
+from ..settings import INITS, VARIANTS, LoraSettings, build, canonical
 
 __all__ = ["INITS", "VARIANTS", "LoraSpec", "make_spec"]
 
@@ -30,7 +30,8 @@ class LoraSpec(LoraSettings):
         return self.lora_alpha / self.r
 
     def replace(self, **changes: Any) -> LoraSpec:
-        """A new validated spec with ``changes`` applied."""
+        """A new validated spec with ``changes`` applied (any spelling of a setting)."""
+        changes = canonical(changes, tuple(f.name for f in fields(self)), "LoRA setting")
         return make_spec(**{**asdict(self), **changes})
 
 

@@ -25,6 +25,7 @@ class _SettingTrait(Any_):
     def __init__(self, setting: Setting):
         self.setting = setting
         super().__init__(setting.default, help=f"Default `{setting.name}`: {setting.help}.")
+        self.allow_none = setting.nullable  # traitlets' Any lets None through unchecked otherwise
         self.info_text = setting.describe()
         self.tag(config=True)
 
@@ -32,7 +33,7 @@ class _SettingTrait(Any_):
         try:
             return validate_one(self.setting.name, value)
         except UsageError as exc:
-            raise TraitError(str(exc)) from None
+            raise TraitError(f"LoraMagics.{self.name}: {exc}") from None
 
 
 # One option per setting that declares one (default_r, default_seq, default_lr, ..., progress, max_new_tokens).
@@ -230,7 +231,7 @@ class LoraMagics(_SettingDefaults):
     def _observer(self, run_stop: Any, mode: str | None) -> Any:
         from jupyter_lora.widgets.progress import progress_observer
 
-        observer = progress_observer(stop=run_stop, mode=mode or self.progress)
+        observer = progress_observer(stop=run_stop, mode=validate_one("progress", mode or self.progress))
         observer.show()
         return observer
 
@@ -273,8 +274,12 @@ class LoraMagics(_SettingDefaults):
         model = self._get_model(command.model)
         shown = [name for name, setting in SETTINGS.items() if setting.panel]
         settings = {k: v for k, v in self._with_defaults("estimate", {}).items() if k in shown}
-        settings.update({k: v for k, v in self._with_defaults("train", {}).items() if k in shown})
-        return Panel(model, variable=command.model, namespace=self.shell.user_ns, **settings)
+        trained = self._with_defaults("train", {})
+        settings.update({k: v for k, v in trained.items() if k in shown})
+        others = {k: v for k, v in trained.items() if k not in shown and k != "progress"}
+        return Panel(
+            model, variable=command.model, namespace=self.shell.user_ns, train_settings=others, **settings
+        )
 
     def _do_export(self, command: p.Export) -> Any:
         from .. import api as jl

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import UsageError, did_you_mean
-from ..settings import SETTINGS, aliases, canonical, keys, settings_help
+from ..settings import SETTINGS, aliases, canonical, keys, name_of, settings_help
 
 __all__ = [
     "ESTIMATE_OPTIONS",
@@ -40,6 +40,8 @@ __all__ = [
     "parse",
 ]
 
+# Where each kind of setting is written.
+_CELLS = {"inject": "a `%%lora MODEL` cell", "train": "`%%lora train`", "estimate": "`%lora estimate`"}
 # What an estimate assumes beyond the adapter (seq, batch, ckpt, optim, dtype, quant): its command-line options.
 ESTIMATE_OPTIONS = tuple(k for k in keys("estimate") if k not in keys("inject"))
 _OPTIM = SETTINGS["optim"].choices
@@ -258,6 +260,12 @@ def _yaml(cell: str | None, scope: str) -> dict[str, Any]:
         )
     allowed, spellings = keys(scope), aliases(scope)
     for key in data:
+        other = SETTINGS.get(name_of(key) or "")
+        if other is not None and scope not in other.scopes:
+            where = " or ".join(_CELLS[s] for s in other.scopes)
+            raise UsageError(
+                f"%%lora: `{key}` is a setting of {where}, not of this cell. Settings here: {', '.join(allowed)}."
+            )
         if not isinstance(key, str) or key not in allowed + spellings:
             raise UsageError(
                 f"%%lora: unknown setting `{key}`.{did_you_mean(str(key), allowed + spellings)} "
@@ -362,7 +370,7 @@ def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
     p.add_argument("--seq", type=_positive)
     p.add_argument("--batch", type=_positive)
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--optim", choices=_OPTIM)
+    p.add_argument("--optim", choices=_OPTIM, type=str.lower)
     p.add_argument("--dtype", choices=_DTYPES)
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--4bit", dest="quant", action="store_const", const="4bit")
@@ -373,7 +381,7 @@ def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
     for key in ESTIMATE_OPTIONS:
         value = getattr(args, key)
         if value is not None:
-            options[key] = value
+            options[key] = value  # the line's options win over the body's
     return Estimate(source=args.source, options=options, settings=body)
 
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import ipywidgets as w
 
 from ..core.errors import UsageError
 from ..display import fmt_bytes, fmt_count
-from ..settings import SETTINGS, Setting, canonical, panel_keys, validate_one
+from ..settings import SETTINGS, Setting, canonical, panel_keys, validate, validate_one
 from .tree import ModuleTree
 
 __all__ = ["Panel"]
@@ -45,6 +45,10 @@ def _control(setting: Setting, value: Any) -> w.Widget:
     if setting.kind in ("choice", "auto_bool"):
         words = {"auto": "auto", True: "on", False: "off", None: "as loaded"}
         options = [(words.get(c, str(c)), c) for c in setting.choices]
+        if (
+            value not in setting.choices and value is not None
+        ):  # a valid value beyond the list (pissa_niter_4)
+            options.append((str(value), value))
         if setting.nullable and None not in setting.choices:
             options.insert(0, (words[None], None))
         return w.Dropdown(options=options, value=value, **common)
@@ -52,8 +56,12 @@ def _control(setting: Setting, value: Any) -> w.Widget:
         return w.Checkbox(value=bool(value), description=label, indent=False)
     if setting.kind in ("int", "float"):
         lo, hi, step = setting.panel_range or (setting.minimum or 0, 10**7, 1)
+        if value is not None:  # a value the settings allow but the usual range does not show
+            lo, hi = min(lo, value), max(hi, value)
         if setting.kind == "int" and (hi - lo) / step > 1000:
-            return w.BoundedIntText(value=value if value is not None else 100, min=int(lo), max=int(hi),
+            if setting.nullable:  # 0 stands for "not set" (e.g. steps: train by epochs)
+                lo, common["tooltip"] = 0, f"{setting.help} (0: not set)"
+            return w.BoundedIntText(value=value if value is not None else 0, min=int(lo), max=int(hi),
                                     layout=w.Layout(width="170px"), **common)  # fmt: skip
         if setting.kind == "int":
             return w.IntSlider(
@@ -83,10 +91,12 @@ class Panel:
         on_change: Callable[[Any], None] | None = None,
         tokenizer: Any = None,
         name: str = "default",
+        train_settings: Mapping[str, Any] | None = None,
         **settings: Any,
     ):
         """``settings``: starting values of the panel's controls (r, alpha, targets, seq, batch, ...; see
-        ``jupyter_lora.settings``); the rest start at their defaults."""
+        ``jupyter_lora.settings``); the rest start at their defaults. ``train_settings``: the other training
+        settings the Train button uses (lr, epochs, ...; what ``%config LoraMagics.default_*`` changed)."""
         from jupyter_lora.core.modelinfo import require_module
         from jupyter_lora.core.targets import index_model
 
@@ -100,6 +110,7 @@ class Panel:
         self.namespace = namespace
         self.on_change = on_change
         self.adapter_name = name
+        self.train_settings = dict(validate(train_settings or {}, "train"))
         self.tokenizer = tokenizer
         self.run = None
         self.last_update_ms = 0.0
@@ -382,7 +393,9 @@ class Panel:
         observer = progress_observer(stop=lambda: holder["run"].stop(wait=False), mode="widget")
         tokenizer = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
         settings = {k: self.controls[k].value for k in ("steps", "batch", "seq", "ckpt", "optim")}
-        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer, **settings,
+        settings["steps"] = settings["steps"] or None  # 0: train by epochs
+        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer,
+                             **{**self.train_settings, **settings},
                              observers=[observer, self._on_training_event])  # fmt: skip
         holder["run"] = self.run = run
         self.progress_area.children = [getattr(observer, "box", w.HTML(repr(observer)))]

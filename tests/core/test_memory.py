@@ -125,7 +125,7 @@ def test_adamw_is_8_bytes_per_trainable_param(llama):
     assert eight.trainable_params == adamw.trainable_params
     assert 0 < eight.breakdown["optimizer"] < adamw.breakdown["optimizer"]
     sgd = jl.estimate(llama, r=8, targets="all-linear", optim="sgd")
-    assert sgd.breakdown["optimizer"] == 0
+    assert sgd.breakdown["optimizer"] == 4 * sgd.trainable_params  # one momentum buffer: training uses 0.9
     # Only the optimizer term changes.
     for key in adamw.breakdown:
         if key != "optimizer":

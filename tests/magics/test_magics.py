@@ -750,3 +750,12 @@ def test_inject_summary_estimates_the_run_training_would_start(ip, tmp_path):
     run(ip, f"%%lora train model\ndata: texts\nsteps: 1\nbatch: 4\neval: 0\noutput_dir: {tmp_path}")
     started = jl.last_run(ip.user_ns["model"]).wait()
     assert (started.config.seq, started.config.optim) == (128, "adafactor")
+
+
+def test_config_defaults_are_checked_none_included(ip):
+    for value in ("None", "0", "'x'"):
+        ip.run_cell(f"%config LoraMagics.default_r = {value}")  # %config reports the TraitError itself
+    magics = next(c for c in ip.configurables if isinstance(c, LoraMagics))
+    assert magics.default_r == 16
+    run(ip, "%config LoraMagics.default_steps = None")  # nullable settings take None
+    assert magics.default_steps is None
