@@ -65,6 +65,20 @@ def _peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def _timer(times: list, cuda: bool):
+    """A TrainerCallback noting the time at every step's end: both sides are timed the same way."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    return Timer
+
+
 def run_variant(args) -> dict:
     """One measurement in this process; prints a JSON line."""
     import torch
@@ -81,23 +95,18 @@ def run_variant(args) -> dict:
     n = (args.warmup + args.steps) * args.batch
     data = _data(config, n, args.seq)
     times: list[float] = []
+    Timer = _timer(times, cuda)
 
     if args.variant.startswith("trainer"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if "qlora" in args.variant:  # the usual recipe: HF's k-bit preparation (fp32 upcasts and all)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.ckpt)
-        from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+        from transformers import Trainer, TrainingArguments, default_data_collator
 
         peft = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
         )
-
-        class Timer(TrainerCallback):
-            def on_step_end(self, a, state, control, **kw):
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter())
 
         rows = [
             {"input_ids": r["input_ids"], "labels": r["input_ids"], "attention_mask": [1] * args.seq}
@@ -117,12 +126,6 @@ def run_variant(args) -> dict:
 
         adapted = jl.inject(model, r=16, alpha=32, dropout=0.0, targets=",".join(TARGETS))
         observers = []
-
-        def timer(event):
-            if event.kind == "step":
-                times.append(time.perf_counter())
-
-        observers.append(timer)
         if args.variant == "engine+progress":
             from jupyter_lora.widgets.progress import ProgressWidget
 
@@ -132,7 +135,7 @@ def run_variant(args) -> dict:
         )  # "engine" is the plain path; the others add the chunked loss
         jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
                  warmup=0, ckpt=args.ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
-                 background=False, log_every=1 if not cuda else 5, chunked_loss=chunked)  # fmt: skip
+                 background=False, chunked_loss=chunked, callbacks=[Timer()])  # fmt: skip
     # Bytes of the frozen weights as loaded (packed 4-bit weights count their storage), for the QLoRA goal.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     timed = times[args.warmup :]
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats; min and median reported")
+    parser.add_argument("--variants", help="comma-separated subset, e.g. trainer,engine")
     parser.add_argument("--tmp", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "jl-bench"))
     args = parser.parse_args()
     if args.variant:
@@ -182,6 +187,7 @@ def main() -> None:
     args.warmup = args.warmup or (3 if args.quick else 8) if cuda else (args.warmup or 2)
     results = []
     variants = ["trainer", "engine", "engine+chunked_loss", "engine+progress"]
+    chosen = args.variants.split(",") if args.variants else None
     path = ""
     if cuda:  # QLoRA quantises on load, from files: a random bf16 checkpoint of the same shape
         variants += ["trainer+qlora", "engine+qlora"]
@@ -189,7 +195,10 @@ def main() -> None:
         path = os.path.join(args.tmp, "checkpoint")
         model.save_pretrained(path)
         del model
-    for variant in variants:
+    if chosen:
+        variants = [v for v in variants if v in chosen]
+    runs: dict[str, list[dict]] = {}
+    for variant in [v for _ in range(args.repeats) for v in variants]:  # interleaved: load swings hit all
         cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--tmp", args.tmp, "--path", path]  # fmt: skip
         if args.ckpt:
@@ -201,7 +210,12 @@ def main() -> None:
         if line is None:
             print(f"{variant}: failed\n{out.stderr[-2000:]}")
             continue
-        results.append(json.loads(line[7:]))
+        runs.setdefault(variant, []).append(json.loads(line[7:]))
+    for found in runs.values():  # the median run of each variant (by tokens/s)
+        found.sort(key=lambda r: r["tokens_per_s"])
+        results.append(
+            {**found[len(found) // 2], "min_tokens_per_s": found[0]["tokens_per_s"], "n": len(found)}
+        )
     if not results:
         sys.exit(1)
     base = next((r for r in results if r["variant"] == "trainer"), results[0])
@@ -213,6 +227,9 @@ def main() -> None:
     for r in results:
         print(f"{r['variant']:<18}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s'] / base['tokens_per_s']:>11.2f}"
               f"{r['peak'] / 2**30:>12.2f} G{r['peak'] / base['peak']:>11.2f}{_mfu(r):>8}")  # fmt: skip
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} interleaved repeats; slowest run's ratio (min/min): " + ", ".join(
+            f"{r['variant']} {r['min_tokens_per_s'] / base['min_tokens_per_s']:.2f}" for r in results))  # fmt: skip
     engine = next((r for r in results if r["variant"] == "engine+chunked_loss"), None)
     progress = next((r for r in results if r["variant"] == "engine+progress"), None)
     if engine and progress:

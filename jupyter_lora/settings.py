@@ -56,6 +56,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BIASES = ("none", "all", "lora_only")
 PROGRESS = ("auto", "widget", "text")
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
 
 # PEFT's task types, with the spellings people type.
 TASK_TYPES = {
@@ -640,6 +641,18 @@ class TrainSettings:
         example="auto",
         check=_check_task,
     )
+    report_to: str = _setting(
+        "none",
+        "experiment tracking through the Trainer's integrations (pip install 'jupyter-lora[track]')",
+        "choice",
+        "train",
+        choices=TRACKERS,
+        example="tensorboard",
+        trait="default_report_to",
+    )
+    run_name: str | None = _setting(
+        None, "the run's name in the tracker", "text", "train", nullable=True, example="lora-r16"
+    )
     chunked_loss: Any = _setting(
         "auto",
         "LM loss in chunks, no full fp32 logits (auto: on CUDA)",
@@ -698,6 +711,13 @@ class InputSettings:
     )
     eval_data: Any = _setting(
         None, "held-out data instead of a split of `data`", "object", "train", example="val_texts"
+    )
+    trainer_args: Any = _setting(
+        None,
+        "any other transformers.TrainingArguments field, e.g. {logging_first_step: true}",
+        "object",
+        "train",
+        example="{dataloader_num_workers: 2}",
     )
     progress: str = _setting(
         "auto", "progress display", "choice", "train", choices=PROGRESS, example="auto", trait="progress"

@@ -48,10 +48,11 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> 
 
 
 def chunked_causal_lm_loss(
-    peft_model: nn.Module, batch: dict[str, Any], chunk_tokens: int = 4096
+    peft_model: nn.Module, batch: dict[str, Any], chunk_tokens: int = 4096, divide_by: Any = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (input_ids, labels, attention_mask or position_ids), as the
-    model's own forward would return it, computed ``chunk_tokens`` tokens at a time."""
+    model's own forward would return it, computed ``chunk_tokens`` tokens at a time. ``divide_by``: the label
+    tokens of the whole accumulated batch (the Trainer's ``num_items_in_batch``) instead of this batch's."""
     backbone, head = _parts(peft_model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
@@ -67,4 +68,4 @@ def chunked_causal_lm_loss(
             total = total + checkpoint(_chunk_loss, part_h, part_y, head, use_reentrant=False)
         else:
             total = total + _chunk_loss(part_h, part_y, head)
-    return total / count
+    return total / (divide_by if divide_by is not None else count)

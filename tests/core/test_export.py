@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_exported_job_runs_single_and_ddp_with_the_same_result(tmp_path):
     ddp = _run([torchrun, "--nproc_per_node", "2", "train.py"], job)
     assert "state finished, step 6" in ddp
     assert "'tokens': 192" in ddp, "each of the two processes saw half of every batch"
+    # the logged loss is the Trainer's reduction over both processes, not one process's share
+    final = [float(re.search(r"'final_loss': ([0-9.e-]+)", out).group(1)) for out in (single, ddp)]
+    assert final[1] == pytest.approx(final[0], abs=1e-4)
 
     one = jl.load(model, tmp_path / "single" / "adapter", name="single")
     out_single = _logits(one, inputs)

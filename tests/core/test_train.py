@@ -94,9 +94,10 @@ def test_stop_then_resume_reproduces_the_uninterrupted_curve(tmp_path):
     stopper.run = run
     run.wait(60)
     assert run.state == "stopped" and run.step == 5
-    assert run.checkpoint is not None and (run.checkpoint / "adapter" / "adapter_model.safetensors").exists()
+    # the Trainer's own checkpoint: adapter (PEFT format) and trainer_state.json at its top
+    assert run.checkpoint is not None and (run.checkpoint / "adapter_model.safetensors").exists()
     state = json.loads((run.checkpoint / "trainer_state.json").read_text())
-    assert state["step"] == 5 and state["reason"] == "stop"
+    assert state["global_step"] == 5 and run.checkpoint.name == "checkpoint-5"
 
     resumed = jl.resume(model, background=False)
     assert resumed.step == 12 and resumed.state == "finished"
@@ -109,7 +110,7 @@ def test_resume_from_a_checkpoint_into_a_fresh_model(tmp_path):
     settings = dict(steps=8, lr=2e-3, batch=4, eval=0, seed=1, tokenizer=tiny_tokenizer(), save_every=4)
     full = jl.train(_lm(), TEXT, output_dir=str(tmp_path / "a"), background=False, **settings)
     part = jl.train(_lm(), TEXT, output_dir=str(tmp_path / "b"), background=False, **{**settings, "steps": 8})
-    ckpt = tmp_path / "b" / "checkpoint-000004"
+    ckpt = tmp_path / "b" / "checkpoint-4"
     assert ckpt.exists()
     fresh = _lm()
     resumed = jl.resume(fresh, ckpt, data=TEXT, tokenizer=tiny_tokenizer(), background=False)
@@ -135,7 +136,7 @@ def test_simulated_out_of_memory_keeps_model_and_state(tmp_path, monkeypatch):
     assert run.state == "oom" and run.step == 3
     oom = rec.of("oom")[0].data
     assert "batch: 2 with grad_accum: 2" in oom["advice"] and "ckpt: true" in oom["advice"]
-    assert oom["checkpoint"] and (tmp_path / "checkpoint-000003").exists()
+    assert oom["checkpoint"] and (tmp_path / "checkpoint-3").exists()
     monkeypatch.setattr(type(model), "forward", original)
     weights = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -187,7 +188,7 @@ def test_samples_and_checkpoint_events(tmp_path):
     assert samples[0].data["samples"][0]["prompt"] == "the quick"
     checkpoints = rec.of("checkpoint")
     assert [e.data["reason"] for e in checkpoints] == ["every", "end"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000003", "checkpoint-000006"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-6"]
 
 
 def test_gradient_checkpointing_and_accumulation(tmp_path):

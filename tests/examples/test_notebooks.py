@@ -50,7 +50,7 @@ def test_quickstart_notebook(tmp_path):
     assert "Saved the adapter" in by_source["%lora save model adapters/quickstart"]
     assert (tmp_path / "adapters" / "quickstart" / "adapter_model.safetensors").exists()
     assert "<TrainingRun finished: step 100/100" in "".join(texts)
-    assert (tmp_path / "runs" / "quickstart" / "checkpoint-000100").exists()
+    assert (tmp_path / "runs" / "quickstart" / "checkpoint-100").exists()
     assert "merged matches adapter: True" in "".join(texts)
     assert "reloaded matches adapter: True" in "".join(texts)
     # Rich output: the notebook got HTML tables, not just text.

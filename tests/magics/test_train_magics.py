@@ -54,7 +54,7 @@ def test_train_runs_in_the_background_and_returns_at_once(ip, tmp_path, capsys):
     assert run.state == "finished" and run.step == 30
     assert returned_after < 5
     out = capsys.readouterr().out
-    assert "30 steps" in out and "tok/s" in out and "checkpoint-000030" in out  # start line and end summary
+    assert "30 steps" in out and "tok/s" in out and "checkpoint-30" in out  # start line and end summary
     assert run.history[-1]["loss"] < run.history[0]["loss"]
 
 

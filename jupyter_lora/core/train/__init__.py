@@ -1,0 +1,217 @@
+"""Training: LoRA training of a live model with ``transformers.Trainer`` on a background thread, reporting
+``TrainingEvent``s to observers.
+
+``train(model, data, ...)`` returns a ``TrainingRun`` at once; ``run.stop()`` finishes the current step, writes the
+Trainer's checkpoint and frees memory; ``resume(model)`` continues from it (the Trainer restores the adapter,
+optimizer, scheduler, gradient scaler, RNG and data position) and reproduces the loss curve an uninterrupted run
+would have had. Checkpoints are the Trainer's own: they resume in a plain ``Trainer(...).train(
+resume_from_checkpoint=...)`` and a plain Trainer's checkpoint resumes here. A CUDA out-of-memory error is caught:
+memory is freed, the training state saved, the adapter left intact, advice reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ...settings import TrainSettings, build
+from .. import runs
+from ..adapters.peft_facts import wrapper_for
+from ..errors import UsageError
+from ..modelinfo import base_model_of, detect_task, require_module
+from .checkpoints import check_checkpoint, history_of, latest_checkpoint, read_state, saved_settings
+from .engine import launch
+from .run import TrainingRun
+
+__all__ = [
+    "TrainConfig",
+    "TrainingRun",
+    "last_run",
+    "latest_checkpoint",
+    "make_train_config",
+    "resume",
+    "train",
+]
+
+# Training settings, declared with their help and checks in jupyter_lora.settings.
+TrainConfig = TrainSettings
+
+
+def make_train_config(**kwargs: Any) -> TrainConfig:
+    """A validated ``TrainConfig``; unknown keys get a did-you-mean."""
+    return build(TrainSettings, kwargs, "training setting")
+
+
+def _peft_of(model: nn.Module) -> nn.Module:
+    require_module(model)
+    peft_model = wrapper_for(model)
+    if peft_model is None:
+        raise UsageError(
+            "This model has no LoRA adapter to train. Inject one first: model = jupyter_lora.inject(model, r=16) "
+            "(or a %%lora model cell), then train."
+        )
+    return peft_model
+
+
+def _task(peft_model: nn.Module, task: str) -> str:
+    if task != "auto":
+        return task
+    detected = detect_task(peft_model).task_type
+    if detected not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise UsageError(
+            f"Training here covers causal LMs and sequence classifiers; this model's task is {detected}. Set "
+            "`task: causal_lm` or `task: seq_cls` if that is what it is."
+        )
+    return detected
+
+
+def _default_output_dir(peft_model: nn.Module) -> Path:
+    name = getattr(getattr(base_model_of(peft_model), "config", None), "model_type", None) or "model"
+    return Path("lora_runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_output_dir(path: Path) -> Path:
+    """``output_dir`` must be a directory this process can write (checked before step 1, nothing written)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"`output_dir` {str(path)!r} is a file; give a directory for the checkpoints.")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"`output_dir` {str(path)!r} cannot be written ({str(probe)!r} is not writable).")
+    return path
+
+
+def _observer_list(observers: Any) -> list:
+    if observers is None:
+        return []
+    if callable(observers):
+        return [observers]
+    return list(observers)
+
+
+def _not_training(base: nn.Module, doing: str) -> None:
+    if runs.active_run(base) is not None:
+        raise UsageError(f"This model is already training. Stop that run first (run.stop() or %lora stop model) "
+                         f"before {doing}.")  # fmt: skip
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    eval_data: Any = None,
+    observers: Any = (),
+    background: bool = True,
+    trainer_args: dict | None = None,
+    callbacks: list | None = None,
+    **settings: Any,
+) -> TrainingRun:
+    """Train the active LoRA adapter of ``model`` on ``data`` with ``transformers.Trainer``; returns a
+    ``TrainingRun`` at once (``background``) or when done. ``data``: texts, records (text | prompt+response |
+    messages | text+label), a datasets.Dataset, a DataFrame, or a .jsonl/.json/.csv/.txt path. Settings: see
+    ``jupyter_lora.settings.TrainSettings`` (steps, epochs, lr, batch, seq, grad_accum, eval, eval_every,
+    save_every, output_dir, packing, ckpt, samples, early_stop, keep_best, report_to, ...). ``trainer_args``: any
+    other ``TrainingArguments`` field; ``callbacks``: your own ``TrainerCallback``s."""
+    from ..data import find_tokenizer, prepare_data
+
+    config = make_train_config(**settings)
+    peft_model = _peft_of(model)
+    base = base_model_of(peft_model)
+    _not_training(base, "training again")
+    task = _task(peft_model, config.task)
+    tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
+    if config.samples and tokenizer is None:
+        raise UsageError("`samples` need a tokenizer to generate with; pass tokenizer=.")
+    output_dir = _check_output_dir(
+        Path(config.output_dir) if config.output_dir else _default_output_dir(peft_model)
+    )
+    label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
+    prepared = prepare_data(
+        data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
+        seed=config.seed, label2id=label2id,
+    )  # fmt: skip
+    run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
+    run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
+    return launch(run, background, run.trainer_args, run.callbacks)
+
+
+def resume(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    data: Any = None,
+    tokenizer: Any = None,
+    eval_data: Any = None,
+    observers: Any = (),
+    background: bool = True,
+    trainer_args: dict | None = None,
+    callbacks: list | None = None,
+    **overrides: Any,
+) -> TrainingRun:
+    """Continue training ``model`` from ``checkpoint`` (default: the last one of its last run in this session) — a
+    checkpoint written here or by a plain ``transformers.Trainer``. The data, tokenizer and settings of that run
+    are reused unless given; ``overrides`` may change e.g. ``steps`` (to extend a finished run). The checkpoint is
+    checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
+    from ..data import prepare_data
+
+    peft_model = _peft_of(model)
+    base = base_model_of(peft_model)
+    _not_training(base, "resuming")
+    last = runs.last_run(base)
+    if checkpoint is None:
+        checkpoint = (last.checkpoint if last is not None else None) or (
+            latest_checkpoint(last.output_dir) if last is not None else None
+        )
+        if checkpoint is None:
+            raise UsageError(
+                "No checkpoint to resume from: this model has no earlier run in this session. Give the checkpoint "
+                "directory: resume(model, 'lora_runs/.../checkpoint-100', data=...)."
+            )
+    path = check_checkpoint(Path(checkpoint), peft_model)
+    state = read_state(path)
+    saved = saved_settings(path)
+    if not saved and last is not None:
+        saved = asdict(last.config)
+    config = make_train_config(**{**saved, "output_dir": str(path.parent), **overrides})
+    if config.steps is not None and config.steps <= int(state.get("global_step", 0)):
+        raise UsageError(
+            f"`steps` ({config.steps}) must be more than the checkpoint's step {state.get('global_step')} to "
+            "continue; give steps=N to extend the run."
+        )
+    if data is None:
+        if last is None or last.data is None:
+            raise UsageError(
+                "`data` is needed to resume a run from another session: resume(model, ckpt, data=...)."
+            )
+        prepared = last.data
+        tokenizer = tokenizer if tokenizer is not None else last.tokenizer
+        trainer_args = trainer_args if trainer_args is not None else last.trainer_args
+        callbacks = callbacks if callbacks is not None else last.callbacks
+    else:
+        task = _task(peft_model, config.task)
+        label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
+        prepared = prepare_data(
+            data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data,
+            packing=config.packing, seed=config.seed, label2id=label2id,
+        )  # fmt: skip
+    run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
+                      resume_from=path)  # fmt: skip
+    run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
+    run.history, run.evals = history_of(state)  # the curve before the checkpoint continues on the chart
+    if run.evals:
+        run.best_eval_loss = min(e["eval_loss"] for e in run.evals)
+    return launch(run, background, run.trainer_args, run.callbacks)
+
+
+def last_run(model: nn.Module) -> TrainingRun | None:
+    """The most recent training run of ``model`` in this session (running or not), or None."""
+    require_module(model)
+    peft_model = wrapper_for(model)
+    return runs.last_run(peft_model if peft_model is not None else model)

@@ -1,0 +1,162 @@
+"""The Trainer's checkpoints, read safely: find the newest one, read its state (JSON), and check that it fits the
+model before a resume changes anything — adapter tensors against the live adapter (from the safetensors header,
+no tensor loaded), and every pickled file of the Trainer (optimizer, scheduler, RNG, gradient scaler) read with
+``torch.load(weights_only=True)`` so that no checkpoint file can run code."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+__all__ = ["check_checkpoint", "history_of", "latest_checkpoint", "read_state", "saved_settings"]
+
+_STATE = "trainer_state.json"
+_ADAPTER = "adapter_model.safetensors"
+_PICKLED = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
+_NUMBERED = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` directory under ``output_dir`` (None if there is none)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _NUMBERED.match(p.name)) and (p / _STATE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json`` as a dict (a UsageError when it is not readable JSON)."""
+    try:
+        state = json.loads((path / _STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"`checkpoint` {str(path)!r}: {_STATE} cannot be read ({exc}).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise UsageError(f"`checkpoint` {str(path)!r}: {_STATE} is not a Trainer state (no global_step).")
+    return state
+
+
+def saved_settings(path: Path) -> dict[str, Any]:
+    """The training settings a checkpoint written here records (``jupyter_lora.json``; {} for a plain Trainer's)."""
+    file = path / "jupyter_lora.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8")).get("config", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise UsageError(f"`checkpoint` {str(path)!r}: {file.name} cannot be read ({exc}).") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"`checkpoint` {str(path)!r}: {file.name} holds no settings.")
+    return config
+
+
+def history_of(state: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """The loss and eval records of a run up to its checkpoint, from the Trainer's ``log_history``."""
+    history, evals = [], []
+    for entry in state.get("log_history") or ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            continue
+        if "loss" in entry:
+            history.append({"step": entry["step"], "loss": float(entry["loss"]),
+                            "lr": float(entry.get("learning_rate", 0.0)), "tokens": 0,
+                            "epoch": float(entry.get("epoch", 0.0)), "time": 0.0})  # fmt: skip
+        if "eval_loss" in entry:
+            record = {
+                "step": entry["step"],
+                "eval_loss": float(entry["eval_loss"]),
+                "epoch": entry.get("epoch", 0.0),
+            }
+            if "eval_accuracy" in entry:
+                record["accuracy"] = float(entry["eval_accuracy"])
+            evals.append(record)
+    return history, evals
+
+
+def _active_name(peft_model: nn.Module) -> str:
+    active = peft_model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+def check_checkpoint(path: Path, peft_model: nn.Module) -> Path:
+    """``path`` (a checkpoint, or a run directory holding checkpoints) checked against ``peft_model``; returns the
+    checkpoint directory. Raises a UsageError naming what does not fit; reads, never writes."""
+    if path.is_dir() and not (path / _STATE).exists():
+        inner = latest_checkpoint(path)
+        path = inner if inner is not None else path
+    if not path.is_dir() or not (path / _STATE).is_file():
+        raise UsageError(f"`checkpoint` {str(path)!r} is not a training checkpoint (no {_STATE}).")
+    read_state(path)
+    name = _active_name(peft_model)
+    folder = path if name == "default" else path / name
+    weights = folder / _ADAPTER
+    if not weights.is_file():
+        raise UsageError(
+            f"`checkpoint` {str(path)!r} has no adapter weights for adapter {name!r} ({weights.name})."
+        )
+    _check_tensors(path, weights, peft_model, name)
+    _check_pickles(path)
+    return path
+
+
+def _check_tensors(path: Path, weights: Path, peft_model: nn.Module, name: str) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(
+            f"`checkpoint` {str(path)!r}: {weights.name} is not a safetensors file ({exc})."
+        ) from None
+    live = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+    missing = sorted(set(live) - set(saved))
+    extra = sorted(set(saved) - set(live))
+    shapes = sorted(k for k in set(live) & set(saved) if live[k] != saved[k])
+    if missing or extra or shapes:
+        problems = []
+        if shapes:
+            k = shapes[0]
+            problems.append(
+                f"{len(shapes)} tensors of another shape (e.g. {k}: {saved[k]} saved, {live[k]} here)"
+            )
+        if missing:
+            problems.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+        if extra:
+            problems.append(f"{len(extra)} tensors this adapter does not have (e.g. {extra[0]})")
+        raise UsageError(
+            f"`checkpoint` {str(path)!r} does not fit this model's adapter {name!r}: {'; '.join(problems)}. It was "
+            "written for another adapter (rank or targets); inject the same settings, or resume the model it came from."
+        )
+
+
+def _check_pickles(path: Path) -> None:
+    from transformers.trainer_pt_utils import safe_globals
+
+    for file in _PICKLED:
+        found = list(path.glob(file)) + list(path.glob(file.replace(".", "_*.")))  # rng_state_0.pth, ...
+        for item in found:
+            try:
+                with safe_globals():
+                    torch.load(item, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                if isinstance(exc, pickle.UnpicklingError):
+                    why = "it holds Python objects, not only tensors"
+                else:
+                    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                raise UsageError(
+                    f"`checkpoint` {str(path)!r}: {item.name} cannot be read as plain tensors ({why}). "
+                    "Checkpoint files are never unpickled beyond that; resume from a checkpoint you trust."
+                ) from None

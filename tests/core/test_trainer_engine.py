@@ -1,0 +1,246 @@
+"""Training runs on transformers.Trainer: its checkpoints go both ways (here <-> a plain Trainer), a checkpoint can
+never run code, a failed resume changes nothing, keep-best survives stop/resume, tracking goes through the
+Trainer's integrations, mistakes show before step 1, and Ctrl-C is a Stop."""
+
+from __future__ import annotations
+
+import _thread
+import hashlib
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import jupyter_lora as jl
+from jupyter_lora.core.errors import UsageError
+from jupyter_lora.testing import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:lr=.*outside the usual LoRA range")
+DATA = [f"sample {i}: " + "abcdefghij"[: 3 + i % 7] for i in range(40)]
+SETTINGS = dict(lr=2e-3, batch=4, eval=0, seed=3, warmup=2, tokenizer=None)
+
+
+def _lm():
+    return jl.inject(tiny_model("llama"), r=8, targets="all-linear")
+
+
+def _settings(**changes):
+    return {**SETTINGS, "tokenizer": tiny_tokenizer(), **changes}
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def _stop_at(k):
+    def observer(event):
+        if event.kind == "step" and event.step == k:
+            observer.run.stop(wait=False)
+
+    return observer
+
+
+def _plain_trainer(model, data, output_dir, **args):
+    """A user's own transformers.Trainer over the same examples and collator, with the settings of SETTINGS."""
+    arguments = TrainingArguments(
+        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3,
+        warmup_steps=2, lr_scheduler_type="cosine", optim="adamw_torch", logging_steps=1, save_strategy="steps",
+        save_steps=4, seed=3, data_seed=3, use_cpu=True, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, **args,
+    )  # fmt: skip
+    return Trainer(model=model, args=arguments, train_dataset=data.train, data_collator=data.collate)
+
+
+def test_a_checkpoint_written_here_resumes_in_a_plain_trainer(tmp_path):
+    model = _lm()
+    stopper = _stop_at(4)
+    run = jl.train(model, DATA, steps=8, output_dir=str(tmp_path / "here"), observers=stopper, **_settings())
+    stopper.run = run
+    run.wait(120)
+    assert run.state == "stopped" and run.checkpoint.name == "checkpoint-4"
+    trainer = _plain_trainer(model, run.data, tmp_path / "here")
+    trainer.train(resume_from_checkpoint=str(run.checkpoint))
+    assert trainer.state.global_step == 8
+    full = jl.train(_lm(), DATA, steps=8, output_dir=str(tmp_path / "full"), background=False, **_settings())
+    plain = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert plain[-4:] == pytest.approx([h["loss"] for h in full.history][-4:], rel=1e-5)
+
+
+def test_a_plain_trainer_checkpoint_resumes_here(tmp_path):
+    full = jl.train(_lm(), DATA, steps=8, output_dir=str(tmp_path / "full"), background=False, **_settings())
+    model = _lm()
+    data = full.data
+    _plain_trainer(model, data, tmp_path / "plain").train()
+    resumed = jl.resume(_lm(), tmp_path / "plain" / "checkpoint-4", data=DATA, steps=8, background=False,
+                        **{k: v for k, v in _settings().items() if k != "eval"})  # fmt: skip
+    assert resumed.state == "finished" and resumed.step == 8
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "jupyter-lora-pwned"
+
+
+def test_no_checkpoint_file_is_ever_unpickled(tmp_path):
+    model = _lm()
+    run = jl.train(model, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
+    checkpoint = run.checkpoint
+    MARKER.unlink(missing_ok=True)
+    for file in checkpoint.iterdir():
+        if file.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            file.write_bytes(pickle.dumps(_Payload()))
+    before = _digest(checkpoint)
+    weights = _trainable(model)
+    with pytest.raises(UsageError, match="checkpoint") as excinfo:
+        jl.resume(model, checkpoint, data=DATA, steps=4, background=False)
+    assert "\n" not in str(excinfo.value) and "weights_only=False" not in str(excinfo.value)
+    assert not MARKER.exists(), "a checkpoint file ran code"
+    assert _digest(checkpoint) == before and _same(weights, _trainable(model))
+
+
+@pytest.mark.parametrize("damage", ["other-rank", "optimizer-pickle", "no-state"])
+def test_a_failed_resume_changes_nothing(tmp_path, damage):
+    source = _lm()
+    run = jl.train(source, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
+    checkpoint = run.checkpoint
+    model = jl.inject(tiny_model("llama"), r=4, targets="all-linear") if damage == "other-rank" else _lm()
+    if damage == "optimizer-pickle":
+        (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(_Payload()))
+    if damage == "no-state":
+        (checkpoint / "trainer_state.json").write_text("{not json")
+    before, weights = _digest(checkpoint), _trainable(model)
+    with pytest.raises(UsageError) as excinfo:
+        jl.resume(model, checkpoint, data=DATA, steps=4, background=False)
+    assert "\n" not in str(excinfo.value)
+    assert _digest(checkpoint) == before, "the checkpoint is byte-identical"
+    assert _same(weights, _trainable(model)), "the live adapter is unchanged"
+    assert jl.last_run(model) is None or not jl.last_run(model).running
+
+
+def test_keep_best_and_early_stop_survive_stop_and_resume(tmp_path):
+    settings = _settings(eval=8, eval_every=2, early_stop=50, steps=10)
+    full = jl.train(_lm(), DATA, output_dir=str(tmp_path / "a"), background=False, **settings)
+    model = _lm()
+    stopper = _stop_at(5)
+    run = jl.train(model, DATA, output_dir=str(tmp_path / "b"), observers=stopper, **settings)
+    stopper.run = run
+    run.wait(120)
+    assert run.state == "stopped"
+    resumed = jl.resume(model, background=False)
+    assert resumed.state == "finished" and resumed.step == 10
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
+    assert [e["eval_loss"] for e in resumed.evals] == pytest.approx(
+        [e["eval_loss"] for e in full.evals], rel=1e-5
+    )
+
+
+def test_a_finished_run_can_be_extended(tmp_path):
+    model = _lm()
+    run = jl.train(model, DATA, steps=4, output_dir=str(tmp_path), background=False, **_settings())
+    more = jl.resume(model, steps=6, background=False)
+    assert run.state == more.state == "finished" and more.step == 6 and len(more.history) == 6
+    with pytest.raises(UsageError, match="must be more than the checkpoint's step 6"):
+        jl.resume(model, steps=6, background=False)
+
+
+def test_tensorboard_tracking_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    jl.train(_lm(), DATA, steps=3, output_dir=str(tmp_path), background=False, report_to="tensorboard",
+             run_name="r8", **_settings())  # fmt: skip
+    files = list(tmp_path.rglob("events.out.tfevents.*"))  # the Trainer's place: output_dir/runs/...
+    assert files
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 3
+
+
+def test_a_missing_tracker_names_the_install_command(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    with pytest.raises(UsageError, match="pip install mlflow"):
+        jl.train(
+            _lm(),
+            DATA,
+            steps=1,
+            output_dir=str(tmp_path),
+            report_to="mlflow",
+            background=False,
+            **_settings(),
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_trainer_args_and_callbacks_pass_through(tmp_path):
+    seen = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((state.global_step, args.logging_first_step))
+
+    jl.train(_lm(), DATA, steps=2, output_dir=str(tmp_path), background=False, callbacks=[Count()],
+             trainer_args={"logging_first_step": True}, **_settings())  # fmt: skip
+    assert seen == [(1, True), (2, True)]
+    with pytest.raises(UsageError, match="trainer_args"):
+        jl.train(
+            _lm(), DATA, steps=2, output_dir=str(tmp_path), trainer_args={"no_such_field": 1}, **_settings()
+        )
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"max_grad_norm": float("nan")}, "`max_grad_norm`"), ({"lr": float("inf")}, "`lr`"),
+     ({"output_dir": "FILE"}, "is a file"), ({"data": []}, "data"), ({"tokenizer": "none"}, "tokenizer")],
+    ids=["nan-clip", "inf-lr", "output-dir-file", "empty-data", "no-tokenizer"],
+)  # fmt: skip
+def test_mistakes_show_before_step_one_and_write_nothing(tmp_path, changes, match):
+    model = _lm()
+    (tmp_path / "FILE").write_text("not a directory")
+    settings = _settings(steps=2, output_dir=str(tmp_path / "runs"))
+    data = changes.pop("data", DATA)
+    if changes.pop("tokenizer", None):
+        settings["tokenizer"] = None
+    if changes.get("output_dir") == "FILE":
+        changes["output_dir"] = str(tmp_path / "FILE")
+    weights = _trainable(model)
+    with pytest.raises(UsageError, match=match):
+        jl.train(model, data, background=False, **{**settings, **changes})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"] and _same(weights, _trainable(model))
+    assert jl.last_run(model) is None
+
+
+def test_ctrl_c_in_a_foreground_run_stops_it_with_a_checkpoint(tmp_path):
+    model = _lm()
+
+    def interrupt(event):
+        if event.kind == "step" and event.step == 3:
+            threading.Timer(0.01, _thread.interrupt_main).start()
+
+    run = jl.train(model, DATA, steps=200, output_dir=str(tmp_path), observers=[interrupt], background=False,
+                   **_settings())  # fmt: skip
+    assert run.state == "stopped" and run.checkpoint is not None and run.step < 200
+    assert (run.checkpoint / "adapter_model.safetensors").exists()
+    again = jl.train(
+        model, DATA, steps=1, output_dir=str(tmp_path / "again"), background=False, **_settings()
+    )
+    assert again.state == "finished"
