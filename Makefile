@@ -55,5 +55,13 @@ screenshots: setup browser-deps
 	  tests/browser/test_widgets_smoke.py::test_training_progress_widget_and_stop \
 	  tests/browser/test_panel_browser.py::test_panel_live_counts_highlight_and_inject
 
+# On a CUDA machine (no .venv needed: torch, transformers, peft, accelerate and bitsandbytes as installed there):
+# every GPU figure — throughput (bf16 and QLoRA, checkpointing off/on), memory estimate vs measured, pytest -m gpu —
+# as markdown and JSON under OUT.
+GPU_PYTHON ?= python3
+OUT ?= out/gpu-check
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -44,3 +44,14 @@ def test_chunked_loss_lowers_peak_memory_on_cuda(tmp_path):
         torch.cuda.empty_cache()
     # 8 × 1024 tokens × 32000 vocab × 4 bytes = 1 GiB per fp32 logits copy, which the chunked loss never holds.
     assert peaks[True] < peaks[False] - 2**30
+
+
+def test_fp16_checkpoints_hold_the_gradient_scaler_and_resume(tmp_path):
+    """Colab's T4 trains in fp16: the GradScaler state is part of every checkpoint and comes back on resume."""
+    model = jl.inject(_model(128).float(), r=8, targets="all-linear")
+    run = jl.train(model, ["the quick brown fox jumps over the lazy dog."] * 32, tokenizer=tiny_tokenizer(),
+                   steps=4, lr=1e-3, batch=8, eval=0, precision="fp16", output_dir=str(tmp_path),
+                   background=False)  # fmt: skip
+    assert run.state == "finished" and (run.checkpoint / "scaler.pt").exists()
+    more = jl.resume(model, steps=6, background=False)
+    assert more.state == "finished" and more.step == 6

@@ -1,0 +1,88 @@
+"""Every GPU figure in one command (``make gpu-check OUT=dir``): the training throughput table for bf16 and QLoRA
+with gradient checkpointing off and on (``train_throughput.py``), the memory estimate against measured peaks
+(``memory_accuracy.py --quick``) and the GPU tests (``pytest -m gpu``), each in its own process with a time limit,
+written as markdown (``gpu_check.md``) and JSON (``gpu_check.json``) into ``--out``. Needs only torch,
+transformers, peft, accelerate, bitsandbytes (for the QLoRA rows) and this package's core; without CUDA it says so
+and writes nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# (name, command, time limit in seconds): together well under 8 minutes on an H100/H200
+PARTS = [
+    ("throughput, checkpointing off", [sys.executable, str(HERE / "train_throughput.py"), "--quick"], 150),
+    (
+        "throughput, checkpointing on",
+        [sys.executable, str(HERE / "train_throughput.py"), "--quick", "--ckpt"],
+        150,
+    ),
+    ("memory estimate vs measured", [sys.executable, str(HERE / "memory_accuracy.py"), "--quick"], 120),
+    (
+        "GPU tests",
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu"],
+        60,
+    ),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", default="out/gpu-check", help="directory for gpu_check.md and gpu_check.json"
+    )
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here; the GPU figures wait for a machine with one.")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
+    device = torch.cuda.get_device_name()
+    results = []
+    for name, command, limit in PARTS:
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
+            status, text = done.returncode, done.stdout + (done.stderr[-3000:] if done.returncode else "")
+        except subprocess.TimeoutExpired as exc:
+            status, text = (
+                "timeout",
+                (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else str(exc.stdout),
+            )
+        seconds = time.perf_counter() - start
+        results.append({"part": name, "command": " ".join(command[1:]), "status": status, "seconds": seconds,
+                        "output": text})  # fmt: skip
+        print(f"== {name} ({seconds:.0f} s, {status})\n{text}", flush=True)
+    versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "accelerate")}
+    (out / "gpu_check.json").write_text(
+        json.dumps({"device": device, "versions": versions, "parts": results}, indent=1)
+    )
+    lines = [f"# GPU check on {device}", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    for r in results:
+        lines += [
+            f"## {r['part']} ({r['seconds']:.0f} s, exit {r['status']})",
+            "",
+            "```",
+            r["output"].strip(),
+            "```",
+            "",
+        ]
+    (out / "gpu_check.md").write_text("\n".join(lines))
+    return 0 if all(r["status"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
