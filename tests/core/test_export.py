@@ -109,3 +109,15 @@ def test_export_errors(tmp_path):
     with pytest.raises(UsageError, match="Did you mean `steps`"):
         jl.export(model, tmp_path / "b", ["x"], stpes=3)
     assert not (tmp_path / "b").exists()
+
+
+def test_fsdp_without_a_gpu_is_refused_not_downgraded(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("FSDP can run here")
+    monkeypatch.setenv(
+        "ACCELERATE_USE_FSDP", "true"
+    )  # what `accelerate launch --config_file accelerate_fsdp.yaml` sets
+    model = jl.inject(tiny_model("llama"), r=4, targets="all-linear")
+    with pytest.raises(jl.UsageError, match=r"FSDP was asked for .* no CUDA GPU"):
+        jl.train(model, _data(), output_dir=str(tmp_path), background=False, **SETTINGS)
+    assert not list(tmp_path.iterdir())

@@ -197,6 +197,12 @@ def build_trainer(
     """The Trainer for ``run`` (not started)."""
     cfg = run.config
     _check_tracker(cfg.report_to)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
+        # accelerate would fall back to plain data parallelism on CPU: say so instead of training differently
+        raise UsageError(
+            "FSDP was asked for (accelerate_fsdp.yaml) but this machine has no CUDA GPU, and FSDP shards the model "
+            "over GPUs. Run the job with accelerate_ddp.yaml or torchrun here, or FSDP on a GPU machine."
+        )
     model = run.model
     device = _device_of(model)
     if device.type == "cuda" and not torch.cuda.is_available():  # pragma: no cover
