@@ -244,3 +244,15 @@ def test_ctrl_c_in_a_foreground_run_stops_it_with_a_checkpoint(tmp_path):
         model, DATA, steps=1, output_dir=str(tmp_path / "again"), background=False, **_settings()
     )
     assert again.state == "finished"
+
+
+def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb-home").mkdir()
+    jl.train(_lm(), DATA, steps=2, output_dir=str(tmp_path / "out"), background=False, report_to="wandb",
+             run_name="lora-r8", **_settings())  # fmt: skip
+    runs = list((tmp_path / "wandb-home").rglob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
