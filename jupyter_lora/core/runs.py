@@ -7,6 +7,7 @@ the wrapper and the base it wraps have the same runs.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -21,11 +22,20 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _LAST: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
-def register(model: nn.Module, run: Any) -> None:
-    """Record ``run`` as the run training ``model`` now and as its most recent run."""
+_LOCK = threading.Lock()
+
+
+def register(model: nn.Module, run: Any) -> bool:
+    """Record ``run`` as the run training ``model`` now and as its most recent run — unless another run is
+    training it already (checked and recorded at once, so two threads cannot both start): then False."""
     base = base_model_of(model)
-    _ACTIVE[base] = run
-    _LAST[base] = run
+    with _LOCK:
+        current = _ACTIVE.get(base)
+        if current is not None and current is not run and not current.done:
+            return False
+        _ACTIVE[base] = run
+        _LAST[base] = run
+    return True
 
 
 def finish(model: nn.Module) -> None:

@@ -294,6 +294,8 @@ class LoraMagics(_SettingDefaults):
     def _do_stop(self, command: p.Stop) -> Any:
         from .. import api as jl
 
+        if command.model:
+            self._get_model(command.model)  # a clear error for a name that holds no model
         names = [command.model] if command.model else self._module_names()
         runs = [(n, jl.last_run(self.shell.user_ns[n])) for n in names if command.model or self._is_model(n)]
         active = [(n, r) for n, r in runs if r is not None and r.running]

@@ -137,6 +137,9 @@ def test_simulated_out_of_memory_keeps_model_and_state(tmp_path, monkeypatch):
     oom = rec.of("oom")[0].data
     assert "batch: 2 with grad_accum: 2" in oom["advice"] and "ckpt: true" in oom["advice"]
     assert oom["checkpoint"] and (tmp_path / "checkpoint-3").exists()
+    assert (tmp_path / "checkpoint-3" / "jupyter_lora.json").exists(), (
+        "the OOM checkpoint records the settings"
+    )
     monkeypatch.setattr(type(model), "forward", original)
     weights = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(torch.isfinite(w).all() for w in weights.values())

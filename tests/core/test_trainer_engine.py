@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import hashlib
+import json
 import os
 import pickle
 import threading
@@ -115,7 +116,9 @@ def test_no_checkpoint_file_is_ever_unpickled(tmp_path):
     assert _digest(checkpoint) == before and _same(weights, _trainable(model))
 
 
-@pytest.mark.parametrize("damage", ["other-rank", "optimizer-pickle", "no-state"])
+@pytest.mark.parametrize(
+    "damage", ["other-rank", "optimizer-pickle", "no-state", "optimizer-empty", "scheduler-dict"]
+)
 def test_a_failed_resume_changes_nothing(tmp_path, damage):
     source = _lm()
     run = jl.train(source, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
@@ -125,6 +128,10 @@ def test_a_failed_resume_changes_nothing(tmp_path, damage):
         (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(_Payload()))
     if damage == "no-state":
         (checkpoint / "trainer_state.json").write_text("{not json")
+    if damage == "optimizer-empty":  # plain tensors, but not an optimizer state: found only while loading
+        torch.save({}, checkpoint / "optimizer.pt")
+    if damage == "scheduler-dict":
+        torch.save({"x": 1}, checkpoint / "scheduler.pt")
     before, weights = _digest(checkpoint), _trainable(model)
     with pytest.raises(UsageError) as excinfo:
         jl.resume(model, checkpoint, data=DATA, steps=4, background=False)
@@ -256,3 +263,69 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
              run_name="lora-r8", **_settings())  # fmt: skip
     runs = list((tmp_path / "wandb-home").rglob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"trainer_args": {"max_steps": 7}}, "training settings already set"),
+     ({"trainer_args": {"learning_rate": 0.5}}, "training settings already set"),
+     ({"trainer_args": {"eval_strategy": "steps"}}, "training settings already set"),
+     ({"trainer_args": {"adam_beta1": 2.0}}, "could not be set up|do not fit together|before the first step"),
+     ({"callbacks": [42]}, "`callbacks` must be"),
+     ({"trainer_args": {"adam_beta2": float("nan")}}, "failed before the first step")],
+    ids=["max-steps", "learning-rate", "eval-without-data", "beta-above-one", "callback-not-a-callback", "nan-beta"],
+)  # fmt: skip
+def test_trainer_mistakes_are_one_line_and_change_nothing(tmp_path, changes, match):
+    model = _lm()
+    weights = _trainable(model)
+    with pytest.raises(UsageError, match=match) as excinfo:
+        jl.train(
+            model,
+            DATA,
+            steps=2,
+            output_dir=str(tmp_path / "runs"),
+            background=False,
+            **_settings(),
+            **changes,
+        )
+    assert "\n" not in str(excinfo.value)
+    assert not (tmp_path / "runs").exists() and _same(weights, _trainable(model))
+    assert jl.train(
+        model, DATA, steps=1, output_dir=str(tmp_path / "ok"), background=False, **_settings()
+    ).state == ("finished")
+
+
+def test_only_one_of_several_simultaneous_starts_trains(tmp_path):
+    model = _lm()
+    started, refused = [], []
+    barrier = threading.Barrier(4)
+
+    def start(i):
+        barrier.wait()
+        try:
+            started.append(jl.train(model, DATA, steps=3, output_dir=str(tmp_path / str(i)), **_settings()))
+        except UsageError:
+            refused.append(i)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(started) == 1 and len(refused) == 3
+    assert started[0].wait(120).state == "finished"
+
+
+def test_stop_and_wait_return_after_the_training_thread_ended(tmp_path):
+    run = jl.train(_lm(), DATA, steps=200, output_dir=str(tmp_path), **_settings())
+    run.stop(wait=True)
+    assert run.state == "stopped" and not run.thread.is_alive()
+
+
+def test_a_log_history_that_is_not_numbers_does_not_break_resume(tmp_path):
+    model = _lm()
+    run = jl.train(model, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
+    state = json.loads((run.checkpoint / "trainer_state.json").read_text())
+    state["log_history"].append({"step": 1, "loss": "x"})
+    (run.checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    assert jl.resume(model, steps=3, background=False).state == "finished"

@@ -28,7 +28,7 @@ def _run(name: str, tmp_path: Path):
     shutil.copy(EXAMPLES / name, tmp_path / name)
     nb = nbformat.read(tmp_path / name, as_version=4)
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     return nb
 

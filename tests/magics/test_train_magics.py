@@ -89,3 +89,8 @@ def test_train_errors(ip):
         ip.run_line_magic("lora", "stop model")
     with pytest.raises(UsageError, match="No checkpoint to resume from"):
         ip.run_line_magic("lora", "resume model")
+
+
+def test_stop_names_a_variable_that_holds_no_model(ip):
+    with pytest.raises(UsageError, match="no variable `nosuch`"):
+        ip.run_line_magic("lora", "stop nosuch")

@@ -204,6 +204,7 @@ def resume(
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip
     run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
+    run.resume_step = int(state.get("global_step", 0))
     run.history, run.evals = history_of(state)  # the curve before the checkpoint continues on the chart
     if run.evals:
         run.best_eval_loss = min(e["eval_loss"] for e in run.evals)

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from .run import TrainingRun
 
-__all__ = ["SETTINGS_FILE", "RunCallback"]
+__all__ = ["SETTINGS_FILE", "RunCallback", "write_settings"]
 
 SETTINGS_FILE = "jupyter_lora.json"
 
@@ -118,9 +118,7 @@ class RunCallback(TrainerCallback):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if path.is_dir():
             if state.is_world_process_zero:  # the settings, so that resume needs only the checkpoint and data
-                (path / SETTINGS_FILE).write_text(
-                    json.dumps({"config": asdict(run.config)}, indent=1, default=str)
-                )
+                write_settings(path, run)
             run.checkpoint = path
             reason = (
                 "stop" if run.stop_requested.is_set() else ("end" if run.step >= run.total_steps else "every")
@@ -156,3 +154,8 @@ class RunCallback(TrainerCallback):
 
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def write_settings(path: Path, run: TrainingRun) -> None:
+    """``jupyter_lora.json`` in a checkpoint: the run's settings, so that a resume needs only the checkpoint."""
+    (path / SETTINGS_FILE).write_text(json.dumps({"config": asdict(run.config)}, indent=1, default=str))

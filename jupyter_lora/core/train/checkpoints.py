@@ -68,19 +68,19 @@ def history_of(state: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     for entry in state.get("log_history") or ():
         if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
             continue
-        if "loss" in entry:
-            history.append({"step": entry["step"], "loss": float(entry["loss"]),
-                            "lr": float(entry.get("learning_rate", 0.0)), "tokens": 0,
-                            "epoch": float(entry.get("epoch", 0.0)), "time": 0.0})  # fmt: skip
-        if "eval_loss" in entry:
-            record = {
-                "step": entry["step"],
-                "eval_loss": float(entry["eval_loss"]),
-                "epoch": entry.get("epoch", 0.0),
-            }
-            if "eval_accuracy" in entry:
-                record["accuracy"] = float(entry["eval_accuracy"])
-            evals.append(record)
+        try:
+            if "loss" in entry:
+                history.append({"step": entry["step"], "loss": float(entry["loss"]),
+                                "lr": float(entry.get("learning_rate", 0.0)), "tokens": 0,
+                                "epoch": float(entry.get("epoch", 0.0)), "time": 0.0})  # fmt: skip
+            if "eval_loss" in entry:
+                record = {"step": entry["step"], "eval_loss": float(entry["eval_loss"]),
+                          "epoch": float(entry.get("epoch", 0.0))}  # fmt: skip
+                if "eval_accuracy" in entry:
+                    record["accuracy"] = float(entry["eval_accuracy"])
+                evals.append(record)
+        except (TypeError, ValueError):  # a record that is not numbers: the chart leaves it out
+            continue
     return history, evals
 
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from .. import runs
 from ..adapters.peft_facts import is_quantized
 from ..errors import UsageError, did_you_mean
 from ..loss import chunked_causal_lm_loss, supports_chunked_loss
 from ..modelinfo import base_model_of
-from .callback import RunCallback
+from .callback import RunCallback, write_settings
 from .run import TrainingRun
 
 __all__ = ["LoraTrainer", "launch", "training_arguments"]
@@ -139,6 +139,12 @@ def training_arguments(run: TrainingRun, device: torch.device, ckpt: bool, **ext
         prediction_loss_only=run.data.task != "SEQ_CLS",
         save_only_model=False,
     )
+    owned = sorted(set(extra) & set(args))
+    if owned:
+        raise UsageError(
+            f"`trainer_args` sets `{owned[0]}`, which the training settings already set (steps, lr, batch, "
+            "output_dir, ...): change the setting itself, so that the run, its checkpoints and resume agree."
+        )
     unknown = sorted(set(extra) - {f.name for f in fields(TrainingArguments)})
     if unknown:
         names = [f.name for f in fields(TrainingArguments)]
@@ -236,11 +242,27 @@ def build_trainer(
     found = [RunCallback(run, tokens, device)]
     if cfg.early_stop and run.data.eval:
         found.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stop))
-    trainer = LoraTrainer(
+    for callback in callbacks or ():
+        if not (
+            isinstance(callback, TrainerCallback)
+            or (isinstance(callback, type) and issubclass(callback, TrainerCallback))
+        ):
+            raise UsageError(
+                f"`callbacks` must be transformers.TrainerCallback objects, got {callback!r:.60}."
+            )
+    try:
+        trainer = LoraTrainer(
         model=model, args=args, train_dataset=run.data.train, eval_dataset=run.data.eval or None,
         data_collator=collate, compute_metrics=_accuracy if run.data.task == "SEQ_CLS" else None,
         callbacks=found + list(callbacks or ()), chunked_loss=chunked,
-    )  # fmt: skip
+        )  # fmt: skip
+    except UsageError:
+        raise
+    except Exception as exc:  # a tracker that cannot start, a field combination the Trainer refuses, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(
+            f"The Trainer could not be set up with these settings: {type(exc).__name__}: {first}"
+        ) from None
     trainer.remove_callback(PrinterCallback)  # the run's own progress display shows the logs
     return trainer
 
@@ -251,8 +273,14 @@ def launch(
     """Start ``run``: on a thread (``background``), or in this thread's place — a foreground run still trains on
     a thread so that Ctrl-C becomes a Stop (finish the step, checkpoint) instead of an exception mid-step."""
     base = base_model_of(run.model)
+    run.created_output_dir = not run.output_dir.exists()
     trainer = build_trainer(run, trainer_args, callbacks)  # every mistake in the settings shows before step 1
-    runs.register(base, run)
+    if not runs.register(base, run):
+        raise UsageError(
+            "This model is already training. Stop that run first (run.stop() or %lora stop model)."
+        )
+    # the adapter as it is, put back if the run fails before its first step (e.g. a checkpoint that loads badly)
+    run.snapshot = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     run.state = "running"
     run.thread = threading.Thread(
         target=_run, args=(run, trainer, base), name="jupyter-lora-train", daemon=True
@@ -281,12 +309,31 @@ def _run(run: TrainingRun, trainer: LoraTrainer, base: nn.Module) -> None:
         _on_oom(run, trainer, exc)
     except Exception as exc:
         run.state = "failed"
-        run.error = exc
-        run.emit("error", message=str(exc), type=type(exc).__name__)
+        run.error = _before_first_step(run, trainer, exc)
+        run.emit("error", message=str(run.error), type=type(exc).__name__)
     finally:
         _cleanup(trainer, model, base, modes, use_cache, ckpt_was)
         runs.finish(base)
         run.finished.set()
+
+
+def _before_first_step(run: TrainingRun, trainer: LoraTrainer, exc: Exception) -> Exception:
+    """A run that fails before it trained a step changed nothing it keeps: the adapter is put back, an empty
+    ``output_dir`` it made is removed, and the error becomes one line (the settings, the checkpoint or the data
+    did not fit). A failure later in a run is a bug or a crash: it stays as it is."""
+    started = run.resume_step if run.resume_from else 0
+    if int(getattr(trainer.state, "global_step", 0) or 0) > started:
+        return exc
+    with torch.no_grad():
+        for name, param in run.model.named_parameters():
+            if name in run.snapshot:
+                param.copy_(run.snapshot[name])
+    if run.created_output_dir and run.output_dir.is_dir() and not any(run.output_dir.iterdir()):
+        run.output_dir.rmdir()
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    where = f"resuming from {run.resume_from}" if run.resume_from else "starting the run"
+    return UsageError(f"{where[0].upper()}{where[1:]} failed before the first step ({type(exc).__name__}: {first}); "
+                      "the adapter is as it was.")  # fmt: skip
 
 
 def _finish(run: TrainingRun, trainer: LoraTrainer) -> None:
@@ -320,6 +367,7 @@ def _on_oom(run: TrainingRun, trainer: LoraTrainer, exc: BaseException) -> None:
         # The Trainer's own checkpoint of the last finished step (adapter, optimizer, scheduler, RNG, state).
         trainer._save_checkpoint(trainer.model, trial=None)
         path = run.output_dir / f"checkpoint-{trainer.state.global_step}"
+        write_settings(path, run)
         run.checkpoint = path
     tips = []
     if cfg.batch > 1:

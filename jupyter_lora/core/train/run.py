@@ -47,6 +47,9 @@ class TrainingRun:
         self.finished = threading.Event()
         self.thread: threading.Thread | None = None
         self._failed_observers: set[int] = set()
+        self.resume_step = 0
+        self.snapshot: dict = {}
+        self.created_output_dir = False
         self.precision = "fp32"
         self.ckpt = False
         self.trainer_args: dict = {}
@@ -59,13 +62,23 @@ class TrainingRun:
         if self.state == "running":
             self.state = "stopping"
         self.stop_requested.set()
-        if wait and self.thread is not None and self.thread is not threading.current_thread():
-            self.finished.wait(timeout)
+        if wait:
+            self._join(timeout)
         return self
+
+    def _join(self, timeout: float | None) -> None:
+        """Wait for the end of the run and of its thread (a process may exit right after)."""
+        self.finished.wait(timeout)
+        if (
+            self.finished.is_set()
+            and self.thread is not None
+            and self.thread is not threading.current_thread()
+        ):
+            self.thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> TrainingRun:
         """Block until the run ends (or ``timeout`` seconds pass); re-raises a crash of the training thread."""
-        self.finished.wait(timeout)
+        self._join(timeout)
         if self.state == "failed" and self.error is not None:
             raise self.error
         return self
