@@ -329,3 +329,10 @@ def test_a_log_history_that_is_not_numbers_does_not_break_resume(tmp_path):
     state["log_history"].append({"step": 1, "loss": "x"})
     (run.checkpoint / "trainer_state.json").write_text(json.dumps(state))
     assert jl.resume(model, steps=3, background=False).state == "finished"
+
+
+def test_resume_with_new_data_keeps_the_run_tokenizer(tmp_path):
+    model = _lm()
+    jl.train(model, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
+    more = jl.resume(model, data=DATA[:20], steps=3, background=False)  # no tokenizer given: the run's own
+    assert more.state == "finished" and more.step == 3

@@ -101,6 +101,19 @@ def _not_training(base: nn.Module, doing: str) -> None:
                          f"before {doing}.")  # fmt: skip
 
 
+def _prepare(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any) -> Any:
+    """``data`` (and ``eval_data``) as the run's tokenized examples for the model's task."""
+    from ..data import prepare_data
+
+    task = _task(peft_model, config.task)
+    base = base_model_of(peft_model)
+    label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
+    return prepare_data(
+        data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
+        seed=config.seed, label2id=label2id,
+    )  # fmt: skip
+
+
 def train(
     model: nn.Module,
     data: Any,
@@ -119,24 +132,20 @@ def train(
     ``jupyter_lora.settings.TrainSettings`` (steps, epochs, lr, batch, seq, grad_accum, eval, eval_every,
     save_every, output_dir, packing, ckpt, samples, early_stop, keep_best, report_to, ...). ``trainer_args``: any
     other ``TrainingArguments`` field; ``callbacks``: your own ``TrainerCallback``s."""
-    from ..data import find_tokenizer, prepare_data
+    from ..data import find_tokenizer
 
     config = make_train_config(**settings)
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
     _not_training(base, "training again")
-    task = _task(peft_model, config.task)
+    _task(peft_model, config.task)
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
     if config.samples and tokenizer is None:
         raise UsageError("`samples` need a tokenizer to generate with; pass tokenizer=.")
     output_dir = _check_output_dir(
         Path(config.output_dir) if config.output_dir else _default_output_dir(peft_model)
     )
-    label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
-    prepared = prepare_data(
-        data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
-        seed=config.seed, label2id=label2id,
-    )  # fmt: skip
+    prepared = _prepare(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
     run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
     return launch(run, background, run.trainer_args, run.callbacks)
@@ -159,7 +168,7 @@ def resume(
     checkpoint written here or by a plain ``transformers.Trainer``. The data, tokenizer and settings of that run
     are reused unless given; ``overrides`` may change e.g. ``steps`` (to extend a finished run). The checkpoint is
     checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
-    from ..data import prepare_data
+    from ..data import find_tokenizer
 
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
@@ -195,12 +204,13 @@ def resume(
         trainer_args = trainer_args if trainer_args is not None else last.trainer_args
         callbacks = callbacks if callbacks is not None else last.callbacks
     else:
-        task = _task(peft_model, config.task)
-        label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
-        prepared = prepare_data(
-            data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data,
-            packing=config.packing, seed=config.seed, label2id=label2id,
-        )  # fmt: skip
+        if tokenizer is None:  # the tokenizer of the run in this session, else the model's own
+            tokenizer = (
+                last.tokenizer
+                if last is not None and last.tokenizer is not None
+                else find_tokenizer(peft_model)
+            )
+        prepared = _prepare(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip
     run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
