@@ -24,7 +24,7 @@ from .. import runs
 from ..adapters.peft_facts import wrapper_for
 from ..errors import UsageError
 from ..modelinfo import base_model_of, detect_task, require_module
-from .checkpoints import check_checkpoint, history_of, latest_checkpoint, read_state, saved_settings
+from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings
 from .engine import launch
 from .run import TrainingRun
 
@@ -183,8 +183,7 @@ def resume(
                 "No checkpoint to resume from: this model has no earlier run in this session. Give the checkpoint "
                 "directory: resume(model, 'lora_runs/.../checkpoint-100', data=...)."
             )
-    path = check_checkpoint(Path(checkpoint), peft_model)
-    state = read_state(path)
+    path, state = check_checkpoint(Path(checkpoint), peft_model)
     saved = saved_settings(path)
     if not saved and last is not None:
         saved = asdict(last.config)

@@ -6,11 +6,9 @@ callable — only ever see the run's events."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -150,10 +148,6 @@ class RunCallback(TrainerCallback):
             model.train(was_training)
         run.samples.append({"step": run.step, "samples": out})
         run.emit("sample", samples=out)
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def write_settings(path: Path, run: TrainingRun) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters.peft_facts import active_names
 from ..errors import UsageError
 
 __all__ = ["check_checkpoint", "history_of", "latest_checkpoint", "read_state", "saved_settings"]
@@ -84,21 +85,17 @@ def history_of(state: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     return history, evals
 
 
-def _active_name(peft_model: nn.Module) -> str:
-    active = peft_model.active_adapter
-    return active if isinstance(active, str) else active[0]
-
-
-def check_checkpoint(path: Path, peft_model: nn.Module) -> Path:
+def check_checkpoint(path: Path, peft_model: nn.Module) -> tuple[Path, dict[str, Any]]:
     """``path`` (a checkpoint, or a run directory holding checkpoints) checked against ``peft_model``; returns the
-    checkpoint directory. Raises a UsageError naming what does not fit; reads, never writes."""
+    checkpoint directory and its Trainer state. Raises a UsageError naming what does not fit; reads, never
+    writes."""
     if path.is_dir() and not (path / _STATE).exists():
         inner = latest_checkpoint(path)
         path = inner if inner is not None else path
     if not path.is_dir() or not (path / _STATE).is_file():
         raise UsageError(f"`checkpoint` {str(path)!r} is not a training checkpoint (no {_STATE}).")
-    read_state(path)
-    name = _active_name(peft_model)
+    state = read_state(path)
+    name = active_names(peft_model)[0]
     folder = path if name == "default" else path / name
     weights = folder / _ADAPTER
     if not weights.is_file():
@@ -107,7 +104,7 @@ def check_checkpoint(path: Path, peft_model: nn.Module) -> Path:
         )
     _check_tensors(path, weights, peft_model, name)
     _check_pickles(path)
-    return path
+    return path, state
 
 
 def _check_tensors(path: Path, weights: Path, peft_model: nn.Module, name: str) -> None:
