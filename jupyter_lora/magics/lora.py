@@ -287,9 +287,8 @@ class LoraMagics(_SettingDefaults):
         model = self._get_model(command.model)
         objects, settings = self._train_inputs(self._with_defaults("train", dict(command.settings)), model)
         settings.pop("progress", None)
-        objects.pop("eval_data", None)
         data = objects.pop("data")
-        return jl.export(model, command.directory, data, tokenizer=objects.get("tokenizer"), **settings)
+        return jl.export(model, command.directory, data, **objects, **settings)
 
     def _do_stop(self, command: p.Stop) -> Any:
         from .. import api as jl

@@ -79,8 +79,8 @@ USAGE = f"""\
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
                                              memory, inject / train / merge / save / unload buttons
-%%lora export MODEL DIR                      write a standalone job (train.py, adapter, data, accelerate configs) to
-                                             run with accelerate launch on many GPUs; body as for %%lora train
+%%lora export MODEL DIR                      write a standalone job (a plain Trainer train.py, adapter, tokenized data,
+                                             accelerate configs) for accelerate launch; body as for %%lora train
 %lora help                                   this text
 Every subcommand is also a Python function: jupyter_lora.inject, .status, .estimate, .merge, ...
 Defaults: %config LoraMagics.default_<setting> = value (e.g. default_r, default_seq, default_lr); %config LoraMagics

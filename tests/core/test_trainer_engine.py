@@ -9,7 +9,11 @@ import hashlib
 import json
 import os
 import pickle
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -239,9 +243,21 @@ def test_mistakes_show_before_step_one_and_write_nothing(tmp_path, changes, matc
 def test_ctrl_c_in_a_foreground_run_stops_it_with_a_checkpoint(tmp_path):
     model = _lm()
 
+    from jupyter_lora.core import runs
+    from jupyter_lora.core.modelinfo import base_model_of
+
     def interrupt(event):
         if event.kind == "step" and event.step == 3:
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            # Hold the training thread until the main thread has turned Ctrl-C into a stop. Python drops a
+            # KeyboardInterrupt that lands in a finalizer (gc), so press again after a while, as a user would.
+            run = runs.active_run(base_model_of(model))
+            for _ in range(10):
+                _thread.interrupt_main()
+                deadline = time.monotonic() + 2
+                while not run.stop_requested.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if run.stop_requested.is_set():
+                    break
 
     run = jl.train(model, DATA, steps=200, output_dir=str(tmp_path), observers=[interrupt], background=False,
                    **_settings())  # fmt: skip
@@ -263,6 +279,29 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, monkeypatch):
              run_name="lora-r8", **_settings())  # fmt: skip
     runs = list((tmp_path / "wandb-home").rglob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].rglob("*"))
+
+
+def test_trackio_writes_its_local_store(tmp_path):
+    pytest.importorskip("trackio")
+    # trackio reads TRACKIO_DIR when imported: a process of its own
+    code = (
+        "import jupyter_lora as jl\n"
+        "from jupyter_lora.testing import tiny_model, tiny_tokenizer\n"
+        "model = jl.inject(tiny_model('llama'), r=8)\n"
+        f"run = jl.train(model, {DATA!r}, steps=2, batch=4, eval=0, tokenizer=tiny_tokenizer(), "
+        f"output_dir={str(tmp_path / 'out')!r}, background=False, report_to='trackio', run_name='lora-r8')\n"
+        "assert run.state == 'finished', run\n"
+    )
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "store"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (db,) = (tmp_path / "store").glob("*.db")
+    with sqlite3.connect(db) as con:
+        tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        assert "metrics" in tables
+        logged = con.execute("SELECT run_name, metrics FROM metrics").fetchall()
+    assert {name for name, _ in logged} == {"lora-r8"}
+    assert any("train/loss" in json.loads(metrics) for _, metrics in logged)
 
 
 @pytest.mark.parametrize(

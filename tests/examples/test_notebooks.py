@@ -107,6 +107,7 @@ def test_scale_out_notebook(tmp_path):
     _no_errors(nb)
     text = _all_text(nb)
     assert text.count("state finished, step 6") == 2
+    assert "logged losses agree: True" in text
     assert "single-process and 2-process DDP adapters agree: True" in text
     assert (tmp_path / "job" / "accelerate_fsdp.yaml").exists()
 

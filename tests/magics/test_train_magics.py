@@ -94,3 +94,19 @@ def test_train_errors(ip):
 def test_stop_names_a_variable_that_holds_no_model(ip):
     with pytest.raises(UsageError, match="no variable `nosuch`"):
         ip.run_line_magic("lora", "stop nosuch")
+
+
+def test_export_cell_writes_the_job_with_its_eval_data(ip, tmp_path):
+    import json
+
+    _cell(ip, SETUP + "held_out = ['a different sentence for evaluation.'] * 3\n")
+    result = _cell(
+        ip,
+        f"%%lora export model {tmp_path / 'job'}\ndata: texts\neval_data: held_out\ntokenizer: tok\nsteps: 4\n",
+    )
+    assert "eval.jsonl" in result.files and "tokenizer/" in result.files
+    job = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert (
+        job["training_arguments"]["max_steps"] == 4 and job["training_arguments"]["eval_strategy"] == "steps"
+    )
+    assert len((tmp_path / "job" / "eval.jsonl").read_text().splitlines()) == 3

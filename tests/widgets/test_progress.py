@@ -561,6 +561,7 @@ def test_callback_translates_trainer_hooks(transformers, tmp_path):
             metrics = {"eval_loss": 0.5, "eval_runtime": 0.1, "epoch": state.epoch}
             cb.on_log(args, state, control, logs=dict(metrics))  # the Trainer logs eval metrics...
             cb.on_evaluate(args, state, control, metrics=metrics)  # ...then calls on_evaluate: one marker
+            (tmp_path / "checkpoint-20").mkdir()  # what the Trainer writes before on_save
             cb.on_save(args, state, control)
         if step == 35:
             w.stop_button.click()
@@ -589,7 +590,8 @@ def test_callback_errors_stay_out_of_the_trainer(transformers, tmp_path):
     state, control = transformers.TrainerState(max_steps=5), transformers.TrainerControl()
     cb = ProgressCallback(mode="widget")
     cb.on_log(args, state, control, logs={"loss": "garbage"})
-    cb.on_evaluate(args, state, control, metrics={"eval_loss": None})
+    cb.on_log(args, state, control, logs={"eval_loss": None})
+    assert cb.on_step_end(args, state, control) is control  # and the next hook still works
     assert cb.observer.observer_errors == 2 and "ValueError" in cb.observer.errors.value
 
 
@@ -652,3 +654,46 @@ def test_callback_with_a_real_trainer(transformers, tmp_path):
     assert (w.bar.value, w.bar.max) == (12, 12)
     assert w.history.info["examples"] == 32 and w.history.info["trainable_params"] == 5
     assert w.summary.value.startswith("<b>finished: 12 steps")
+
+
+def test_callback_attach_stop_saves_a_checkpoint(transformers, tmp_path):
+    """``attach`` takes the place of the Trainer's tqdm bar; Stop ends train() after the step with a checkpoint
+    that a plain Trainer resumes from."""
+    torch = pytest.importorskip("torch")
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as TqdmCallback
+
+    from jupyter_lora.widgets.progress import ProgressCallback
+
+    class Regression(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x, labels):
+            return {"loss": ((self.lin(x).squeeze(-1) - labels) ** 2).mean()}
+
+    class PressStop(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                cb.stop()  # what the Stop button does, during step 4: it is the last one
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(4, generator=g), "labels": torch.randn((), generator=g)} for _ in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=4, max_steps=20,
+        logging_steps=1, save_strategy="no", use_cpu=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[PressStop()])
+    cb = ProgressCallback(mode="widget").attach(trainer)
+    names = [type(c) for c in trainer.callback_handler.callbacks]
+    assert TqdmCallback not in names and PrinterCallback not in names and ProgressCallback in names
+    trainer.train()
+    run = cb.run
+    assert run.state == "stopped" and run.step == 4 and [h["step"] for h in run.history] == [1, 2, 3, 4]
+    assert run.checkpoint == tmp_path / "checkpoint-4" and (run.checkpoint / "trainer_state.json").is_file()
+    w = cb.observer
+    assert w.summary.value.startswith("<b>stopped (user) at step 4/20") and w.observer_error is None
+    resumed = transformers.Trainer(model=Regression(), args=args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(run.checkpoint))
+    assert resumed.state.global_step == 20

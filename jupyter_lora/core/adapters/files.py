@@ -20,7 +20,7 @@ from .guards import require_adapter, require_adapters
 from .merging import save_merged
 from .peft_facts import active_names, adapts_embeddings
 
-__all__ = ["check_adapter_fits", "fsync_tree", "install_staged", "read_adapter_dir", "save"]
+__all__ = ["check_adapter_fits", "fsync_tree", "install_staged", "read_adapter_dir", "save", "stage_dir"]
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
@@ -53,7 +53,8 @@ def _check_save_path(path: str | os.PathLike) -> Path:
     return target
 
 
-def _stage_dir(target: Path) -> Path:
+def stage_dir(target: Path) -> Path:
+    """A new empty directory beside ``target`` to write into before ``install_staged`` puts it in place."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def save(model: nn.Module, path: str | os.PathLike, merged: bool = False, name: 
     target = _check_save_path(path)
     name = name or active_names(peft_model)[0]
     require_adapter(peft_model, name)
-    stage = _stage_dir(target)
+    stage = stage_dir(target)
     try:
         if merged:
             save_merged(peft_model, name, stage)

@@ -34,6 +34,7 @@ __all__ = [
     "last_run",
     "latest_checkpoint",
     "make_train_config",
+    "prepare_for",
     "resume",
     "train",
 ]
@@ -101,7 +102,7 @@ def _not_training(base: nn.Module, doing: str) -> None:
                          f"before {doing}.")  # fmt: skip
 
 
-def _prepare(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any) -> Any:
+def prepare_for(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any) -> Any:
     """``data`` (and ``eval_data``) as the run's tokenized examples for the model's task."""
     from ..data import prepare_data
 
@@ -145,7 +146,7 @@ def train(
     output_dir = _check_output_dir(
         Path(config.output_dir) if config.output_dir else _default_output_dir(peft_model)
     )
-    prepared = _prepare(peft_model, config, data, tokenizer, eval_data)
+    prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
     run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
     return launch(run, background, run.trainer_args, run.callbacks)
@@ -209,7 +210,7 @@ def resume(
                 if last is not None and last.tokenizer is not None
                 else find_tokenizer(peft_model)
             )
-        prepared = _prepare(peft_model, config, data, tokenizer, eval_data)
+        prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip
     run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())

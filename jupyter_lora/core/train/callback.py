@@ -1,81 +1,133 @@
 """``RunCallback``: the one event source. A ``transformers.TrainerCallback`` that turns the Trainer's events into
-``TrainingEvent``s on the run (start, step, eval, sample, checkpoint), asks the Trainer to stop and checkpoint when
-the user presses Stop, and keeps the run's history. Observers — the progress widget, the text output, a user's own
-callable — only ever see the run's events."""
+``TrainingEvent``s on a ``TrainingRun`` (start, step, eval, sample, checkpoint, stop, end), asks the Trainer to stop
+and checkpoint when the user presses Stop, and keeps the run's history. Observers — the progress widget, the text
+output, a user's own callable — only ever see the run's events.
+
+The same callback serves this package's runs and a user's own ``Trainer`` (``jupyter_lora.ProgressCallback``):
+there the run is made from what the Trainer passes to its callbacks (model, data loader, arguments)."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from .run import TrainingRun
 
-__all__ = ["SETTINGS_FILE", "RunCallback", "write_settings"]
+__all__ = ["SETTINGS_FILE", "RunCallback", "observed_run", "write_settings"]
 
 SETTINGS_FILE = "jupyter_lora.json"
 
 
 class RunCallback(TrainerCallback):
-    """Reports the Trainer's progress to ``run`` and carries ``run.stop()`` to the Trainer."""
+    """Reports the Trainer's progress to ``run`` and carries ``run.stop()`` to the Trainer.
 
-    def __init__(self, run: TrainingRun, tokens: list[int], device: torch.device):
+    ``tokens``: tokens per batch, appended by this package's collator (counted on the host: no device sync). Without
+    it (a user's own Trainer) tokens come from ``state.num_input_tokens_seen`` when the Trainer counts them.
+    ``device``: where the model trains (CUDA memory is reported); found from the model when not given.
+    """
+
+    def __init__(self, run: TrainingRun, tokens: list[int] | None = None, device: torch.device | None = None):
         self.run = run
-        self.tokens = (
-            tokens  # tokens per batch, appended by the collator (counted on the host: no device sync)
-        )
+        self.tokens = tokens
         self.device = device
-        self.cuda = device.type == "cuda"
         self._tokens_logged = 0
+        self._tokens_seen = 0
         self._t_last = time.perf_counter()
         self._first_step = 0
+        self._train_loss: float | None = None
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
 
     # --- the run's clock and position
 
     def _sync(self, state) -> None:
-        self.run.step = int(state.global_step)
+        self.run.step = int(state.global_step or 0)
         self.run.epoch = float(state.epoch or 0.0)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def _memory(self) -> dict[str, int | None]:
+        if not self._cuda:
+            return {"memory_allocated": None, "memory_peak": None}
+        return {"memory_allocated": torch.cuda.memory_allocated(self.device),
+                "memory_peak": torch.cuda.max_memory_allocated(self.device)}  # fmt: skip
+
+    def _eta(self, now: float) -> float:
+        run = self.run
+        done = max(1, run.step - self._first_step)
+        return (now - run.started) / done * max(0, run.total_steps - run.step)
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         run = self.run
         self._sync(state)
         self._first_step = run.step
-        run.total_steps = int(state.max_steps)
+        run.total_steps = int(state.max_steps or 0)
         self._t_last = time.perf_counter()
-        if self.cuda:
+        if run.data is None:  # a user's own Trainer: the run is what the Trainer hands its callbacks
+            run.started = self._t_last
+            run.state = "running"
+            run.model = model if model is not None else run.model
+            self._tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            dataset = getattr(train_dataloader, "dataset", None)
+            examples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+            info = {"examples": examples, "eval_examples": None, "task": None, "precision": None,
+                    "config": {"learning_rate": args.learning_rate, "batch": args.per_device_train_batch_size,
+                               "grad_accum": args.gradient_accumulation_steps}}  # fmt: skip
+        else:
+            info = {"examples": len(run.data.train), "eval_examples": len(run.data.eval or ()),
+                    "task": run.data.task, "precision": run.precision,
+                    "config": asdict(run.config) if is_dataclass(run.config) else dict(run.config or {})}  # fmt: skip
+        if self.device is None and run.model is not None:
+            self.device = next((p.device for p in run.model.parameters()), torch.device("cpu"))
+        if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-        run.emit("start", total_steps=run.total_steps, examples=len(run.data.train),
-                 eval_examples=len(run.data.eval or ()), trainable_params=trainable, task=run.data.task,
-                 config=asdict(run.config), device=str(self.device), precision=run.precision,
-                 resumed_from=str(run.resume_from) if run.resume_from else None)  # fmt: skip
+        trainable = (
+            sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+            if run.model is not None
+            else None
+        )
+        run.emit("start", total_steps=run.total_steps, trainable_params=trainable,
+                 device=None if self.device is None else str(self.device),
+                 resumed_from=str(run.resume_from) if run.resume_from else None, **info)  # fmt: skip
+
+    def _step_tokens(self, args, state) -> int | None:
+        """Tokens the steps since the last report consumed."""
+        run = self.run
+        if self.tokens is None:
+            seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            tokens, self._tokens_seen = seen - self._tokens_seen, seen
+            return tokens if seen else None
+        # batches are collated ahead of use (prefetch): count those the finished steps consumed
+        consumed = (run.step - self._first_step) * args.gradient_accumulation_steps
+        tokens = sum(self.tokens[self._tokens_logged : consumed])
+        self._tokens_logged = max(self._tokens_logged, consumed)
+        return tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         run = self.run
         logs = logs or {}
         self._sync(state)
+        if "train_loss" in logs:  # the Trainer's summary at the end of train()
+            self._train_loss = float(logs["train_loss"])
         if "loss" in logs and "eval_loss" not in logs:
             now = time.perf_counter()
-            # batches are collated ahead of use (prefetch): count those the finished steps consumed
-            consumed = (run.step - self._first_step) * args.gradient_accumulation_steps
-            tokens = sum(self.tokens[self._tokens_logged : consumed])
-            self._tokens_logged = max(self._tokens_logged, consumed)
+            tokens = self._step_tokens(args, state)
             elapsed = now - run.started
-            done = max(1, run.step - self._first_step)
-            eta = elapsed / done * max(0, run.total_steps - run.step)
-            record = {"step": run.step, "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
-                      "tokens": tokens, "epoch": run.epoch, "time": elapsed}  # fmt: skip
-            run.history.append(record)
             grad_norm = logs.get("grad_norm")
-            run.emit("step", loss=record["loss"], lr=record["lr"], tokens=tokens,
-                     tokens_per_s=tokens / max(now - self._t_last, 1e-9), elapsed=elapsed, eta=eta,
-                     memory_allocated=torch.cuda.memory_allocated(self.device) if self.cuda else None,
-                     memory_peak=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,
-                     grad_norm=None if grad_norm is None else float(grad_norm))  # fmt: skip
+            lr = logs.get("learning_rate")
+            record = {"step": run.step, "loss": float(logs["loss"]), "lr": None if lr is None else float(lr),
+                      "tokens": tokens or 0, "epoch": run.epoch, "time": elapsed}  # fmt: skip
+            run.history.append(record)
+            run.emit("step", loss=record["loss"], lr=record["lr"], tokens=tokens, elapsed=elapsed,
+                     tokens_per_s=None if tokens is None else tokens / max(now - self._t_last, 1e-9),
+                     eta=self._eta(now), grad_norm=None if grad_norm is None else float(grad_norm),
+                     **self._memory())  # fmt: skip
             self._t_last = now
             if run.stop_requested.is_set():  # Stop pressed while this step was reported: it is the last one
                 self._stop(control)
@@ -96,13 +148,15 @@ class RunCallback(TrainerCallback):
         run = self.run
         self._sync(state)
         cfg = run.config
-        if cfg.sample_every and cfg.samples and run.step % cfg.sample_every == 0:
+        if getattr(cfg, "sample_every", None) and cfg.samples and run.step % cfg.sample_every == 0:
             self.sample(model)
         if run.stop_requested.is_set():
             control.should_log = True
             self._stop(control)
         elif run.step >= run.total_steps:
             control.should_save = True  # the finished run's last state is a checkpoint too
+        elif not control.should_log:  # no log follows this step: report the position alone
+            run.emit("step", elapsed=time.perf_counter() - run.started, eta=self._eta(time.perf_counter()))
         return control
 
     @staticmethod
@@ -115,7 +169,8 @@ class RunCallback(TrainerCallback):
         self._sync(state)
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if path.is_dir():
-            if state.is_world_process_zero:  # the settings, so that resume needs only the checkpoint and data
+            if state.is_world_process_zero and is_dataclass(run.config):
+                # the settings, so that resume needs only the checkpoint and data
                 write_settings(path, run)
             run.checkpoint = path
             reason = (
@@ -123,11 +178,34 @@ class RunCallback(TrainerCallback):
             )
             run.emit("checkpoint", path=str(path), reason=reason)
 
+    def on_train_end(self, args, state, control, **kwargs):
+        """The run's outcome: stopped (Stop pressed), early-stopped (fewer steps than planned) or finished."""
+        run = self.run
+        self._sync(state)
+        checkpoint = str(run.checkpoint) if run.checkpoint else None
+        if run.stop_requested.is_set():
+            run.state = "stopped"
+            run.emit("stop", reason="user", checkpoint=checkpoint)
+        elif run.step < run.total_steps:
+            run.state = "early_stopped"
+            run.emit("stop", reason="early_stop", checkpoint=checkpoint)
+        else:
+            run.state = "finished"
+        elapsed = run.elapsed()
+        if self.tokens is None:
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        else:
+            tokens = sum(h["tokens"] for h in run.history)
+        final = run.history[-1]["loss"] if run.history else self._train_loss
+        run.emit("end", steps=run.step, final_loss=final, best_eval_loss=run.best_eval_loss, elapsed=elapsed,
+                 tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9), checkpoint=checkpoint,
+                 state=run.state)  # fmt: skip
+
     # --- samples
 
     def sample(self, model) -> None:
         run = self.run
-        if run.data.task != "CAUSAL_LM" or run.tokenizer is None or model is None:
+        if run.data is None or run.data.task != "CAUSAL_LM" or run.tokenizer is None or model is None:
             return
         tokenizer = run.tokenizer
         was_training = model.training
@@ -153,3 +231,8 @@ class RunCallback(TrainerCallback):
 def write_settings(path: Path, run: TrainingRun) -> None:
     """``jupyter_lora.json`` in a checkpoint: the run's settings, so that a resume needs only the checkpoint."""
     (path / SETTINGS_FILE).write_text(json.dumps({"config": asdict(run.config)}, indent=1, default=str))
+
+
+def observed_run(observers: list[Any]) -> TrainingRun:
+    """A run for a user's own ``Trainer``: filled in by ``RunCallback`` from the Trainer's hooks."""
+    return TrainingRun(None, None, None, None, observers, Path("."))  # type: ignore[arg-type]

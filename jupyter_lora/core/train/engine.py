@@ -25,7 +25,7 @@ from ..modelinfo import base_model_of
 from .callback import RunCallback, write_settings
 from .run import TrainingRun
 
-__all__ = ["LoraTrainer", "launch", "training_arguments"]
+__all__ = ["LoraTrainer", "launch", "trainer_fields", "training_arguments"]
 
 # The optimizer setting -> transformers' optimizer name (fused AdamW on CUDA: one kernel for all parameters).
 _OPTIM = {
@@ -36,6 +36,14 @@ _OPTIM = {
     "adafactor": "adafactor",
     "sgd": "sgd",
 }
+
+
+# transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name warns)
+_CKPT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 
 class LoraTrainer(Trainer):
@@ -82,6 +90,18 @@ def total_steps(config: Any, examples: int) -> int:
 def training_arguments(run: TrainingRun, device: torch.device, ckpt: bool, **extra: Any) -> TrainingArguments:
     """``TrainingArguments`` for ``run`` from its settings; ``extra`` (the ``trainer_args`` setting) passes any
     other field of ``TrainingArguments`` through."""
+    args = trainer_fields(run, device, ckpt, **extra)
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(
+            f"The training settings (with `trainer_args`) do not fit together: {first}"
+        ) from None
+
+
+def trainer_fields(run: TrainingRun, device: torch.device, ckpt: bool, **extra: Any) -> dict[str, Any]:
+    """The ``TrainingArguments`` fields for ``run`` (plain values: an exported job writes them to job.json)."""
     cfg = run.config
     total = total_steps(cfg, len(run.data.train))
     has_eval = bool(run.data.eval)
@@ -129,8 +149,7 @@ def training_arguments(run: TrainingRun, device: torch.device, ckpt: bool, **ext
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not cuda,
-        gradient_checkpointing=ckpt,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
+        **{_CKPT: ckpt, f"{_CKPT}_kwargs": {"use_reentrant": False} if ckpt else None},
         remove_unused_columns=False,  # the collator turns examples into model inputs
         dataloader_pin_memory=cuda,
         disable_tqdm=True,  # the run's own progress display shows it
@@ -152,13 +171,7 @@ def training_arguments(run: TrainingRun, device: torch.device, ckpt: bool, **ext
             f"`trainer_args`: TrainingArguments has no field `{unknown[0]}`.{did_you_mean(unknown[0], names)}"
         )
     args.update(extra)
-    try:
-        return TrainingArguments(**args)
-    except (ValueError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(
-            f"The training settings (with `trainer_args`) do not fit together: {first}"
-        ) from None
+    return args
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -303,8 +316,8 @@ def _run(run: TrainingRun, trainer: LoraTrainer, base: nn.Module) -> None:
     use_cache = getattr(getattr(base, "config", None), "use_cache", None)
     ckpt_was = _checkpointing_on(base)
     try:
+        # RunCallback.on_train_end records how the run ended (finished, stopped, early-stopped)
         trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-        _finish(run, trainer)
     except torch.OutOfMemoryError as exc:
         _on_oom(run, trainer, exc)
     except Exception as exc:
@@ -334,25 +347,6 @@ def _before_first_step(run: TrainingRun, trainer: LoraTrainer, exc: Exception) -
     where = f"resuming from {run.resume_from}" if run.resume_from else "starting the run"
     return UsageError(f"{where[0].upper()}{where[1:]} failed before the first step ({type(exc).__name__}: {first}); "
                       "the adapter is as it was.")  # fmt: skip
-
-
-def _finish(run: TrainingRun, trainer: LoraTrainer) -> None:
-    state = trainer.state
-    run.step = int(state.global_step)
-    checkpoint = str(run.checkpoint) if run.checkpoint else None
-    if run.stop_requested.is_set():
-        run.state = "stopped"
-        run.emit("stop", reason="user", checkpoint=checkpoint)
-    elif run.step < run.total_steps:
-        run.state = "early_stopped"
-        run.emit("stop", reason="early_stop", checkpoint=checkpoint)
-    else:
-        run.state = "finished"
-    elapsed = run.elapsed()
-    tokens = sum(h["tokens"] for h in run.history)
-    run.emit("end", steps=run.step, final_loss=run.history[-1]["loss"] if run.history else None,
-             best_eval_loss=run.best_eval_loss, elapsed=elapsed, tokens=tokens,
-             tokens_per_s=tokens / max(elapsed, 1e-9), checkpoint=checkpoint, state=run.state)  # fmt: skip
 
 
 def _on_oom(run: TrainingRun, trainer: LoraTrainer, exc: BaseException) -> None:
@@ -390,7 +384,7 @@ def _on_oom(run: TrainingRun, trainer: LoraTrainer, exc: BaseException) -> None:
 
 
 def _cleanup(trainer, model, base, modes, use_cache, ckpt_was) -> None:
-    if getattr(trainer.args, "gradient_checkpointing", False) and not ckpt_was:
+    if getattr(trainer.args, _CKPT, False) and not ckpt_was:
         with contextlib.suppress(Exception):
             base.gradient_checkpointing_disable()
     if use_cache is not None and getattr(base, "config", None) is not None:

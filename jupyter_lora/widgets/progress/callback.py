@@ -1,22 +1,19 @@
 """``ProgressCallback``: the progress display for a user's own ``transformers.Trainer``.
 
-Importing this module imports transformers; ``jupyter_lora.widgets.progress`` loads it on first access to
-``ProgressCallback``.
+It is the package's one event source (``core.train.callback.RunCallback``) pointed at a display: the same
+translation of Trainer hooks into ``TrainingEvent``s that ``jupyter_lora.train`` uses. Importing this module imports
+transformers; ``jupyter_lora.widgets.progress`` loads it on first access to ``ProgressCallback``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import sys
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
-from transformers import TrainerCallback
-
 from ...core.events import TrainingEvent
+from ...core.train.callback import RunCallback, observed_run
 from . import frontend
 from .factory import progress_observer
 
@@ -24,17 +21,18 @@ __all__ = ["ProgressCallback"]
 
 logger = logging.getLogger(__name__)
 
+_HOOKS = ("on_train_begin", "on_log", "on_step_end", "on_save", "on_train_end")
 
-class ProgressCallback(TrainerCallback):
+
+class ProgressCallback(RunCallback):
     """Show a ``transformers.Trainer`` run with the same progress display:
-    ``Trainer(..., callbacks=[ProgressCallback()])``.
+    ``Trainer(..., callbacks=[ProgressCallback()])``, or ``ProgressCallback().attach(trainer)``, which also
+    removes the Trainer's own tqdm bar / log printer so that progress is not shown twice.
 
-    Trainer hooks become ``TrainingEvent``s: on_train_begin → start, on_step_end → step (progress and ETA),
-    on_log → step with loss / learning_rate / grad_norm (and eval when the logs hold ``eval_loss``),
-    on_evaluate → eval (once per step), on_save → checkpoint, on_train_end → stop (if Stop was pressed) and end.
-    Stop sets ``control.should_training_stop`` at the next on_step_end. The click is only handled while the
-    kernel is free, so run ``trainer.train()`` in a thread for a live Stop button. A blocking cell stops with
-    the kernel interrupt instead.
+    Stop finishes the current step, saves a checkpoint in ``output_dir`` and ends ``train()``. The click is only
+    handled while the kernel is free, so run ``trainer.train()`` in a thread for a live Stop button; a blocking
+    cell stops with the kernel interrupt instead. ``run`` holds what was reported (``history``, ``evals``,
+    ``checkpoint``, ``state``).
 
     ``observer``: any observer (default: ``progress_observer(stop=self.stop, title=..., mode=...)``).
     ``show``: display it at on_train_begin when inside a kernel (default: only an observer built here).
@@ -49,7 +47,6 @@ class ProgressCallback(TrainerCallback):
         min_interval: float | None = None,
         show: bool | None = None,
     ) -> None:
-        self._stop_event = threading.Event()
         self.observer = (
             observer
             if observer is not None
@@ -60,170 +57,47 @@ class ProgressCallback(TrainerCallback):
                 min_interval=min_interval,
             )
         )
+        super().__init__(observed_run([self.observer]))
         # display at on_train_begin (inside a kernel): by default only an observer built here
         self._show = observer is None if show is None else show
-        self._t0: float | None = None
-        self._last_eval_step: int | None = None
-        self._last_loss: float | None = None
-        self._best_eval: float | None = None
-        self._train_loss: float | None = None
-        self._tokens_per_s: float | None = None
+        for name in _HOOKS:  # a display problem is reported on the display, never raised into the Trainer
+            setattr(self, name, self._guarded(getattr(self, name)))
 
     def stop(self) -> None:
         """Ask the Trainer to stop after the current step (what the Stop button calls)."""
-        self._stop_event.set()
+        self.run.stop_requested.set()
 
     @property
     def stop_requested(self) -> bool:
         """True once ``stop()`` was called."""
-        return self._stop_event.is_set()
+        return self.run.stop_requested.is_set()
 
-    # ---- plumbing
+    def attach(self, trainer: Any) -> ProgressCallback:
+        """Add this callback to ``trainer`` in place of its tqdm bar and log printer; returns ``self``."""
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_callback import ProgressCallback as TqdmCallback
 
-    def _elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.monotonic() - self._t0
+        trainer.remove_callback(TqdmCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(self)
+        return self
 
-    def _emit(self, kind: str, state: Any, /, **data: Any) -> None:
-        event = TrainingEvent(
-            kind,
-            int(state.global_step or 0),
-            int(state.max_steps or 0),
-            float(state.epoch or 0.0),
-            self._elapsed(),
-            data,
-        )
-        self.observer(event)
+    def _guarded(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hook)
+        def call(args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(args, state, control, **kwargs)
+            except Exception as exc:  # never into the Trainer's loop
+                report = getattr(self.observer, "report_error", None)
+                if report is not None:
+                    report(exc)
+                else:  # pragma: no cover
+                    logger.debug("ProgressCallback error", exc_info=True)
+                return None
 
-    def _guard(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception as exc:  # never into the Trainer's loop
-            report = getattr(self.observer, "report_error", None)
-            if report is not None:
-                report(exc)
-            else:  # pragma: no cover
-                logger.debug("ProgressCallback error", exc_info=True)
-
-    def _tps(self, state: Any) -> float | None:
-        tokens = getattr(state, "num_input_tokens_seen", 0) or 0
-        elapsed = self._elapsed()
-        if tokens and elapsed > 0:
-            return tokens / elapsed
-        return self._tokens_per_s
-
-    @staticmethod
-    def _memory() -> dict[str, int]:
-        torch = sys.modules.get("torch")  # already imported by the Trainer; never imported here
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-            return {}
-        return {
-            "memory_allocated": int(torch.cuda.memory_allocated()),
-            "memory_peak": int(torch.cuda.max_memory_allocated()),
-        }
-
-    # ---- hooks
+        return call
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        def begin() -> None:
-            self._t0 = time.monotonic()
-            model = kwargs.get("model")
-            trainable = (
-                sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else None
-            )
-            loader = kwargs.get("train_dataloader")
-            dataset = getattr(loader, "dataset", None)
-            examples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-            if self._show and frontend.in_kernel() and hasattr(self.observer, "show"):
-                self.observer.show()
-            self._emit(
-                "start",
-                state,
-                total_steps=int(state.max_steps or 0),
-                examples=examples,
-                trainable_params=trainable,
-                config={
-                    "learning_rate": getattr(args, "learning_rate", None),
-                    "batch": getattr(args, "per_device_train_batch_size", None),
-                    "grad_accum": getattr(args, "gradient_accumulation_steps", None),
-                },
-            )
-
-        self._guard(begin)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        def step_end() -> None:
-            if self._stop_event.is_set():
-                control.should_training_stop = True
-            self._emit("step", state, tokens_per_s=self._tps(state))
-
-        self._guard(step_end)
-        return control
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        def log() -> None:
-            values = logs or {}
-            if "train_tokens_per_second" in values:
-                self._tokens_per_s = float(values["train_tokens_per_second"])
-            if "loss" in values:
-                self._last_loss = float(values["loss"])
-                self._emit(
-                    "step",
-                    state,
-                    loss=values["loss"],
-                    lr=values.get("learning_rate"),
-                    grad_norm=values.get("grad_norm"),
-                    tokens_per_s=self._tps(state),
-                    **self._memory(),
-                )
-            if "eval_loss" in values:
-                self._eval(state, values)
-            if "train_loss" in values:
-                self._train_loss = float(values["train_loss"])
-
-        self._guard(log)
-
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any
-    ) -> None:
-        self._guard(lambda: self._eval(state, metrics or {}))
-
-    def _eval(self, state: Any, metrics: Mapping[str, Any]) -> None:
-        if "eval_loss" not in metrics or self._last_eval_step == state.global_step:
-            return
-        self._last_eval_step = state.global_step
-        value = float(metrics["eval_loss"])
-        improved = self._best_eval is None or value < self._best_eval
-        self._best_eval = value if improved else self._best_eval
-        self._emit(
-            "eval",
-            state,
-            eval_loss=value,
-            accuracy=metrics.get("eval_accuracy"),
-            best_eval_loss=self._best_eval,
-            improved=improved,
-        )
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        path = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        self._guard(lambda: self._emit("checkpoint", state, path=path, reason="every"))
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        def end() -> None:
-            stopped = self._stop_event.is_set()
-            if stopped:
-                self._emit("stop", state, reason="user", checkpoint=None)
-            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            self._emit(
-                "end",
-                state,
-                steps=int(state.global_step or 0),
-                final_loss=self._last_loss if self._last_loss is not None else self._train_loss,
-                best_eval_loss=self._best_eval,
-                elapsed=self._elapsed(),
-                tokens=tokens,
-                tokens_per_s=self._tps(state),
-                checkpoint=getattr(state, "best_model_checkpoint", None),
-                state="stopped" if stopped else "completed",
-            )
-
-        self._guard(end)
+        if self._show and frontend.in_kernel() and hasattr(self.observer, "show"):
+            self.observer.show()
+        super().on_train_begin(args, state, control, **kwargs)
