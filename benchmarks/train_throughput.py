@@ -9,8 +9,10 @@ Model: Llama architecture built from a config (random weights; nothing downloade
 shape of ../ANCHORS (hidden 2048, 22 layers, vocab 32000) in bf16, on CPU a small shape in fp32. LoRA r=16,
 alpha=32, dropout 0 on all seven projections; random tokens, batch × seq fixed; fused AdamW where available.
 Variants, one lever per line: the Trainer; our engine on the model's own loss; + the chunked LM loss (never all
-fp32 logits at once, core/loss.py); + the progress widget observing every step; on CUDA also QLoRA (NF4 + double
-quant, bf16 compute) with the Trainer (+ prepare_model_for_kbit_training) and with the engine (load_base).
+fp32 logits at once, core/loss.py); + the progress widget observing every step; on CUDA also Liger's fused kernels
+instead of the chunked loss (when liger-kernel is installed), checkpointing with the checkpoints offloaded to host
+memory (ckpt: offload), and QLoRA (NF4 + double quant, bf16 compute) with the Trainer
+(+ prepare_model_for_kbit_training) and with the engine (load_base).
 Printed per variant: tokens/s after warm-up, peak memory (CUDA: max_memory_allocated; CPU: peak RSS), the ratio
 to the Trainer, and on CUDA the model-FLOPs utilisation (6N-ish: 4·N_frozen + 6·N_trainable + attention, per
 token, against the GPU's dense bf16 peak). The "engine + progress" line measures the progress display's cost.
@@ -19,6 +21,7 @@ token, against the GPU's dense bf16 peak). The "engine + progress" line measures
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -130,12 +133,13 @@ def run_variant(args) -> dict:
             from jupyter_lora.widgets.progress import ProgressWidget
 
             observers.append(ProgressWidget(stop=lambda: None))
-        chunked = args.variant not in (
-            "engine",
-        )  # "engine" is the plain path; the others add the chunked loss
+        # "engine" is the plain path; the others add one lever each to the chunked loss
+        chunked = args.variant not in ("engine", "engine+liger")
+        kernels = "liger" if args.variant == "engine+liger" else "none"
+        ckpt = "offload" if args.variant == "engine+offload" else args.ckpt
         jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
-                 warmup=0, ckpt=args.ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
-                 background=False, chunked_loss=chunked, callbacks=[Timer()])  # fmt: skip
+                 warmup=0, ckpt=ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
+                 background=False, chunked_loss=chunked, kernels=kernels, callbacks=[Timer()])  # fmt: skip
     # Bytes of the frozen weights as loaded (packed 4-bit weights count their storage), for the QLoRA goal.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     timed = times[args.warmup :]
@@ -190,7 +194,9 @@ def main() -> None:
     chosen = args.variants.split(",") if args.variants else None
     path = ""
     if cuda:  # QLoRA quantises on load, from files: a random bf16 checkpoint of the same shape
-        variants += ["trainer+qlora", "engine+qlora"]
+        variants += ["engine+offload", "trainer+qlora", "engine+qlora"]
+        if importlib.util.find_spec("liger_kernel") is not None:
+            variants.insert(3, "engine+liger")
         model, _ = _setup("tinyllama", "bf16")
         path = os.path.join(args.tmp, "checkpoint")
         model.save_pretrained(path)

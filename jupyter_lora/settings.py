@@ -560,10 +560,10 @@ class TrainSettings:
     )
     ckpt: Any = _setting(
         "auto",
-        "gradient checkpointing (auto: on for 4/8-bit bases)",
+        "gradient checkpointing (auto: on for 4/8-bit bases; offload: checkpoints in host memory)",
         "auto_bool",
         "train estimate",
-        choices=("auto", True, False),
+        choices=("auto", True, False, "offload"),
         example="auto",
         aliases=("gradient_checkpointing",),
         label="grad. checkpointing",
@@ -653,9 +653,19 @@ class TrainSettings:
     run_name: str | None = _setting(
         None, "the run's name in the tracker", "text", "train", nullable=True, example="lora-r16"
     )
+    kernels: str = _setting(
+        "auto",
+        "fused Liger kernels: RMSNorm, SwiGLU, RoPE, linear+cross-entropy (auto: on CUDA when liger-kernel is "
+        "installed)",
+        "choice",
+        "train",
+        choices=("auto", "liger", "none"),
+        example="auto",
+        trait="default_kernels",
+    )
     chunked_loss: Any = _setting(
         "auto",
-        "LM loss in chunks, no full fp32 logits (auto: on CUDA)",
+        "LM loss in chunks, no full fp32 logits (auto: on CUDA without Liger)",
         "auto_bool",
         "train",
         choices=("auto", True, False),
@@ -889,6 +899,10 @@ def _choice(value: Any, s: Setting) -> Any:
             return {"auto": "auto", "true": True, "on": True, "false": False, "off": False}[
                 value.strip().lower()
             ]
+        if (
+            isinstance(value, str) and value.strip().lower() in s.choices
+        ):  # a further mode, e.g. ckpt: offload
+            return value.strip().lower()
     elif isinstance(value, str):
         key = value.strip().lower().replace("-", "_")
         if key in s.choices:

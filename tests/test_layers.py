@@ -224,3 +224,20 @@ def test_public_api_resolves():
         "import jupyter_lora as jl, jupyter_lora.api as api; print(sorted(jl.__all__) == sorted(api.__all__))"
     )
     assert out == "True"
+
+
+def test_no_bitsandbytes_hub_hint_whichever_module_loads_peft_first():
+    """bitsandbytes (imported by PEFT and transformers when installed) logs a hint to download a Hub kernel; it is
+    dropped once for the whole package, whichever entry point loads PEFT first."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed here")
+    for entry in ("jupyter_lora.ProgressCallback", "jupyter_lora.core.train.engine", "jupyter_lora.core.plan"):
+        module, _, attr = entry.rpartition(".") if entry.endswith("Callback") else (entry, "", "")
+        code = f"import {module}\n" + (f"{module}.{attr}\n" if attr else "") + "import peft, bitsandbytes\n"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "kernels-community" not in out.stderr + out.stdout, entry

@@ -50,6 +50,7 @@ job.json holds the TrainingArguments the notebook's settings made; train.jsonl /
 notebook tokenized them. The trained adapter is written to runs/adapter (PeftModel.from_pretrained loads it).
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -116,6 +117,8 @@ def main():
     args.update(bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda)
     if cuda and args["optim"] == "adamw_torch":
         args["optim"] = "adamw_torch_fused"
+    if cuda and JOB["kernels"] != "none" and importlib.util.find_spec("liger_kernel") is not None:
+        args["use_liger_kernel"] = True  # Liger's fused RMSNorm, SwiGLU, RoPE and linear+cross-entropy
     args = transformers.TrainingArguments(output_dir=str(OUT), **args)
 
     load = {"dtype": getattr(torch, JOB["dtype"])}
@@ -185,7 +188,7 @@ fsdp_config:
 """
 
 # TrainingArguments fields that depend on the machine the job runs on: train.py sets them there.
-_MACHINE_FIELDS = ("output_dir", "use_cpu", "bf16", "fp16", "dataloader_pin_memory", "disable_tqdm",
+_MACHINE_FIELDS = ("output_dir", "use_cpu", "bf16", "fp16", "dataloader_pin_memory", "disable_tqdm", "use_liger_kernel",
                    "per_device_train_batch_size", "per_device_eval_batch_size")  # fmt: skip
 
 
@@ -220,11 +223,11 @@ def export(
     from .adapters.files import install_staged, stage_dir
     from .adapters.guards import require_adapters
     from .adapters.operations import unload_clean
-    from .adapters.peft_facts import active_names, is_quantized
+    from .adapters.peft_facts import active_names
     from .data import find_tokenizer
     from .modelinfo import base_model_of
     from .train import make_train_config, prepare_for
-    from .train.engine import trainer_fields
+    from .train.engine import checkpointing, trainer_fields
     from .train.run import TrainingRun
     from .transaction import Transaction
 
@@ -242,8 +245,9 @@ def export(
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, [], Path("runs"))
-    ckpt = config.ckpt is True or (config.ckpt == "auto" and is_quantized(peft_model))
-    fields = trainer_fields(run, torch.device("cpu"), ckpt, **(trainer_args or {}))
+    fields = trainer_fields(
+        run, torch.device("cpu"), checkpointing(config, peft_model), **(trainer_args or {})
+    )
     base_model = base_model_of(peft_model)
     quantization = getattr(base_model.config, "quantization_config", None)
 
@@ -278,7 +282,7 @@ def export(
             "dtype": str(dtype).replace("torch.", ""),
             "quantization": quantization.to_dict() if hasattr(quantization, "to_dict") else quantization,
             "task": prepared.task, "pad_token_id": prepared.pad_token_id, "packing": prepared.packing,
-            "batch": config.batch, "precision": config.precision,
+            "batch": config.batch, "precision": config.precision, "kernels": config.kernels,
             "early_stop": config.early_stop if prepared.eval else None,
             "training_arguments": {k: v for k, v in fields.items() if k not in _MACHINE_FIELDS},
         }  # fmt: skip

@@ -66,6 +66,7 @@ class MemoryEstimate:
     gpu_capacity_bytes: int | None = None
     notes: tuple[str, ...] = ()
     dims: dict[str, Any] = field(default_factory=dict, compare=False)
+    offload: bool = False  # checkpoints held in host memory (ckpt: offload)
 
     @property
     def total_bytes(self) -> int:
@@ -91,7 +92,7 @@ class MemoryEstimate:
         return (
             f"MemoryEstimate(training {fmt_bytes(self.total_bytes)}, inference {fmt_bytes(self.inference_bytes)}; "
             f"batch {self.batch} × seq {self.seq}, {self.dtype}{' ' + self.quant if self.quant else ''}, "
-            f"{self.optim}{', ckpt' if self.ckpt else ''}{fits})"
+            f"{self.optim}{', ckpt' if self.ckpt else ''}{' (offload)' if self.offload else ''}{fits})"
         )
 
 
@@ -291,7 +292,11 @@ def estimate(
     per_layer = _layer_activations(
         d, tokens, seq, e, "sdpa" if attention == "flash" else attention, lora_in, dropout_in
     )
-    if ckpt:
+    if ckpt == "offload":
+        # The layer inputs wait in host memory; on the device: the layer being recomputed and its input.
+        activations = e * d["hidden"] * tokens + per_layer
+        notes.append("gradient checkpointing with the checkpoints offloaded to host memory (ckpt: offload)")
+    elif ckpt:
         # Non-reentrant checkpointing keeps each layer's input (e·h per token) and recomputes one layer at a time.
         activations = d["layers"] * e * d["hidden"] * tokens + per_layer
     else:
@@ -349,6 +354,7 @@ def estimate(
         seq=seq,
         batch=batch,
         ckpt=bool(ckpt),
+        offload=ckpt == "offload",
         optim=optim_key,
         dtype=str(weight_dtype).replace("torch.", ""),
         quant=quant_key,

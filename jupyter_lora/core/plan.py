@@ -18,7 +18,6 @@ from torch import nn
 from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, registered_wrapper
 from .errors import UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
-from .quant import hide_hub_kernel_hint
 from .spec import LoraSpec, make_spec
 from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
 
@@ -128,7 +127,6 @@ class Plan:
 
     def to_peft_config(self):
         """The ``peft.LoraConfig`` that injects exactly this plan."""
-        hide_hub_kernel_hint()
         from peft import LoraConfig
 
         init: Any = {"default": True, "zero": False}.get(self.spec.init, self.spec.init)
@@ -289,7 +287,6 @@ def plan(
     require_module(model)
     spec = make_spec(**settings) if spec is None else (spec.replace(**settings) if settings else spec)
     check_adapter_name(name)
-    hide_hub_kernel_hint()  # resolving targets may read PEFT's tables, and PEFT imports bitsandbytes
     wrapper = registered_wrapper(model)
     if wrapper is not None:  # a base adapted earlier is planned through its wrapper, as inject does
         model = wrapper

@@ -155,6 +155,19 @@ def test_gradient_checkpointing_reduces_activations():
         assert ckpt.breakdown[key] == plain.breakdown[key], key
 
 
+def test_offloaded_checkpoints_leave_one_layer_on_the_device():
+    config = llama_config("llama-2-7b")
+    ckpt = jl.estimate(config, seq=4096, batch=4, ckpt=True)
+    offload = jl.estimate(config, seq=4096, batch=4, ckpt="offload")
+    hidden, layers, tokens = 4096, 32, 4096 * 4
+    # the difference is the layer inputs of all but one layer (bf16), kept in host memory instead
+    saved = ckpt.breakdown["activations"] - offload.breakdown["activations"]
+    assert saved == pytest.approx((layers - 1) * 2 * hidden * tokens, rel=0.35)
+    assert offload.offload and "(offload)" in repr(offload) and any("offloaded" in n for n in offload.notes)
+    with pytest.raises(UsageError, match="Did you mean `offload`"):
+        jl.estimate(config, ckpt="ofload")
+
+
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_activations_scale_linearly_with_batch(llama, ckpt):
     acts = {b: jl.estimate(llama, seq=128, batch=b, ckpt=ckpt).breakdown["activations"] for b in (1, 2, 8)}

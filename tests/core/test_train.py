@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,6 +201,40 @@ def test_gradient_checkpointing_and_accumulation(tmp_path):
                    output_dir=str(tmp_path), background=False)  # fmt: skip
     assert run.state == "finished" and run.step == 4
     assert not model.base_model.model.is_gradient_checkpointing, "turned off again afterwards"
+
+
+def test_offloaded_checkpointing_trains_the_same_curve(tmp_path):
+    """``ckpt: offload`` (the checkpoints wait in host memory) computes what plain checkpointing and no
+    checkpointing compute: the same losses and the same adapter."""
+    curves, adapters = {}, {}
+    for ckpt in (False, True, "offload"):
+        torch.manual_seed(0)
+        model = _lm()
+        run = jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=4, batch=2, ckpt=ckpt, eval=0, lr=5e-3,
+                       output_dir=str(tmp_path / str(ckpt)), background=False)  # fmt: skip
+        assert run.state == "finished"
+        curves[ckpt] = [h["loss"] for h in run.history]
+        adapters[ckpt] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    np.testing.assert_allclose(curves["offload"], curves[False], rtol=1e-5)
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+    for name, value in adapters["offload"].items():
+        torch.testing.assert_close(value, adapters[False][name], rtol=1e-4, atol=1e-6)
+    assert curves[False][-1] < curves[False][0]
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run(tmp_path):
+    model = _lm()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(jl.UsageError, match=r"`kernels: liger` cannot be used here: Liger's kernels run on CUDA"):
+        jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=2, kernels="liger", output_dir=str(tmp_path / "x"),
+                 background=False)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(jl.UsageError, match="Did you mean `liger`"):
+        jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=2, kernels="ligre", background=False)
+    run = jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=1, kernels="auto", eval=0,
+                   output_dir=str(tmp_path / "auto"), background=False)  # fmt: skip
+    assert run.state == "finished"  # auto: off here, without a word
 
 
 def test_modes_and_forward_restored_after_training(tmp_path):

@@ -19,7 +19,6 @@ from ..errors import UsageError
 from ..modelinfo import base_model_of, require_module
 from ..plan import Plan, check_adapter_name
 from ..plan import plan as make_plan
-from ..quant import hide_hub_kernel_hint
 from ..spec import LoraSpec
 from ..transaction import Transaction
 from .files import check_adapter_fits, read_adapter_dir
@@ -103,7 +102,6 @@ def inject(
 
 
 def _apply(model: nn.Module, peft_model: nn.Module | None, the_plan: Plan, replace: bool) -> nn.Module:
-    hide_hub_kernel_hint()
     from peft import get_peft_model
 
     config = the_plan.to_peft_config()
@@ -250,7 +248,6 @@ def load(
     check_not_training(peft_model if peft_model is not None else model, "load an adapter")
     source, config = read_adapter_dir(path)
     check_adapter_fits(peft_model if peft_model is not None else model, source, config)
-    hide_hub_kernel_hint()
     from peft import PeftModel
 
     roots = [r for r in (model, peft_model) if r is not None]

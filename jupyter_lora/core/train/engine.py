@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import inspect
 import math
 import os
 import threading
@@ -149,7 +150,9 @@ def trainer_fields(run: TrainingRun, device: torch.device, ckpt: bool, **extra: 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not cuda,
-        **{_CKPT: ckpt, f"{_CKPT}_kwargs": {"use_reentrant": False} if ckpt else None},
+        **{_CKPT: bool(ckpt), f"{_CKPT}_kwargs": _checkpoint_kwargs(ckpt, device)},
+        # Liger's fused kernels through the Trainer's own switch (patches RMSNorm, SwiGLU, RoPE and the LM loss)
+        use_liger_kernel=use_liger(cfg.kernels, run.model, device),
         remove_unused_columns=False,  # the collator turns examples into model inputs
         dataloader_pin_memory=cuda,
         disable_tqdm=True,  # the run's own progress display shows it
@@ -172,6 +175,52 @@ def trainer_fields(run: TrainingRun, device: torch.device, ckpt: bool, **extra: 
         )
     args.update(extra)
     return args
+
+
+def checkpointing(config: Any, model: nn.Module) -> bool | str:
+    """The ``ckpt`` setting for ``model``: True, False or "offload" (auto: on for 4/8-bit bases)."""
+    if config.ckpt == "auto":
+        return is_quantized(model)
+    return config.ckpt
+
+
+def _checkpoint_kwargs(ckpt: bool | str, device: torch.device) -> dict | None:
+    if not ckpt:
+        return None
+    # On a CPU the checkpoints are in host memory already: offloading is plain checkpointing there.
+    if ckpt == "offload" and device.type != "cpu":
+        from transformers import PreTrainedModel
+
+        if "offload" not in inspect.signature(PreTrainedModel.activation_checkpointing_enable).parameters:
+            raise UsageError(
+                "`ckpt: offload` needs a transformers version whose activation checkpointing can offload "
+                "(pip install -U transformers); or set ckpt: true."
+            )
+        return {"use_reentrant": False, "offload": True}
+    return {"use_reentrant": False}
+
+
+def use_liger(kernels: str, model: nn.Module | None, device: torch.device) -> bool:
+    """Whether the run uses Liger's kernels: ``kernels: liger`` (checked: CUDA, the package, the architecture),
+    or ``auto`` where all three hold."""
+    if kernels == "none":
+        return False
+    problem = None
+    model_type = getattr(getattr(base_model_of(model), "config", None), "model_type", None) if model else None
+    if device.type != "cuda":
+        problem = "Liger's kernels run on CUDA GPUs"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "the liger-kernel package is not installed (pip install 'jupyter-lora[kernels]')"
+    else:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            problem = f"Liger has no kernels for {model_type!r} models"
+    if problem is None:
+        return True
+    if kernels == "liger":
+        raise UsageError(f"`kernels: liger` cannot be used here: {problem}. Set kernels: auto or none.")
+    return False
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -226,7 +275,7 @@ def build_trainer(
     device = _device_of(model)
     if device.type == "cuda" and not torch.cuda.is_available():  # pragma: no cover
         device = torch.device("cpu")
-    run.ckpt = cfg.ckpt is True or (cfg.ckpt == "auto" and is_quantized(model))
+    run.ckpt = checkpointing(cfg, model)
     args = training_arguments(run, device, run.ckpt, **(trainer_args or {}))
     run.precision = _precision(cfg, device)
     _reset_accelerate_precision(run.precision)
@@ -240,8 +289,15 @@ def build_trainer(
             "`chunked_loss: true` works for single-process causal-LM training of "
             "llama/mistral/qwen2/qwen3/phi3/gemma-style models; set it to auto or false here."
         )
-    chunked = possible and (
-        cfg.chunked_loss is True or (cfg.chunked_loss == "auto" and device.type == "cuda")
+    if cfg.chunked_loss is True and args.use_liger_kernel:
+        raise UsageError(
+            "`chunked_loss: true` and Liger's kernels both replace the LM loss (Liger fuses it with the LM head): "
+            "set chunked_loss: auto, or kernels: none."
+        )
+    chunked = (
+        possible
+        and not args.use_liger_kernel
+        and (cfg.chunked_loss is True or (cfg.chunked_loss == "auto" and device.type == "cuda"))
     )
     tokens: list[int] = []
 
