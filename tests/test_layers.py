@@ -235,7 +235,11 @@ def test_no_bitsandbytes_hub_hint_whichever_module_loads_peft_first():
 
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed here")
-    for entry in ("jupyter_lora.ProgressCallback", "jupyter_lora.core.train.engine", "jupyter_lora.core.plan"):
+    for entry in (
+        "jupyter_lora.ProgressCallback",
+        "jupyter_lora.core.train.engine",
+        "jupyter_lora.core.plan",
+    ):
         module, _, attr = entry.rpartition(".") if entry.endswith("Callback") else (entry, "", "")
         code = f"import {module}\n" + (f"{module}.{attr}\n" if attr else "") + "import peft, bitsandbytes\n"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -225,7 +225,9 @@ def test_offloaded_checkpointing_trains_the_same_curve(tmp_path):
 def test_liger_kernels_are_refused_where_they_cannot_run(tmp_path):
     model = _lm()
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(jl.UsageError, match=r"`kernels: liger` cannot be used here: Liger's kernels run on CUDA"):
+    with pytest.raises(
+        jl.UsageError, match=r"`kernels: liger` cannot be used here: Liger's kernels run on CUDA"
+    ):
         jl.train(model, TEXT, tokenizer=tiny_tokenizer(), steps=2, kernels="liger", output_dir=str(tmp_path / "x"),
                  background=False)  # fmt: skip
     assert not (tmp_path / "x").exists()
