@@ -21,7 +21,6 @@ from ..plan import Plan, check_adapter_name
 from ..plan import plan as make_plan
 from ..spec import LoraSpec
 from ..transaction import Transaction
-from .files import check_adapter_fits, read_adapter_dir
 from .guards import check_not_training, require_adapter, require_adapters
 from .peft_facts import (
     active_names,
@@ -35,6 +34,7 @@ from .peft_facts import (
     restore_grad_flags,
     wrapper_for,
 )
+from .reading import check_adapter_fits, read_adapter_dir
 
 __all__ = ["delete", "disable", "enable", "inject", "load", "unload", "unload_clean", "use"]
 
