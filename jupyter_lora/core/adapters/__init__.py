@@ -3,7 +3,8 @@ and the files exactly as they were):
 
 - ``operations``: inject, unload, use, enable, disable, delete, load;
 - ``merging``: merge (a 4/8-bit base through a dequantised copy) and writing the merged model;
-- ``files``: save, atomic directory installs, reading a saved adapter;
+- ``files``: save, atomic directory installs;
+- ``reading``: reading a saved adapter back and checking it fits a model before ``load``;
 - ``inspection``: status — what adapters a model holds;
 - ``guards``: the checks every operation makes first;
 - ``peft_facts``: PEFT layers, active adapters, the wrapper of a base model, quantisation.
