@@ -265,6 +265,7 @@ class LoraSettings:
         "int",
         "inject estimate",
         minimum=1,
+        maximum=1 << 16,  # past any useful rank; a larger one would only fail allocating the adapter
         example="16",
         aliases=("rank", "lora_r"),
         label="rank r",
@@ -862,14 +863,23 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+_INT64_MAX = 2**63 - 1  # whole-number settings end up in torch / numpy / the Trainer as 64-bit integers
+
+
 def _whole(value: Any, s: Setting) -> int:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+    original = value
+    if isinstance(value, float) and value.is_integer():  # 1e30 too: whole, and refused below as too large
         value = int(value)
     if not _is_int(value):
         raise UsageError(
             f"`{s.name}` must be a whole number like {s.example}, got {value!r} ({type(value).__name__})."
         )
-    return _in_range(int(value), s, value)
+    checked = _in_range(int(value), s, original)
+    if abs(checked) > _INT64_MAX:
+        raise UsageError(
+            f"`{s.name}` must be a whole number below 2**63, got {original!r}. E.g. {s.name}: {s.example}."
+        )
+    return checked
 
 
 def _number(value: Any, s: Setting) -> float:

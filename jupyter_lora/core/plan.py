@@ -18,7 +18,7 @@ from torch import nn
 from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, registered_wrapper
 from .errors import UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
-from .spec import LoraSpec, make_spec
+from .spec import LoraSpec, spec_with
 from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
 
 __all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "check_adapter_name", "plan"]
@@ -285,7 +285,7 @@ def plan(
     if not isinstance(replace, bool):
         raise UsageError(f"`replace` must be True or False, got {replace!r}.")
     require_module(model)
-    spec = make_spec(**settings) if spec is None else (spec.replace(**settings) if settings else spec)
+    spec = spec_with(spec, settings)
     check_adapter_name(name)
     wrapper = registered_wrapper(model)
     if wrapper is not None:  # a base adapted earlier is planned through its wrapper, as inject does
@@ -380,10 +380,17 @@ def plan(
 
 
 def check_adapter_name(name: Any) -> None:
-    """Raise a ``UsageError`` unless ``name`` is usable as an adapter name (letters, digits, _ or -)."""
+    """Raise a ``UsageError`` unless ``name`` is usable as an adapter name: letters, digits, _ or -, and not a
+    name torch's ``ModuleDict`` / ``ParameterDict`` already use (PEFT keeps each layer's adapters in those, keyed
+    by the adapter name, so ``train``, ``to`` or ``keys`` fail half-way through an injection)."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name or ""):
         raise UsageError(
             f"`name` must be a short adapter name of letters, digits, _ or -, got {name!r}. E.g. name: chat."
+        )
+    if any(hasattr(kind(), name) for kind in (nn.ModuleDict, nn.ParameterDict)):
+        raise UsageError(
+            f"`name` {name!r} cannot name an adapter: PEFT keeps each layer's adapters in a torch ModuleDict keyed "
+            f"by name, where `{name}` is already a method or attribute. Choose another, e.g. name: {name}_lora."
         )
 
 

@@ -38,16 +38,53 @@ _DTYPES = {
 }
 
 
+# Seconds the Hub may take to answer (per connect/read) before it counts as unreachable; Hub answers take well
+# under a second, and an offline machine then fails at once instead of retrying for ~25 s.
+HUB_TIMEOUT = 1.5
+
+
 def read_config(source: str | os.PathLike, purpose: str, fix: str) -> PretrainedConfig:
     """The transformers config at ``source`` (a local directory with config.json, or a model id). When it cannot
-    be read, a UsageError: ``Cannot <purpose> from <source>: <why>`` followed by ``fix``, what to give instead."""
+    be read, a UsageError: ``Cannot <purpose> from <source>: <why>`` followed by ``fix``, what to give instead.
+    A model id is looked up on the Hub with one short request first: when the Hub cannot be reached and the
+    config is not in the local cache, the error comes at once (huggingface_hub would retry for half a minute)."""
     from transformers import AutoConfig
 
     text = os.fspath(source)
+    if not os.path.isdir(os.path.expanduser(text)):
+        _check_hub_reachable(text, purpose, fix)
     try:
         return AutoConfig.from_pretrained(text)
     except (OSError, ValueError) as exc:
         raise UsageError(f"Cannot {purpose} from {text!r}: {str(exc).splitlines()[0]} {fix}") from None
+
+
+def _check_hub_reachable(model_id: str, purpose: str, fix: str) -> None:
+    """Raise a UsageError when the Hub does not answer one request for ``model_id``'s config.json within
+    ``HUB_TIMEOUT`` and the local cache has no copy. Anything the Hub answers (a 404, a gated repo), an id it
+    would refuse, and offline mode (HF_HUB_OFFLINE=1: the cache only) are left to transformers to report."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        url = hf_hub_url(model_id, "config.json")
+        get_hf_file_metadata(url, timeout=HUB_TIMEOUT)
+    except (HfHubHTTPError, HFValidationError):
+        return  # the Hub answered, or the id is malformed: transformers says which, without retrying
+    except Exception as exc:  # a network error of whichever HTTP client huggingface_hub uses
+        try:
+            cached = try_to_load_from_cache(model_id, "config.json")
+        except HFValidationError:
+            cached = None
+        if isinstance(cached, str):
+            return  # transformers falls back to the cached copy without retrying
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"Cannot {purpose} from {model_id!r}: the Hub ({constants.ENDPOINT}) cannot be reached from here "
+            f"({why}) and its config.json is not in the local cache. {fix}"
+        ) from None
 
 
 def model_from_config(config: Any) -> nn.Module:

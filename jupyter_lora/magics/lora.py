@@ -52,7 +52,7 @@ class LoraMagics(_SettingDefaults):
     @line_cell_magic
     def lora(self, line: str, cell: str | None = None) -> Any:
         try:
-            command = p.parse(line, cell)
+            command = p.parse(line, cell, models=self._module_names())
             return self._run(command)
         except UsageError as exc:
             raise IPythonUsageError(str(exc)) from None

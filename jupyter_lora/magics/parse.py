@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,18 +316,30 @@ def _identifier(value: str, what: str = "MODEL") -> str:
     return value
 
 
-def parse(line: str, cell: str | None = None) -> Command:
-    """Turn a ``%lora`` line (and ``%%lora`` cell body) into a command object. Raises UsageError."""
+def parse(line: str, cell: str | None = None, models: Collection[str] | None = None) -> Command:
+    """Turn a ``%lora`` line (and ``%%lora`` cell body) into a command object. Raises UsageError.
+
+    ``models``: the names of the notebook variables that hold a model, when known. A first word that is one of
+    them is the model to inject into even when it is close to a subcommand (``%%lora merged --dry-run``)."""
     words = _split(line)
     if not words:
         raise UsageError(
             "%lora: say what to do, e.g. `%%lora model` (inject) or `%lora status model`. See %lora help."
         )
     head, rest = words[0], words[1:]
+    models = frozenset(models) if models is not None else None
     if head in ("help", "-h", "--help", "?"):
         return Help()
     if head in SUBCOMMANDS:
-        return _SUBPARSERS[head](head, rest, cell)
+        try:
+            return _SUBPARSERS[head](head, rest, cell)
+        except UsageError as exc:
+            if models is None or head not in models:
+                raise
+            raise UsageError(
+                f"{exc} (`{head}` is also a model variable here, but `%lora {head}` is the subcommand: to inject "
+                f"into that model, give it another name, e.g. `{head}_model = {head}`, then `%%lora {head}_model`.)"
+            ) from None
     if head.startswith("-"):
         raise UsageError(
             f"%lora: the model variable comes first, got option {head!r}. E.g. `%%lora model --dry-run`."
@@ -341,9 +353,12 @@ def parse(line: str, cell: str | None = None) -> Command:
             )
         raise UsageError(f"%%lora: `MODEL` must be a variable name, got {head!r}.")
     close = did_you_mean(head, SUBCOMMANDS)
-    if close and (rest or cell is None):
-        # `%lora stauts model`: a misspelled subcommand, not a variable called stauts.
-        raise UsageError(f"%lora: unknown subcommand {head!r}.{close} Subcommands: {', '.join(SUBCOMMANDS)}.")
+    if close and (rest or cell is None) and (models is None or head not in models):
+        # `%lora stauts model`: a misspelled subcommand, not a variable called stauts (no model is called so).
+        also = f" No model variable is called `{head}` either." if models is not None else ""
+        raise UsageError(
+            f"%lora: unknown subcommand {head!r}.{close} Subcommands: {', '.join(SUBCOMMANDS)}.{also}"
+        )
     return _parse_inject(head, rest, cell)
 
 

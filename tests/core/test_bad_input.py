@@ -690,6 +690,72 @@ CASES = [
         ("'fp8'",),
         (r"bf16",),
     ),
+    # --- values past what can be built, and arguments in the wrong place
+    Case(
+        "r-huge-float",
+        lambda c: jl.plan(c.model, r=1e30),
+        UsageError,
+        "r",
+        ("1e+30",),
+        (r"at most 65536", r"E\.g\. r: 16"),
+    ),
+    Case(
+        "r-huge-int",
+        lambda c: jl.inject(c.model, r=10**30),
+        UsageError,
+        "r",
+        (str(10**30),),
+        (r"at most 65536",),
+    ),
+    Case(
+        "init-pissa-niter-not-a-number",
+        lambda c: jl.inject(c.model, init="pissa_niter_abc"),
+        UsageError,
+        "init",
+        ("'pissa_niter_abc'",),
+        (r"pissa_niter_4",),
+    ),
+    Case(
+        "layers-mapping",
+        lambda c: jl.inject(c.model, targets="q_proj", layers={"a": 1}),
+        UsageError,
+        "layers",
+        ("'a': 1",),  # (braces would be read as a {ws} placeholder)
+        (r"0-11, 20",),
+    ),
+    Case(
+        "spec-given-as-settings-text",
+        lambda c: jl.plan(c.model, spec="r=4"),
+        UsageError,
+        "spec",
+        ("'r=4'",),
+        (r"LoraSpec", r"plan\(model, r=4\)"),
+    ),
+    Case(
+        "spec-given-as-target-names",
+        lambda c: jl.inject(c.model, "q_proj,v_proj"),
+        UsageError,
+        "spec",
+        ("'q_proj,v_proj'",),
+        (r"targets='q_proj,v_proj'",),
+    ),
+    Case(
+        "adapter-name-taken-by-torch",
+        lambda c: jl.inject(c.model, name="train"),
+        UsageError,
+        "name",
+        ("'train'",),
+        (r"ModuleDict", r"name: train_lora"),
+    ),
+    Case(
+        "load-adapter-name-taken-by-torch",
+        lambda c: jl.load(c.model, c / "adapter_run1", name="keys"),
+        UsageError,
+        "name",
+        ("'keys'",),
+        (r"ModuleDict",),
+        model="single",
+    ),
 ]
 
 

@@ -354,3 +354,47 @@ def test_argument_errors_are_one_line():
 def test_short_scientific_notation_is_a_number():
     command = parse("train model", "data: texts\nlr: 2e-4\nwarmup: 1E2\n")
     assert command.settings == {"data": "texts", "lr": 2e-4, "warmup": 100.0}
+
+
+# ----------------------------------------------------------------------------------------------- model variables
+
+# A first word that is close to a subcommand is a misspelled subcommand, unless a notebook variable of that name
+# holds a model: then it is that model (the magic passes the names of the variables that hold models).
+MODEL_NAMED_LIKE_A_SUBCOMMAND = [
+    ("merged-dry-run", "merged --dry-run", "", Inject(model="merged", dry_run=True)),
+    ("plain-dry-run-body", "plain --dry-run", "r: 8", Inject(model="plain", dry_run=True, settings={"r": 8})),
+    ("loader-name", "loader --name chat", "r: 4", Inject(model="loader", name="chat", settings={"r": 4})),
+    ("stats-line-magic", "stats", None, Inject(model="stats")),
+    ("saved-replace", "saved --replace", "", Inject(model="saved", replace=True)),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "expected"),
+    [v[1:] for v in MODEL_NAMED_LIKE_A_SUBCOMMAND],
+    ids=[v[0] for v in MODEL_NAMED_LIKE_A_SUBCOMMAND],
+)
+def test_a_model_variable_wins_over_a_close_subcommand(line, cell, expected):
+    assert parse(line, cell, models={expected.model, "model"}) == expected
+
+
+def test_a_close_word_that_is_no_model_stays_a_misspelled_subcommand():
+    with pytest.raises(
+        UsageError, match=r"unknown subcommand 'merged'.*`merge`.*No model variable is called `merged`"
+    ):
+        parse("merged --dry-run", "", models={"model"})
+    with pytest.raises(UsageError, match=r"unknown subcommand 'stauts'.*`status`"):
+        parse("stauts model", None, models={"model", "merged"})
+
+
+def test_a_model_named_exactly_like_a_subcommand_is_told_how_to_inject_into_it():
+    # `%%lora base --dry-run` is the `base` subcommand; the message says how to reach the model called base
+    with pytest.raises(UsageError) as info:
+        parse("base --dry-run", "r: 8", models={"base"})
+    message = str(info.value)
+    assert message.startswith("%lora base: ")
+    assert "`base` is also a model variable" in message and "`base_model = base`" in message
+    assert "%%lora base_model" in message and "\n" not in message
+    with pytest.raises(UsageError) as info:
+        parse("base --dry-run", "r: 8", models={"model"})
+    assert "model variable" not in str(info.value)

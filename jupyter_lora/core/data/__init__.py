@@ -24,9 +24,9 @@ from .formats import Chat, cls_examples, lm_examples
 from .labels import label_ids
 from .prepared import PreparedData, eval_count, positive_setting, split_eval
 from .sources import DATA_FILE_TYPES, load_source
-from .tokenize import check_chat_template, pad_token_id, tokenize_cls, tokenize_lm
+from .tokenize import check_chat_template, check_token_ids, pad_token_id, tokenize_cls, tokenize_lm
 
-__all__ = ["DATA_FILE_TYPES", "PreparedData", "find_tokenizer", "prepare_data"]
+__all__ = ["DATA_FILE_TYPES", "PreparedData", "find_tokenizer", "prepare_data", "vocab_size_of"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,6 +51,7 @@ def prepare_data(
     label2id: Any = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    vocab_size: int | None = None,
 ) -> PreparedData:
     """Tokenize ``data`` for ``task`` ("CAUSAL_LM" or "SEQ_CLS") and hold out an eval split.
 
@@ -60,6 +61,8 @@ def prepare_data(
     .csv, .tsv or .txt file. ``eval``: None/"auto" (10% up to 500 examples when there are at least 100, else
     none), a fraction in (0, 1), a number of examples, or 0/False; ``eval_data`` gives a separate eval set instead.
     ``label2id``: ``{name: id}`` (or a list of names) for string labels; default: the sorted unique labels.
+    ``vocab_size``: the model's number of token ids (``vocab_size_of(model)``); a token id outside it, given
+    pre-tokenised or produced by the tokenizer, is a UsageError naming the record or the token.
     """
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(
@@ -108,8 +111,10 @@ def prepare_data(
             raise UsageError(
                 "`label2id` is for SEQ_CLS (classification) data; drop it or pass task='SEQ_CLS'."
             )
-        train_ex = lm_examples(source, text_column, "data")
-        eval_ex = lm_examples(eval_source, text_column, "eval_data") if eval_data is not None else None
+        train_ex = lm_examples(source, text_column, "data", vocab_size)
+        eval_ex = (
+            lm_examples(eval_source, text_column, "eval_data", vocab_size) if eval_data is not None else None
+        )
         label_names = ()
         if any(isinstance(ex, Chat) for ex in train_ex + (eval_ex or [])):
             check_chat_template(tokenizer)
@@ -132,6 +137,8 @@ def prepare_data(
         truncated += eval_truncated
         dropped += eval_dropped
         eval_tok = eval_tok or None
+    if vocab_size is not None:
+        check_token_ids(train + (eval_tok or []), tokenizer, vocab_size, padding=not packing)
 
     return PreparedData(
         task=task,
@@ -169,6 +176,25 @@ def find_tokenizer(model: Any) -> Any | None:
         except Exception:  # a partial or foreign folder: the caller asks the user for tokenizer= instead
             continue
     return None
+
+
+def vocab_size_of(model: Any) -> int | None:
+    """How many token ids ``model`` can embed: the rows of its input embeddings (resized ones included), else
+    its config's ``vocab_size``; None when it has neither."""
+    base = base_model_of(model) if isinstance(model, torch.nn.Module) else model
+    get = getattr(base, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:
+        embeddings = None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _data_task(task: Any) -> str:

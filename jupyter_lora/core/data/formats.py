@@ -17,7 +17,9 @@ from typing import Any, NamedTuple
 from ..errors import UsageError, close_matches, did_you_mean
 from .sources import Source
 
-__all__ = ["Chat", "Ids", "Labeled", "Pair", "Text", "cls_examples", "lm_examples"]
+__all__ = ["IGNORE_INDEX", "Chat", "Ids", "Labeled", "Pair", "Text", "cls_examples", "lm_examples"]
+
+IGNORE_INDEX = -100  # the label transformers' losses skip
 
 # Causal LM: (prompt, response) pairs, checked in this order.
 _PAIRS = (
@@ -126,9 +128,10 @@ def _no_known_columns(columns: list[str], task: str, what: str, expected: str, h
     )
 
 
-def lm_examples(source: Source, text_column: str | None, what: str) -> list:
+def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: int | None = None) -> list:
     """Causal LM examples (Text, Pair, Chat or Ids) of ``source``, in the format its columns show (``text_column``
-    forces plain text); empty texts and empty responses are skipped. ``what`` names the source in errors."""
+    forces plain text); empty texts and empty responses are skipped. ``what`` names the source in errors.
+    ``vocab_size``: the model's number of token ids; pre-tokenised ids (and labels) outside it are refused."""
     items = source.items
     if isinstance(items[0], str):
         examples = [Text(t) for t in items if t.strip()]
@@ -171,6 +174,8 @@ def lm_examples(source: Source, text_column: str | None, what: str) -> list:
             if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
                 raise UsageError(f"`{what}` record {i}: `input_ids` must be a list of token ids (ints).")
             labels = item.get("labels")
+            if vocab_size is not None:
+                _check_ids(ids, labels, vocab_size, i, what)
             if ids:
                 examples.append(Ids(list(ids), list(labels) if labels is not None else None))
         elif kind[0] == "pair":
@@ -187,6 +192,25 @@ def lm_examples(source: Source, text_column: str | None, what: str) -> list:
     if not examples:
         raise UsageError(f"`{what}` has no non-empty example in the column(s) {', '.join(kind[1:])}.")
     return examples
+
+
+def _check_ids(ids: Any, labels: Any, vocab_size: int, index: int, what: str) -> None:
+    """Every id of a pre-tokenised record is a row of the model's embeddings (labels may also be -100): an id
+    outside them fails inside the embedding lookup, on a GPU as a device-side assert that ends the CUDA context."""
+    columns = (("input_ids", ids, ()), ("labels", labels, (IGNORE_INDEX,)))
+    for column, values, allowed in columns:
+        if not isinstance(values, (list, tuple)):
+            continue
+        bad = next(
+            (t for t in values if isinstance(t, int) and not 0 <= t < vocab_size and t not in allowed), None
+        )
+        if bad is not None:
+            also = "; -100 marks a token not trained on" if allowed else ""
+            raise UsageError(
+                f"`{what}` record {index}: `{column}` holds token id {bad}, outside the model's vocabulary "
+                f"(ids 0-{vocab_size - 1}{also}). Tokenize with the model's own tokenizer, or make room for new ids "
+                "first: model.resize_token_embeddings(len(tokenizer))."
+            )
 
 
 def _messages(value: Any, index: int, column: str, what: str) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 
 from ...settings import validate_one
 from ..errors import UsageError, did_you_mean
-from .tokenize import IGNORE_INDEX
+from .formats import IGNORE_INDEX
 
 __all__ = ["PreparedData", "eval_count", "positive_setting", "split_eval"]
 

@@ -18,11 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UsageError
-from .formats import Ids, Labeled, Pair, Text
+from .formats import IGNORE_INDEX, Ids, Labeled, Pair, Text
 
-__all__ = ["IGNORE_INDEX", "check_chat_template", "pad_token_id", "tokenize_cls", "tokenize_lm"]
-
-IGNORE_INDEX = -100  # the label transformers' losses skip
+__all__ = ["check_chat_template", "check_token_ids", "pad_token_id", "tokenize_cls", "tokenize_lm"]
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -34,6 +32,29 @@ def pad_token_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def check_token_ids(examples: list[dict], tokenizer: Any, vocab_size: int, padding: bool) -> None:
+    """Every id the tokenizer produced (and its pad id, when batches are padded) is a row of the model's
+    embeddings; a tokenizer with tokens the model lacks (added tokens, embeddings not resized) is a UsageError —
+    on a GPU the lookup would be a device-side assert that ends the CUDA context."""
+    if not examples:
+        return
+    top = max(max(ex["input_ids"], default=0) for ex in examples)
+    pad = pad_token_id(tokenizer)
+    if top >= vocab_size:
+        what, bad = "a token id", top
+    elif padding and pad >= vocab_size:
+        what, bad = "the pad id", pad
+    else:
+        return
+    token = tokenizer.convert_ids_to_tokens(bad) if hasattr(tokenizer, "convert_ids_to_tokens") else None
+    shown = f" ({token!r})" if isinstance(token, str) else ""
+    raise UsageError(
+        f"`tokenizer` gives {what} {bad}{shown}, outside the model's vocabulary (ids 0-{vocab_size - 1}): the "
+        "tokenizer has tokens the model does not. Resize the model's embeddings first "
+        "(model.resize_token_embeddings(len(tokenizer)), before injecting), or use the model's own tokenizer."
+    )
 
 
 def _encode(tokenizer: Any, texts: list[str], chunk: int = 1024) -> list[list[int]]:
