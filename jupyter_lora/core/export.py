@@ -12,6 +12,7 @@ the notebook tokenized them; ``tokenizer/`` when there is one; ``accelerate_ddp.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -66,9 +67,11 @@ OUT = HERE / "runs"
 IGNORE_INDEX = -100  # label of tokens that are not learned (prompt, padding)
 
 
-def read_jsonl(name):
+def read_jsonl(name, required):
     path = HERE / name
     if not path.exists():
+        if required:
+            sys.exit(f"{path} is missing: the job trains on it. Export the job again from the notebook.")
         return None
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -124,6 +127,11 @@ def main():
     load = {"dtype": getattr(torch, JOB["dtype"])}
     if JOB["quantization"]:
         load["quantization_config"] = transformers.BitsAndBytesConfig.from_dict(JOB["quantization"])
+    if not (HERE / "adapter" / "adapter_config.json").is_file():
+        sys.exit(f"{HERE / 'adapter'} holds no adapter (adapter_config.json): export the job again from the notebook.")
+    resume = "--resume" in sys.argv[1:]
+    if resume and not any(OUT.glob("checkpoint-*")):
+        sys.exit(f"--resume: there is no checkpoint in {OUT} yet; run without --resume to start.")
     base_path = str(HERE / JOB["base"]) if JOB["base_is_local"] else JOB["base"]
     base = getattr(transformers, JOB["auto_class"]).from_pretrained(base_path, **load)
     base.config.use_cache = False  # training never uses the KV cache
@@ -139,13 +147,13 @@ def main():
     trainer = transformers.Trainer(
         model=model,
         args=args,
-        train_dataset=read_jsonl("train.jsonl"),
-        eval_dataset=read_jsonl("eval.jsonl"),
+        train_dataset=read_jsonl("train.jsonl", required=True),
+        eval_dataset=read_jsonl("eval.jsonl", required=False),
         data_collator=collator,
         compute_metrics=accuracy if JOB["task"] == "SEQ_CLS" else None,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint="--resume" in sys.argv[1:] or None)
+    trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(str(OUT / "adapter"))
     if trainer.is_world_process_zero():
         if (HERE / "tokenizer").is_dir():
@@ -234,7 +242,9 @@ def export(
     peft_model = require_adapters(model, "export")
     config = make_train_config(**train_settings)  # validate now, not in the exported run
     target = Path(directory).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"`directory` {str(target)!r} is a file; choose a new directory for the job.")
+    if target.exists() and any(target.iterdir()):
         raise UsageError(
             f"`directory` {str(target)!r} exists and is not empty; choose a new directory for the job."
         )
@@ -244,7 +254,10 @@ def export(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
-    run = TrainingRun(peft_model, prepared, config, tokenizer, [], Path("runs"))
+    # the machine the job runs on decides on Liger's kernels (train.py); here they only need to be a valid choice
+    run = TrainingRun(
+        peft_model, prepared, dataclasses.replace(config, kernels="none"), tokenizer, [], Path("runs")
+    )
     fields = trainer_fields(
         run, torch.device("cpu"), checkpointing(config, peft_model), **(trainer_args or {})
     )

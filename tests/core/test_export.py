@@ -183,3 +183,18 @@ def test_fsdp_without_a_gpu_is_refused_not_downgraded(tmp_path, monkeypatch):
     out = _run([sys.executable, "train.py"], tmp_path / "job", ok=False, ACCELERATE_USE_FSDP="true")
     assert out.returncode != 0 and "FSDP shards the model over GPUs" in out.stderr
     assert not (tmp_path / "job" / "runs").exists()
+
+
+def test_export_refusals_and_the_jobs_own_checks(tmp_path):
+    model = jl.inject(tiny_model("llama"), r=4)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        jl.export(model, tmp_path / "afile", _data())
+    # Liger's kernels are the job machine's business: asking for them on a CPU notebook still exports
+    result = jl.export(model, tmp_path / "job", _data(), steps=2, kernels="liger")
+    assert json.loads((result.directory / "job.json").read_text())["kernels"] == "liger"
+    out = _run([sys.executable, "train.py", "--resume"], result.directory, ok=False)
+    assert out.returncode != 0 and "no checkpoint" in out.stderr and "Traceback" not in out.stderr
+    shutil.rmtree(result.directory / "adapter")
+    out = _run([sys.executable, "train.py"], result.directory, ok=False)
+    assert out.returncode != 0 and "holds no adapter" in out.stderr and "Traceback" not in out.stderr

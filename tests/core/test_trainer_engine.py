@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -93,6 +94,89 @@ def test_a_plain_trainer_checkpoint_resumes_here(tmp_path):
                         **{k: v for k, v in _settings().items() if k != "eval"})  # fmt: skip
     assert resumed.state == "finished" and resumed.step == 8
     assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-5)
+
+
+def test_a_plain_trainer_checkpoint_continues_its_own_run(tmp_path):
+    """Without settings of its own, a plain Trainer's checkpoint continues to the steps and batch it planned."""
+    data = jl.train(
+        _lm(), DATA, steps=1, output_dir=str(tmp_path / "prep"), background=False, **_settings()
+    ).data
+    _plain_trainer(_lm(), data, tmp_path / "plain").train()
+    shutil.rmtree(tmp_path / "plain" / "checkpoint-8")
+    resumed = jl.resume(_lm(), tmp_path / "plain", data=DATA, background=False, tokenizer=tiny_tokenizer())
+    assert resumed.state == "finished" and (resumed.step, resumed.total_steps) == (8, 8)
+    assert resumed.config.batch == 4
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(tmp_path):
+    first = jl.train(
+        _lm(), DATA, steps=4, save_every=2, output_dir=str(tmp_path), background=False, **_settings()
+    )
+    before = _digest(tmp_path)
+    with pytest.raises(
+        UsageError, match=r"already holds another run's checkpoints \(checkpoint-2, checkpoint-4\)"
+    ):
+        jl.train(
+            _lm(), DATA, steps=6, save_every=2, output_dir=str(tmp_path), background=False, **_settings()
+        )
+    assert _digest(tmp_path) == before
+    more = jl.resume(first.model, tmp_path, steps=6, background=False)  # what the message offers
+    assert more.state == "finished" and more.step == 6
+
+
+def test_a_nan_loss_ends_the_run_without_saving_over_the_last_checkpoint(tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    with pytest.raises(
+        UsageError,
+        match=r"The loss became nan at step 4: training stopped and this state was not saved; the last checkpoint .*checkpoint-2",
+    ):
+        jl.train(_lm(), DATA, steps=8, save_every=2, output_dir=str(tmp_path), callbacks=[Poison()], background=False,
+                 **_settings())  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"early_stop": 2}, "`early_stop` needs evaluation data"), ({"keep_best": True, "eval": 0}, "`keep_best` needs"),
+     ({"trainer_args": 5}, "`trainer_args` must be a mapping"), ({"trainer_args": "x"}, "`trainer_args` must be")],
+    ids=["early-stop-without-eval", "keep-best-without-eval", "trainer-args-int", "trainer-args-str"],
+)  # fmt: skip
+def test_more_mistakes_show_before_step_one(tmp_path, changes, match):
+    model = _lm()
+    weights = _trainable(model)
+    with pytest.raises(UsageError, match=match):
+        jl.train(model, DATA[:30], steps=2, output_dir=str(tmp_path / "runs"), background=False,
+                 **{**_settings(), **changes})  # fmt: skip
+    assert not (tmp_path / "runs").exists() and _same(weights, _trainable(model))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_step_one(tmp_path):
+    model = _lm()
+    vocab = model.get_input_embeddings().num_embeddings
+    weights = _trainable(model)
+    with pytest.raises(UsageError, match=rf"record 1: `input_ids` holds token id {vocab}, outside"):
+        jl.train(model, [{"input_ids": [1, 2, 3]}, {"input_ids": [4, vocab]}] * 4, steps=1, batch=2, eval=0,
+                 output_dir=str(tmp_path / "runs"), background=False)  # fmt: skip
+    assert not (tmp_path / "runs").exists() and _same(weights, _trainable(model))
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_with_a_warning(tmp_path):
+    model = _lm()
+    run = jl.train(model, DATA, steps=2, output_dir=str(tmp_path), background=False, **_settings())
+    (run.checkpoint / "optimizer.pt").unlink()
+    with pytest.warns(UserWarning, match="no optimizer.pt: the run continues with a fresh optimizer"):
+        more = jl.resume(model, steps=3, background=False)
+    assert more.state == "finished"
+
+
+def test_resume_from_a_path_that_does_not_exist(tmp_path):
+    with pytest.raises(UsageError, match=r"`checkpoint` .*missing' does not exist"):
+        jl.resume(_lm(), tmp_path / "missing", data=DATA, background=False)
 
 
 class _Payload:

@@ -24,7 +24,7 @@ from .. import runs
 from ..adapters.peft_facts import wrapper_for
 from ..errors import UsageError
 from ..modelinfo import base_model_of, detect_task, require_module
-from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings
+from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings, trainer_settings
 from .engine import launch
 from .run import TrainingRun
 
@@ -77,15 +77,49 @@ def _default_output_dir(peft_model: nn.Module) -> Path:
 
 
 def _check_output_dir(path: Path) -> Path:
-    """``output_dir`` must be a directory this process can write (checked before step 1, nothing written)."""
+    """``output_dir`` must be a directory this process can write (checked before step 1, nothing written), and
+    hold no other run's checkpoints: the Trainer's checkpoint rotation would delete them."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"`output_dir` {str(path)!r} is a file; give a directory for the checkpoints.")
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name.startswith("checkpoint-"))
+        if found:
+            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise UsageError(
+                f"`output_dir` {str(path)!r} already holds another run's checkpoints ({shown}), which this run's "
+                "checkpoint rotation would delete. Continue that run with resume(model, output_dir) / %lora resume, "
+                "or give a new output_dir."
+            )
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"`output_dir` {str(path)!r} cannot be written ({str(probe)!r} is not writable).")
     return path
+
+
+def _trainer_args(trainer_args: Any) -> dict:
+    if trainer_args is None:
+        return {}
+    if not isinstance(trainer_args, dict) or not all(isinstance(k, str) for k in trainer_args):
+        raise UsageError(
+            f"`trainer_args` must be a mapping of TrainingArguments fields to values, e.g. "
+            f"{{'adam_beta2': 0.99}}; got {trainer_args!r:.60}."
+        )
+    return dict(trainer_args)
+
+
+def _check_eval(config: TrainConfig, prepared: Any) -> None:
+    """Early stopping and keep-best judge the adapter on held-out data: without any, say so before step 1."""
+    if prepared.eval:
+        return
+    asked = [name for name in ("early_stop", "keep_best") if getattr(config, name)]
+    if asked:
+        raise UsageError(
+            f"`{asked[0]}` needs evaluation data, and none is held out (eval: {config.eval!r} on "
+            f"{len(prepared.train)} examples; eval: auto holds out 10% from 100 examples on). Give eval: 0.1 "
+            "(a share of the data), a number of examples, or eval_data=."
+        )
 
 
 def _observer_list(observers: Any) -> list:
@@ -104,14 +138,15 @@ def _not_training(base: nn.Module, doing: str) -> None:
 
 def prepare_for(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any) -> Any:
     """``data`` (and ``eval_data``) as the run's tokenized examples for the model's task."""
-    from ..data import prepare_data
+    from ..data import prepare_data, vocab_size_of
 
     task = _task(peft_model, config.task)
     base = base_model_of(peft_model)
     label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
+    # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
     return prepare_data(
         data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
-        seed=config.seed, label2id=label2id,
+        seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model),
     )  # fmt: skip
 
 
@@ -146,9 +181,11 @@ def train(
     output_dir = _check_output_dir(
         Path(config.output_dir) if config.output_dir else _default_output_dir(peft_model)
     )
+    trainer_args = _trainer_args(trainer_args)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
+    _check_eval(config, prepared)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
-    run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
+    run.trainer_args, run.callbacks = trainer_args, list(callbacks or ())
     return launch(run, background, run.trainer_args, run.callbacks)
 
 
@@ -188,11 +225,14 @@ def resume(
     saved = saved_settings(path)
     if not saved and last is not None:
         saved = asdict(last.config)
+    if not saved:  # a plain Trainer's checkpoint: continue the run it belongs to (its steps and batch)
+        saved = trainer_settings(state)
     config = make_train_config(**{**saved, "output_dir": str(path.parent), **overrides})
     if config.steps is not None and config.steps <= int(state.get("global_step", 0)):
         raise UsageError(
             f"`steps` ({config.steps}) must be more than the checkpoint's step {state.get('global_step')} to "
-            "continue; give steps=N to extend the run."
+            "continue: the run is complete. To extend it, give more steps (resume(model, steps=N), or `steps: N` in "
+            "the body of a %%lora resume cell)."
         )
     if data is None:
         if last is None or last.data is None:
@@ -213,7 +253,8 @@ def resume(
         prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip
-    run.trainer_args, run.callbacks = dict(trainer_args or {}), list(callbacks or ())
+    run.trainer_args, run.callbacks = _trainer_args(trainer_args), list(callbacks or ())
+    _check_eval(config, prepared)
     run.resume_step = int(state.get("global_step", 0))
     run.history, run.evals = history_of(state)  # the curve before the checkpoint continues on the chart
     if run.evals:

@@ -9,6 +9,7 @@ there the run is made from what the Trainer passes to its callbacks (model, data
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..errors import UsageError
 from .run import TrainingRun
 
 __all__ = ["SETTINGS_FILE", "RunCallback", "observed_run", "write_settings"]
@@ -129,7 +131,9 @@ class RunCallback(TrainerCallback):
                      eta=self._eta(now), grad_norm=None if grad_norm is None else float(grad_norm),
                      **self._memory())  # fmt: skip
             self._t_last = now
-            if run.stop_requested.is_set():  # Stop pressed while this step was reported: it is the last one
+            if not math.isfinite(record["loss"]):
+                self._diverged(control, record["loss"])
+            elif run.stop_requested.is_set():  # Stop pressed while this step was reported: it is the last one
                 self._stop(control)
         if "eval_loss" in logs:
             eval_loss = float(logs["eval_loss"])
@@ -159,6 +163,18 @@ class RunCallback(TrainerCallback):
             run.emit("step", elapsed=time.perf_counter() - run.started, eta=self._eta(time.perf_counter()))
         return control
 
+    def _diverged(self, control, loss: float) -> None:
+        """A NaN/inf loss: the adapter it produced is not saved over the last good checkpoint, and the run ends."""
+        run = self.run
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+        last = f"; the last checkpoint ({run.checkpoint}) holds the state before it" if run.checkpoint else ""
+        run.diverged = (
+            f"The loss became {loss} at step {run.step}: training stopped and this state was not saved{last}. "
+            "Lower lr (or max_grad_norm), check the data, or use bf16 instead of fp16."
+        )
+
     @staticmethod
     def _stop(control) -> None:
         control.should_save = True
@@ -183,7 +199,11 @@ class RunCallback(TrainerCallback):
         run = self.run
         self._sync(state)
         checkpoint = str(run.checkpoint) if run.checkpoint else None
-        if run.stop_requested.is_set():
+        if run.diverged:
+            run.state = "failed"
+            run.error = UsageError(run.diverged)
+            run.emit("error", message=run.diverged, type="UsageError")
+        elif run.stop_requested.is_set():
             run.state = "stopped"
             run.emit("stop", reason="user", checkpoint=checkpoint)
         elif run.step < run.total_steps:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from torch import nn
 from ..adapters.peft_facts import active_names
 from ..errors import UsageError
 
-__all__ = ["check_checkpoint", "history_of", "latest_checkpoint", "read_state", "saved_settings"]
+__all__ = [
+    "check_checkpoint",
+    "history_of",
+    "latest_checkpoint",
+    "read_state",
+    "saved_settings",
+    "trainer_settings",
+]
 
 _STATE = "trainer_state.json"
 _ADAPTER = "adapter_model.safetensors"
@@ -89,6 +97,10 @@ def check_checkpoint(path: Path, peft_model: nn.Module) -> tuple[Path, dict[str,
     """``path`` (a checkpoint, or a run directory holding checkpoints) checked against ``peft_model``; returns the
     checkpoint directory and its Trainer state. Raises a UsageError naming what does not fit; reads, never
     writes."""
+    if not path.exists():
+        raise UsageError(
+            f"`checkpoint` {str(path)!r} does not exist; give a checkpoint-N directory or its run directory."
+        )
     if path.is_dir() and not (path / _STATE).exists():
         inner = latest_checkpoint(path)
         path = inner if inner is not None else path
@@ -104,7 +116,26 @@ def check_checkpoint(path: Path, peft_model: nn.Module) -> tuple[Path, dict[str,
         )
     _check_tensors(path, weights, peft_model, name)
     _check_pickles(path)
+    if not (path / "optimizer.pt").is_file():
+        warnings.warn(
+            f"`checkpoint` {str(path)!r} has no optimizer.pt: the run continues with a fresh optimizer, so its loss "
+            "curve will differ from an uninterrupted run's.",
+            UserWarning,
+            stacklevel=3,
+        )
     return path, state
+
+
+def trainer_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """Settings a plain Trainer's checkpoint implies (its ``trainer_state.json``): the planned steps and the batch,
+    so that resuming it continues the run it belongs to."""
+    found: dict[str, Any] = {}
+    for key, setting in (("max_steps", "steps"), ("train_batch_size", "batch"), ("logging_steps", "log_every"),
+                         ("save_steps", "save_every")):  # fmt: skip
+        value = state.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found[setting] = value
+    return found
 
 
 def _check_tensors(path: Path, weights: Path, peft_model: nn.Module, name: str) -> None:
@@ -149,11 +180,12 @@ def _check_pickles(path: Path) -> None:
                 with safe_globals():
                     torch.load(item, map_location="cpu", weights_only=True)
             except Exception as exc:
-                if isinstance(exc, pickle.UnpicklingError):
-                    why = "it holds Python objects, not only tensors"
-                else:
-                    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+                    raise UsageError(
+                        f"`checkpoint` {str(path)!r}: {item.name} holds Python objects, not only tensors. Checkpoint "
+                        "files are never unpickled beyond plain tensors; resume from a checkpoint you trust."
+                    ) from None
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 raise UsageError(
-                    f"`checkpoint` {str(path)!r}: {item.name} cannot be read as plain tensors ({why}). "
-                    "Checkpoint files are never unpickled beyond that; resume from a checkpoint you trust."
+                    f"`checkpoint` {str(path)!r}: {item.name} is damaged ({why}); resume from an earlier checkpoint."
                 ) from None

@@ -54,6 +54,7 @@ class TrainingRun:
         self.ckpt = False
         self.trainer_args: dict = {}
         self.callbacks: list = []
+        self.diverged: str | None = None  # why the run ended on a NaN/inf loss
 
     # --- control
 
