@@ -187,7 +187,8 @@ class LoraMagics(_SettingDefaults):
     def _do_save(self, command: p.Save) -> Any:
         from .. import api as jl
 
-        path = jl.save(self._get_model(command.model), command.path, merged=command.merged, name=command.name)
+        path = jl.save(self._get_model(command.model), command.path, merged=command.merged, name=command.name,
+                       overwrite=command.overwrite)  # fmt: skip
         what = "merged model" if command.merged else "adapter"
         return _Note(f"Saved the {what} to {path} ({', '.join(sorted(x.name for x in path.iterdir()))}).")
 

@@ -69,8 +69,8 @@ USAGE = f"""\
 %lora enable MODEL | disable MODEL           switch the adapters on/off
 %lora use MODEL NAME                         make adapter NAME active
 %lora delete MODEL NAME                      remove adapter NAME
-%lora save MODEL PATH [--merged] [--name NAME]
-%lora load MODEL PATH [--name NAME]          MODEL becomes the adapted model
+%lora save MODEL PATH [--merged] [--name NAME] [--overwrite]
+%lora load MODEL PATH_OR_HUB_ID [--name NAME] MODEL becomes the adapted model
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side
 %%lora train MODEL                           train in the background with a live progress widget; body (YAML):
@@ -153,6 +153,7 @@ class Save(Command):
     path: str
     merged: bool = False
     name: str | None = None
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -436,8 +437,9 @@ def _parse_save(head: str, rest: list[str], cell: str | None) -> Save:
     p.add_argument("path")
     p.add_argument("--merged", action="store_true")
     p.add_argument("--name")
+    p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(rest)
-    return Save(_identifier(args.model), args.path, args.merged, args.name)
+    return Save(_identifier(args.model), args.path, args.merged, args.name, args.overwrite)
 
 
 def _parse_load(head: str, rest: list[str], cell: str | None) -> Load:

@@ -468,7 +468,7 @@ def test_use_and_delete_with_two_adapters(ip):
     torch.testing.assert_close(logits(model, inputs), default_out)
 
 
-def test_save_and_load(ip, tmp_path):
+def test_save_and_load(ip, tmp_path, capsys):
     ip.user_ns["model"] = tiny_model("llama")
     inputs = tiny_inputs(ip.user_ns["model"])
     run(ip, "%%lora model\nr: 8\ntargets: attention")
@@ -498,6 +498,19 @@ def test_save_and_load(ip, tmp_path):
     assert (merged_path / "model.safetensors").is_file()
     assert "merged model" in repr(note)
     assert isinstance(ip.user_ns["model"], PeftModel)  # the live model stays adapted
+
+    # an adapter over the merged model is refused (it would replace it) unless --overwrite says so
+    message = usage_error(ip, capsys, f"%lora save model {merged_path}")
+    assert (
+        "merged model" in message
+        and "--overwrite" in message
+        and (merged_path / "model.safetensors").is_file()
+    )
+    with pytest.warns(
+        UserWarning, match=r"replaced in .*: config.json, generation_config.json, model.safetensors"
+    ):
+        run(ip, f"%lora save model {merged_path} --overwrite")
+    assert (merged_path / "adapter_config.json").is_file()
     torch.testing.assert_close(logits(ip.user_ns["model"], inputs), adapted_out)
 
 

@@ -150,7 +150,7 @@ def _check_replaceable(target: Path, contents: _Contents, kind: str, overwrite: 
         raise UsageError(
             f"`path` {t!r} is a non-empty directory that holds no save of jupyter_lora "
             f"({_shown(contents.others, target)}); saving there could replace these files. Choose an empty or new "
-            "directory, or pass overwrite=True to save beside them (files of the same name are replaced)."
+            "directory, or pass overwrite=True (`--overwrite` in %lora save) to save beside them (files of the same name are replaced)."
         )
     if contents.kind is not None and contents.kind != kind:
         switch = "merged=True" if contents.kind == "merged" else "merged=False"
@@ -158,12 +158,12 @@ def _check_replaceable(target: Path, contents: _Contents, kind: str, overwrite: 
         raise UsageError(
             f"`path` {t!r} holds {_KINDS[contents.kind]} saved earlier ({earlier}); saving "
             f"{_KINDS[kind]} there would replace it. Choose another `path`, save with {switch} to update it, or "
-            "pass overwrite=True to replace it (other files in the directory are kept)."
+            "pass overwrite=True (`--overwrite` in %lora save) to replace it (other files in the directory are kept)."
         )
     if contents.changed:
         raise UsageError(
             f"`path` {t!r}: {_shown(contents.changed, target)} changed after the last save there; saving again "
-            "would replace the changes. Move the files away, or pass overwrite=True to replace them."
+            "would replace the changes. Move the files away, or pass overwrite=True (`--overwrite` in %lora save) to replace them."
         )
 
 
@@ -526,7 +526,7 @@ def save(
             if in_the_way and not overwrite:
                 raise UsageError(
                     f"`path` {str(target)!r} holds {_shown(in_the_way, target)}, not written by an earlier save, "
-                    "and the new save writes files of the same name. Move them away, or pass overwrite=True to "
+                    "and the new save writes files of the same name. Move them away, or pass overwrite=True (`--overwrite` in %lora save) to "
                     "replace them."
                 )
             fsync_tree(src)
