@@ -786,3 +786,32 @@ def test_mistakes(tok, tmp_path, make, kwargs, match):
 def test_batch_mistakes(ten, call, match):
     with pytest.raises(UsageError, match=match):
         call(ten)
+
+
+def test_records_mixing_formats_are_refused_not_half_used():
+    from jupyter_lora.core.data import prepare_data
+    from jupyter_lora.testing import tiny_tokenizer
+
+    data = [{"text": f"text number {i}"} for i in range(5)] + [
+        {"prompt": f"p {i}", "response": f"r {i}"} for i in range(5)
+    ]
+    for records in (data, data[::-1]):
+        with pytest.raises(
+            UsageError, match=r"`data` mixes record formats: the records use .*, but record (0|5) uses"
+        ):
+            prepare_data(records, tiny_tokenizer(), task="CAUSAL_LM", seq=32, eval=0)
+    # a missing value in the format's own column is still a skipped record (pandas writes NaN there)
+    found = prepare_data([{"text": "a b"}, {"text": None}, {"text": "c d"}], tiny_tokenizer(), task="CAUSAL_LM",
+                         seq=32, eval=0)  # fmt: skip
+    assert len(found.train) == 2
+
+
+def test_unknown_columns_advise_renaming_not_a_setting_that_does_not_exist():
+    from jupyter_lora.core.data import prepare_data
+    from jupyter_lora.testing import tiny_tokenizer
+
+    with pytest.raises(
+        UsageError, match=r"`txt`: did you mean `text`\? Rename the column to one of those"
+    ) as info:
+        prepare_data([{"txt": "a"}], tiny_tokenizer(), task="CAUSAL_LM", seq=32, eval=0)
+    assert "text_column" not in str(info.value)

@@ -124,7 +124,7 @@ def _no_known_columns(columns: list[str], task: str, what: str, expected: str, h
     found = ", ".join(f"`{c}`" for c in columns[:12]) or "none"
     return UsageError(
         f"`{what}` records have the columns {found}, none of which {task} data uses ({expected}).{suggestion} "
-        f"Rename the column or pass {hint}."
+        f"Rename the column to one of those{hint}."
     )
 
 
@@ -145,26 +145,28 @@ def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: 
                 f"`text_column`={text_column!r} is not a column of `{what}` (columns: {', '.join(columns)})."
                 f"{did_you_mean(text_column, columns)}"
             )
-        kind: tuple = ("text", text_column)
-    elif "input_ids" in columns:
-        kind = ("ids", "input_ids")
-    elif chat := next((c for c in _CHAT_COLUMNS if c in columns), None):
-        kind = ("chat", chat)
-    elif pair := next((p for p in _PAIRS if p[0] in columns and p[1] in columns), None):
-        kind = ("pair", *pair)
-    elif text := next((c for c in _LM_TEXT_COLUMNS if c in columns), None):
-        kind = ("text", text)
+        kind: tuple | None = ("text", text_column)
     else:
+        kind = _lm_kind(columns)
+    if kind is None:
         raise _no_known_columns(
             columns,
             "CAUSAL_LM",
             what,
             "`text`; `prompt`+`response`/`completion`; `instruction`+`output`; `question`+`answer`; `messages`",
-            "text_column=",
+            " (e.g. records = [{'text': r['body']} for r in records])",
         )
 
     examples: list = []
     for i, item in enumerate(items):
+        if text_column is None and any(_missing(item.get(c)) for c in kind[1:]):
+            own = _lm_kind([str(c) for c, v in item.items() if not _missing(v)])
+            if own is not None and own != kind:
+                raise UsageError(
+                    f"`{what}` mixes record formats: the records use {_describe(kind)}, but record {i} uses "
+                    f"{_describe(own)}. Give one format per dataset (e.g. turn every record into `text`), or "
+                    "train on each separately."
+                )
         if kind[0] == "text":
             text = _string(item, kind[1], i, what)
             if text.strip():
@@ -192,6 +194,23 @@ def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: 
     if not examples:
         raise UsageError(f"`{what}` has no non-empty example in the column(s) {', '.join(kind[1:])}.")
     return examples
+
+
+def _lm_kind(columns: list[str]) -> tuple | None:
+    """The causal-LM record format ``columns`` show: ("ids", col), ("chat", col), ("pair", a, b), ("text", col)."""
+    if "input_ids" in columns:
+        return ("ids", "input_ids")
+    if chat := next((c for c in _CHAT_COLUMNS if c in columns), None):
+        return ("chat", chat)
+    if pair := next((p for p in _PAIRS if p[0] in columns and p[1] in columns), None):
+        return ("pair", *pair)
+    if text := next((c for c in _LM_TEXT_COLUMNS if c in columns), None):
+        return ("text", text)
+    return None
+
+
+def _describe(kind: tuple) -> str:
+    return "+".join(f"`{c}`" for c in kind[1:])
 
 
 def _check_ids(ids: Any, labels: Any, vocab_size: int, index: int, what: str) -> None:
@@ -268,9 +287,7 @@ def cls_examples(
             single = next((c for c in _CLS_TEXT_COLUMNS if c in columns), None)
             text_cols = (single,) if single else None
     if text_cols is None:
-        raise _no_known_columns(
-            columns, "SEQ_CLS", what, "`text`, `sentence`, `review`... and `label`", "text_column="
-        )
+        raise _no_known_columns(columns, "SEQ_CLS", what, "`text`, `sentence`, `review`... and `label`", "")
     label_col = label_column or next((c for c in _LABEL_COLUMNS if c in columns), None)
     if label_col is None:
         others = [c for c in columns if c not in text_cols]
