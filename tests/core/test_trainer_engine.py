@@ -155,6 +155,19 @@ def test_more_mistakes_show_before_step_one(tmp_path, changes, match):
     assert not (tmp_path / "runs").exists() and _same(weights, _trainable(model))
 
 
+def test_a_stop_asked_by_your_own_callback_leaves_a_checkpoint(tmp_path):
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    model = _lm()
+    run = jl.train(model, DATA, steps=8, output_dir=str(tmp_path), callbacks=[StopAt3()], background=False,
+                   **_settings())  # fmt: skip
+    assert run.step == 3 and run.checkpoint == tmp_path / "checkpoint-3"
+    assert jl.resume(model, steps=5, background=False).step == 5
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_before_step_one(tmp_path):
     model = _lm()
     vocab = model.get_input_embeddings().num_embeddings

@@ -157,8 +157,10 @@ class RunCallback(TrainerCallback):
         if run.stop_requested.is_set():
             control.should_log = True
             self._stop(control)
-        elif run.step >= run.total_steps:
-            control.should_save = True  # the finished run's last state is a checkpoint too
+        elif run.step >= run.total_steps or control.should_training_stop:
+            control.should_save = (
+                True  # the last state of a finished (or otherwise stopped) run is a checkpoint
+            )
         elif not control.should_log:  # no log follows this step: report the position alone
             run.emit("step", elapsed=time.perf_counter() - run.started, eta=self._eta(time.perf_counter()))
         return control

@@ -323,7 +323,8 @@ def build_trainer(
         trainer = LoraTrainer(
         model=model, args=args, train_dataset=run.data.train, eval_dataset=run.data.eval or None,
         data_collator=collate, compute_metrics=_accuracy if run.data.task == "SEQ_CLS" else None,
-        callbacks=found + list(callbacks or ()), chunked_loss=chunked,
+        # the run's callback last: it sees a stop any other callback asked for at this step, and checkpoints it
+        callbacks=found[1:] + list(callbacks or ()) + found[:1], chunked_loss=chunked,
         )  # fmt: skip
     except UsageError:
         raise
