@@ -232,15 +232,16 @@ class LoraMagics(_SettingDefaults):
     def _observer(self, run_stop: Any, mode: str | None) -> Any:
         from jupyter_lora.widgets.progress import progress_observer
 
-        observer = progress_observer(stop=run_stop, mode=validate_one("progress", mode or self.progress))
-        observer.show()
-        return observer
+        return progress_observer(stop=run_stop, mode=validate_one("progress", mode or self.progress))
 
     def _start(self, start: Any, model: Any, objects: dict, settings: dict, mode: str | None) -> Any:
         holder: dict[str, Any] = {}
         observer = self._observer(lambda: holder["run"].stop(wait=False), mode)
+        # shown once the run has started: a refused start shows its error and nothing else (the observer keeps
+        # whatever the run reported before it is displayed)
         run = start(model, observers=[observer], background=True, **objects, **settings)
         holder["run"] = run
+        observer.show()
         return None
 
     def _do_train(self, command: p.Train) -> Any:

@@ -110,3 +110,28 @@ def test_export_cell_writes_the_job_with_its_eval_data(ip, tmp_path):
         job["training_arguments"]["max_steps"] == 4 and job["training_arguments"]["eval_strategy"] == "steps"
     )
     assert len((tmp_path / "job" / "eval.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_refused_second_train_draws_nothing_but_its_error(ip, tmp_path, monkeypatch, capsys):
+    from jupyter_lora.widgets.progress import frontend
+
+    shown = []
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(obj))
+    _cell(ip, SETUP)
+    ip.run_line_magic("config", "LoraMagics.progress = 'widget'")
+    _cell(
+        ip,
+        f"%%lora train model\ndata: texts\nsteps: 100000\nbatch: 2\neval: 0\noutput_dir: {tmp_path / 'a'}\n",
+    )
+    run = jl.last_run(ip.user_ns["model"])
+    try:
+        assert len(shown) == 1
+        result = ip.run_cell(
+            f"%%lora train model\ndata: texts\nsteps: 5\neval: 0\noutput_dir: {tmp_path / 'b'}\n"
+        )
+        assert "already training" in str(result.error_in_exec)
+        assert len(shown) == 1, "the refused start displayed a progress widget"
+        assert jl.last_run(ip.user_ns["model"]) is run and run.running
+    finally:
+        run.stop()
+    assert run.state == "stopped"
