@@ -1,18 +1,22 @@
-"""The checks every adapter operation makes before it touches a model: that the model holds adapters, that a named
-adapter exists, and that no background run is training the model."""
+"""The checks every adapter operation makes before it touches a model: that the model holds adapters (and is not a
+stale wrapper, see ``peft_facts.retire_wrapper``), that a named adapter exists, that no background run is training
+the model, and that what it is about to allocate fits in the memory that is free."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import runs
 from ..errors import NoAdapterError, UsageError, did_you_mean
 from ..modelinfo import require_module
+from ..units import fmt_bytes
 from .peft_facts import wrapper_for
 
-__all__ = ["check_not_training", "require_adapter", "require_adapters"]
+__all__ = ["check_fits_memory", "check_not_training", "free_memory", "require_adapter", "require_adapters"]
 
 
 def check_not_training(model: nn.Module, action: str) -> None:
@@ -47,3 +51,25 @@ def require_adapter(peft_model: nn.Module, name: str, what: str = "name") -> Non
             f"`{what}` {name!r}: no adapter of that name on this model.{did_you_mean(name, names)} "
             f"Adapters: {', '.join(repr(n) for n in names)}."
         )
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can be allocated on ``device`` now: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits_memory(need: Mapping[torch.device, int], what: str, advice: str) -> None:
+    """Refuse, before anything is allocated, when ``need`` (bytes per device) exceeds the memory free there;
+    ``what`` names what needs it, ``advice`` says how to need less."""
+    for device, nbytes in need.items():
+        if device.type == "meta" or nbytes <= 0:
+            continue
+        free = free_memory(device)
+        if nbytes > free:
+            raise UsageError(
+                f"{what} needs ≈ {fmt_bytes(nbytes)} on {device.type}, but only {fmt_bytes(free)} is free. {advice}"
+            )

@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import targets
@@ -21,7 +22,8 @@ from ..plan import Plan, check_adapter_name
 from ..plan import plan as make_plan
 from ..spec import LoraSpec
 from ..transaction import Transaction
-from .guards import check_not_training, require_adapter, require_adapters
+from .guards import check_fits_memory, check_not_training, require_adapter, require_adapters
+from .merging import record_rewritten, remember_rewritten, restore_rewritten
 from .peft_facts import (
     active_names,
     adapter_layers,
@@ -32,9 +34,10 @@ from .peft_facts import (
     register_wrapper,
     remember_grad_flags,
     restore_grad_flags,
+    retire_wrapper,
     wrapper_for,
 )
-from .reading import check_adapter_fits, read_adapter_dir
+from .reading import check_adapter_fits, check_adapter_loaded, read_adapter
 
 __all__ = ["delete", "disable", "enable", "inject", "load", "unload", "unload_clean", "use"]
 
@@ -98,40 +101,94 @@ def inject(
             )
         plan.check_applies_to(current)
         the_plan = plan
+    _check_fits_memory(base_model_of(current), the_plan)
     return _apply(model, peft_model, the_plan, replace or the_plan.removes_others)
+
+
+def _rewrites_weights(the_plan: Plan) -> bool:
+    """Whether the plan's initialisation may rewrite the targeted base weights (PiSSA, OLoRA subtract the initial
+    adapter from them)."""
+    return the_plan.spec.init in _WEIGHT_REWRITING_INITS or the_plan.spec.init.startswith("pissa_niter_")
+
+
+def _check_fits_memory(base: nn.Module, the_plan: Plan) -> None:
+    """Refuse an adapter that would not fit, before PEFT allocates any of it: its weights (and trained copies of
+    ``modules_to_save``) on the devices of the modules they go to, plus, for an initialisation that rewrites base
+    weights, host copies of those weights."""
+    need: dict[torch.device, int] = {}
+    for row in the_plan.modules:
+        module = base.get_submodule(row.path)
+        weight = next(module.parameters(), None)
+        device = weight.device if weight is not None else torch.device("cpu")
+        need[device] = need.get(device, 0) + row.params * getattr(torch, row.dtype).itemsize
+        if row.role == "lora" and weight is not None and _rewrites_weights(the_plan):
+            host = torch.device("cpu")
+            need[host] = need.get(host, 0) + weight.numel() * weight.element_size()
+    check_fits_memory(
+        need,
+        f"An adapter with r={the_plan.spec.r} on {len(the_plan.targets)} modules",
+        "Choose a smaller `r` or fewer `targets`, or free memory (e.g. del models no longer needed).",
+    )
+
+
+def _keep_originals(base: nn.Module, the_plan: Plan, transaction: Transaction) -> dict[int, torch.Tensor]:
+    """CPU copies of the targeted base weights, by ``id``, before an initialisation that may rewrite them; the
+    transaction puts them back if the inject fails."""
+    weights = [base_layer_of(base.get_submodule(p)).weight for p in the_plan.targets]
+    copies = [(w, w.detach().to("cpu", copy=True)) for w in weights]
+
+    def put_back() -> None:
+        with torch.no_grad():
+            for weight, copy in copies:
+                if weight.shape == copy.shape:
+                    weight.data.copy_(copy)
+                else:
+                    weight.data = copy.to(weight.device)
+
+    transaction.on_restore(put_back)
+    return {id(w): c for w, c in copies}
 
 
 def _apply(model: nn.Module, peft_model: nn.Module | None, the_plan: Plan, replace: bool) -> nn.Module:
     from peft import get_peft_model
 
     config = the_plan.to_peft_config()
-    base = base_model_of(peft_model) if peft_model is not None else model
-    backup = []
-    if the_plan.spec.init in _WEIGHT_REWRITING_INITS or the_plan.spec.init.startswith("pissa_niter_"):
-        backup = [base_layer_of(base.get_submodule(p)).weight for p in the_plan.targets]
+    rewrites = _rewrites_weights(the_plan)
     roots = [r for r in (model, peft_model) if r is not None]
     name = the_plan.name
-    with Transaction(*roots, backup=backup), warnings.catch_warnings():
+    records = []
+    with Transaction(*roots) as transaction, warnings.catch_warnings():
         # PEFT calls a transformers API that transformers has deprecated; that notice is not for our users.
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
         if peft_model is None:
-            remember_grad_flags(model)
-            result = get_peft_model(model, config, adapter_name=name)
+            base = model
+            originals = _keep_originals(base, the_plan, transaction) if rewrites else {}
+            remember_grad_flags(base)
+            result = get_peft_model(base, config, adapter_name=name)
         elif replace or (name in peft_model.peft_config and len(peft_model.peft_config) == 1):
             # The new adapter alone: back to the clean base, then wrap anew (same task class, fresh state).
-            clean = unload_clean(peft_model)
-            remember_grad_flags(clean)
-            result = get_peft_model(clean, config, adapter_name=name)
+            base = unload_clean(peft_model)
+            originals = _keep_originals(base, the_plan, transaction) if rewrites else {}
+            remember_grad_flags(base)
+            result = get_peft_model(base, config, adapter_name=name)
         else:
+            base = base_model_of(peft_model)
             if name in peft_model.peft_config:
+                restore_rewritten(base, [name])
                 if peft_model.active_adapter == name:
                     other = next(n for n in peft_model.peft_config if n != name)
                     peft_model.set_adapter(other)
                 peft_model.delete_adapter(name)
+            originals = _keep_originals(base, the_plan, transaction) if rewrites else {}
             peft_model.add_adapter(name, config)
             peft_model.set_adapter(name)
             result = peft_model
         _check_against_plan(result, the_plan, alone=replace)
+        if rewrites:
+            records = record_rewritten(result, name, originals)
+    remember_rewritten(base, records)
+    if peft_model is not None and result is not peft_model:
+        retire_wrapper(peft_model)  # also one made outside this package, which register_wrapper does not know
     register_wrapper(result)
     _forget_indexes(model, peft_model, result)
     return result
@@ -168,22 +225,30 @@ def _restore_original_heads(peft_model: nn.Module) -> None:
 
 def unload_clean(peft_model: nn.Module) -> nn.Module:
     """Take every adapter off ``peft_model`` and return its base exactly as it was before ``inject``: original
-    task heads back in place, PEFT's attributes removed, ``requires_grad`` as it was. Not transactional on its
-    own: callers run it inside a ``Transaction``."""
+    task heads back in place, PEFT's attributes removed, ``requires_grad`` as it was, and base weights that a
+    PiSSA/OLoRA initialisation rewrote given back bit for bit. Not transactional on its own: callers run it
+    inside a ``Transaction`` (it takes part in the active one)."""
     _restore_original_heads(peft_model)
     base = peft_model.unload()
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         base.__dict__.pop(attr, None)
     restore_grad_flags(base)
+    restore_rewritten(base)
     return base
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter and return the base model exactly as it was before ``inject`` (task heads too)."""
+    """Remove every adapter and return the base model exactly as it was before ``inject`` (task heads too, and
+    the base weights a PiSSA/OLoRA initialisation changed)."""
     peft_model = require_adapters(model, "unload")
     with Transaction(peft_model):
         base = unload_clean(peft_model)
     forget_wrapper(base)
+    retire_wrapper(
+        peft_model,
+        "its adapters were unloaded. Use the base model jupyter_lora.unload returned (model = "
+        "jupyter_lora.unload(model)).",
+    )
     _forget_indexes(peft_model, base)
     return base
 
@@ -215,7 +280,8 @@ def disable(model: nn.Module) -> nn.Module:
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter ``name``. The last adapter cannot be deleted this way: ``unload`` returns the base."""
+    """Remove adapter ``name`` (giving back the base weights its PiSSA/OLoRA initialisation changed). The last
+    adapter cannot be deleted this way: ``unload`` returns the base."""
     peft_model = require_adapters(model, "delete an adapter")
     require_adapter(peft_model, name)
     if len(peft_model.peft_config) == 1:
@@ -224,6 +290,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
             "model = jupyter_lora.unload(model) (or %lora unload) to get the base model back."
         )
     with Transaction(peft_model):
+        restore_rewritten(base_model_of(peft_model), [name])
         if name in active_names(peft_model):
             peft_model.set_adapter(next(n for n in peft_model.peft_config if n != name))
         peft_model.delete_adapter(name)
@@ -239,35 +306,55 @@ def load(
 ) -> nn.Module:
     """Load a saved LoRA adapter from ``path`` into ``model`` as ``name`` and make it active.
 
-    Returns the adapted model (a PeftModel); loading under an existing name replaces that adapter. The adapter
-    is checked against the model (module names and shapes) before anything changes.
+    ``path`` is a directory written by ``save`` (or by PEFT), or a Hub id ``"user/name"``, fetched through the
+    Hugging Face cache (offline, with HF_HUB_OFFLINE, from the cache only); a local directory of that name wins.
+    Returns the adapted model (a PeftModel); loading under an existing name replaces that adapter.
+
+    The adapter is checked before anything changes — its files on their own (finite floating-point tensors
+    that agree with the config), then against the model (modules, shapes, task, heads) — and once PEFT has
+    built it, that every tensor came from the file; on any problem the model is left exactly as it was.
+    Loading never changes the base weights: the initialisation named in the config (PiSSA, OLoRA, LoftQ...)
+    is not run, since the saved tensors replace the initial ones.
     """
     require_module(model)
     check_adapter_name(name)
+    if not isinstance(trainable, bool):
+        raise UsageError(f"`trainable` must be True or False, got {trainable!r}.")
     peft_model = wrapper_for(model)
-    check_not_training(peft_model if peft_model is not None else model, "load an adapter")
-    source, config = read_adapter_dir(path)
-    check_adapter_fits(peft_model if peft_model is not None else model, source, config)
+    current = peft_model if peft_model is not None else model
+    check_not_training(current, "load an adapter")
+    adapter = read_adapter(path)
+    config = adapter.peft_config(trainable)
+    check_adapter_fits(current, adapter, config)
     from peft import PeftModel
 
+    source = str(adapter.source)
     roots = [r for r in (model, peft_model) if r is not None]
     with Transaction(*roots), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
-        if peft_model is None:
-            remember_grad_flags(model)
-            result = PeftModel.from_pretrained(model, str(source), adapter_name=name, is_trainable=trainable)
-        elif name in peft_model.peft_config and len(peft_model.peft_config) == 1:
-            clean = unload_clean(peft_model)
-            remember_grad_flags(clean)
-            result = PeftModel.from_pretrained(clean, str(source), adapter_name=name, is_trainable=trainable)
+        # check_adapter_loaded says which tensors are missing, in one line; PEFT's own notice would repeat it.
+        warnings.filterwarnings("ignore", category=UserWarning, message="Found missing adapter keys")
+        if peft_model is None or (name in peft_model.peft_config and len(peft_model.peft_config) == 1):
+            base = model if peft_model is None else unload_clean(peft_model)
+            remember_grad_flags(base)
+            result = PeftModel.from_pretrained(
+                base, source, adapter_name=name, is_trainable=trainable, config=config
+            )
         else:
             if name in peft_model.peft_config:
                 if name in active_names(peft_model):
                     peft_model.set_adapter(next(n for n in peft_model.peft_config if n != name))
+                restore_rewritten(
+                    base_model_of(peft_model), [name]
+                )  # a PiSSA/OLoRA adapter's base weights back
                 peft_model.delete_adapter(name)
-            peft_model.load_adapter(str(source), adapter_name=name, is_trainable=trainable)
-            peft_model.set_adapter(name)
+            # PEFT's load_adapter reads the config from the files; an adapter added first from our config
+            # (initialisation off) is filled instead.
+            peft_model.add_adapter(name, config)
+            peft_model.load_adapter(source, adapter_name=name, is_trainable=trainable)
+            peft_model.set_adapter(name, inference_mode=not trainable)
             result = peft_model
+        check_adapter_loaded(result, name, adapter)
     register_wrapper(result)
     _forget_indexes(model, peft_model, result)
     return result

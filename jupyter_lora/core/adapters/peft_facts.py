@@ -1,5 +1,6 @@
-"""Facts about PEFT on a live model: which modules are PEFT layers, which adapters they hold, which adapter is
-active, which PeftModel wraps a base model, and whether the base is quantised.
+"""Facts about PEFT on a live model: which modules are PEFT layers, which adapters they hold (and, for plain LoRA,
+the update each adds to its base weight), which adapter is active, which PeftModel wraps a base model (and
+which wrappers an operation has made stale), and whether the base is quantised.
 
 PEFT and bitsandbytes types are looked up in ``sys.modules``: a model can only hold their layers once they have
 been imported, so asking never imports them.
@@ -10,13 +11,16 @@ from __future__ import annotations
 import sys
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import UsageError
 from ..modelinfo import is_peft_model, param_count
 
 __all__ = [
+    "LoraUpdate",
     "active_names",
     "adapter_layers",
     "adapts_embeddings",
@@ -27,11 +31,13 @@ __all__ = [
     "is_modules_to_save_wrapper",
     "is_quantized",
     "is_tuner_layer",
+    "lora_update",
     "parameter_counts",
     "register_wrapper",
     "registered_wrapper",
     "remember_grad_flags",
     "restore_grad_flags",
+    "retire_wrapper",
     "wrapper_for",
 ]
 
@@ -40,6 +46,8 @@ __all__ = [
 _WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType] = weakref.WeakKeyDictionary()
 # base model -> {parameter name: requires_grad} as it was before PEFT froze it, so unload can give it back.
 _GRAD_FLAGS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+# PeftModel -> why it no longer describes its base (a later operation unloaded, merged or re-wrapped that base).
+_RETIRED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def _loaded_type(module_name: str, name: str) -> type | None:
@@ -97,6 +105,76 @@ def adapts_embeddings(peft_model: nn.Module, name: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class LoraUpdate:
+    """A plain LoRA adapter on one layer: merging adds ``scaling · B @ A`` to ``weight`` (transposed for
+    ``fan_in_fan_out`` layers and embeddings), and that is all it changes."""
+
+    weight: nn.Parameter
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    transposed: bool
+
+    def casts(self, fp32: bool = False) -> bool:
+        """Whether ``rows`` computes in fp32 although the factors are not (PEFT does so for 16-bit factors on the
+        CPU, and casts the result back to the factors' dtype)."""
+        return fp32 or (self.weight.device.type == "cpu" and self.a.dtype in (torch.float16, torch.bfloat16))
+
+    def rows(
+        self, start: int, stop: int, fp32: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of the update, computed as PEFT's ``get_delta_weight`` computes the whole of it, or in
+        fp32 with ``fp32=True`` (as PiSSA/OLoRA initialisation subtracts it); on the device of ``weight``, in fp32
+        where ``casts(fp32)``, else in the factors' dtype (casting back is the caller's). ``out``: a contiguous
+        tensor of that shape and dtype to write into."""
+        device = self.weight.device
+        a, b = self.a.to(device), self.b.to(device)
+        if self.casts(fp32):
+            a, b = a.float(), b.float()
+        if self.transposed:  # the weight's rows are the product's columns
+            part = torch.matmul(b, a[:, start:stop], out=None if out is None else out.T)
+            part = part.T if out is None else out
+        else:
+            part = torch.matmul(b[start:stop], a, out=out)
+        return part.mul_(self.scaling)
+
+    def detached(self) -> LoraUpdate:
+        """The same update with copies of ``A`` and ``B`` on the CPU (for when the adapter moves on)."""
+        return LoraUpdate(self.weight, self.a.detach().to("cpu", copy=True), self.b.detach().to("cpu", copy=True),
+                          self.scaling, self.transposed)  # fmt: skip
+
+
+def lora_update(layer: nn.Module, name: str) -> LoraUpdate | None:
+    """The update adapter ``name`` adds to ``layer``'s base weight when merged, where PEFT merges it as a plain
+    ``W + scaling · B @ A``: LoRA ``Linear`` and ``Embedding`` layers with a floating-point, contiguous 2-D weight.
+    None for everything else (DoRA and other variants, adapters with a bias, convolutions, quantised layers)."""
+    lora = sys.modules.get("peft.tuners.lora.layer")
+    if (
+        lora is None
+        or name in getattr(layer, "lora_variant", {})
+        or getattr(layer, "lora_bias", {}).get(name)
+    ):
+        return None
+    if type(layer) is lora.Linear and name in layer.lora_A:
+        a, b, transposed = layer.lora_A[name].weight, layer.lora_B[name].weight, bool(layer.fan_in_fan_out)
+    elif type(layer) is lora.Embedding and name in layer.lora_embedding_A:
+        a, b, transposed = layer.lora_embedding_A[name], layer.lora_embedding_B[name], True
+    else:
+        return None
+    weight = layer.get_base_layer().weight
+    shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+    if (
+        type(weight) is not nn.Parameter
+        or not weight.dtype.is_floating_point
+        or weight.is_meta
+        or not weight.is_contiguous()
+        or tuple(weight.shape) != shape
+    ):
+        return None
+    return LoraUpdate(weight, a, b, float(layer.scaling[name]), transposed)
+
+
 def active_names(peft_model: nn.Module) -> list[str]:
     """The names of the active adapters of a PeftModel."""
     active = peft_model.base_model.active_adapter
@@ -122,8 +200,29 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def register_wrapper(peft_model: nn.Module) -> None:
-    """Remember that ``peft_model`` wraps its base, so that the base passed again finds this wrapper."""
-    _WRAPPERS[peft_model.base_model.model] = weakref.ref(peft_model)
+    """Remember that ``peft_model`` wraps its base, so that the base passed again finds this wrapper. A wrapper
+    registered for the same base before becomes stale (see ``retire_wrapper``)."""
+    base = peft_model.base_model.model
+    ref = _WRAPPERS.get(base)
+    previous = ref() if ref is not None else None
+    if previous is not None and previous is not peft_model:
+        retire_wrapper(previous)
+    _WRAPPERS[base] = weakref.ref(peft_model)
+
+
+def retire_wrapper(peft_model: nn.Module, reason: str | None = None) -> None:
+    """Mark ``peft_model`` stale: every operation on it is refused, with ``reason`` (what happened to its base and
+    which model to use instead; by default, that a later inject or load wrapped the base anew)."""
+    _RETIRED[peft_model] = reason or (
+        "a later inject or load wrapped its base model anew, so its settings no longer describe the layers. Use "
+        "the model that call returned (model = jupyter_lora.inject(model, ...) keeps the variable current)."
+    )
+
+
+def _check_current(peft_model: nn.Module) -> None:
+    reason = _RETIRED.get(peft_model)
+    if reason is not None:
+        raise UsageError(f"This adapted model is out of date: {reason}")
 
 
 def forget_wrapper(base: nn.Module) -> None:
@@ -132,8 +231,10 @@ def forget_wrapper(base: nn.Module) -> None:
 
 
 def registered_wrapper(model: nn.Module) -> nn.Module | None:
-    """The PeftModel for ``model``: itself, or the live wrapper registered for this base; else None."""
+    """The PeftModel for ``model``: itself, or the live wrapper registered for this base; else None. A stale
+    PeftModel (see ``retire_wrapper``) is refused with the reason."""
     if is_peft_model(model):
+        _check_current(model)
         return model
     ref = _WRAPPERS.get(model)
     wrapper = ref() if ref is not None else None
