@@ -6,7 +6,9 @@ reported once (a warning) and then skipped, so a broken display never stops a tr
 Kinds and their ``data``:
 
 ========== =============================================================================================
-start      total_steps, examples, eval_examples, trainable_params, task, config (dict), device
+start      total_steps, examples, eval_examples, trainable_params, task, config (dict), device, resumed_from
+           (checkpoint path or None); a resumed run also history and evals: the records before the checkpoint
+           ({step, loss, lr, tokens, epoch, time} and {step, eval_loss, epoch, accuracy?})
 step       loss, lr, tokens (this step), tokens_per_s, elapsed, eta, memory_allocated, memory_peak (bytes;
            None on CPU), grad_norm (None unless clipping)
 eval       eval_loss, accuracy (classification only), best_eval_loss, improved (bool)

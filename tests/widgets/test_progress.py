@@ -172,7 +172,6 @@ def test_widget_full_run_state(clock):
     assert t["eval loss"].mode == "markers"
     assert t["learning rate"].yaxis == "y2" and len(t["learning rate"].x) == TOTAL
     np.testing.assert_allclose(t["learning rate"].y, [lr_at(s) for s in steps])
-    assert tuple(w.figure.layout.xaxis.range) == (0, TOTAL)
 
     assert "<script>" not in w.samples.value and "&lt;script&gt;alert(1)&lt;/script&gt;" in w.samples.value
     assert "Tom &amp; Jerry &lt;b&gt;bold&lt;/b&gt;" in w.samples.value
@@ -285,6 +284,219 @@ def test_oom_and_error_panes(clock):
     w2 = ProgressWidget(clock=clock)
     w2(ev("error", 3, message="shape mismatch", type="RuntimeError"))
     assert "RuntimeError: shape mismatch" in w2.errors.value and "failed at step 3" in w2.summary.value
+
+
+# ----------------------------------------------------------------------------------------------- a view drawn late
+
+
+def state_traces(w: ProgressWidget) -> dict[str, dict[str, Any]]:
+    """The traces a front end that draws the figure now starts from (its synced state), arrays decoded."""
+    out = {}
+    for trace in w.figure.get_state()["_widget_data"]:
+        decoded = dict(trace)
+        for key in ("x", "y"):
+            value = trace.get(key)
+            if isinstance(value, dict) and "buffer" in value:
+                decoded[key] = np.frombuffer(value["buffer"], dtype=value["dtype"]).reshape(value["shape"])
+        out[trace["name"]] = decoded
+    return out
+
+
+def test_a_view_drawn_after_the_run_shows_the_whole_run(clock):
+    """The figure's state, what a view drawn later starts from, holds every point received: a run that ends
+    before the front end draws the widget still shows its curve."""
+    w = ProgressWidget(stop=lambda: None, clock=clock)  # built (the comm opens); no view yet
+    events = run_events()
+    for i, e in enumerate(events):
+        clock.t = i * 0.001  # the whole run within 0.2 s: step redraws are throttled
+        w(e)
+    assert w.history.status == "done"
+    state = state_traces(w)
+    steps = list(range(1, TOTAL + 1))
+    assert list(state["train loss"]["x"]) == steps
+    np.testing.assert_allclose(state["train loss"]["y"], [loss_at(s) for s in steps])
+    np.testing.assert_allclose(state["train loss (EMA)"]["y"], traces(w)["train loss (EMA)"].y)
+    assert list(state["eval loss"]["x"]) == list(EVAL_AT)
+    assert len(state["learning rate"]["x"]) == TOTAL
+
+
+def test_show_draws_what_was_received_before(monkeypatch, clock):
+    shown = []
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: shown.append(obj))
+    w = ProgressWidget(clock=clock)
+    w(ev("start", 0, total_steps=TOTAL))
+    for step in range(1, 31):  # within one interval: the display lags behind the history
+        w(ev("step", step, loss=loss_at(step), lr=lr_at(step)))
+    assert w.bar.value < 30
+    w.show()
+    assert shown == [w.box]
+    assert w.bar.value == 30 and "step 30/100" in w.stats.value
+    assert list(state_traces(w)["train loss"]["x"]) == list(range(1, 31))
+
+
+# ----------------------------------------------------------------------------------------------- a resumed run
+
+
+def resumed_start(at: int = 60, epoch: float = 0.6, **extra: Any) -> TrainingEvent:
+    """A resumed run's start event with the records from before its checkpoint, in the engine's format."""
+    from jupyter_lora.core.train.checkpoints import history_of
+
+    log = [
+        {"step": s, "loss": loss_at(s), "learning_rate": lr_at(s), "epoch": s / TOTAL}
+        for s in range(1, at + 1)
+    ]
+    log += [{"step": s, "eval_loss": 1.0 / s**0.1, "epoch": s / TOTAL} for s in EVAL_AT if s <= at]
+    history, evals = history_of({"log_history": log})
+    data = {"total_steps": TOTAL, "resumed_from": f"out/checkpoint-{at}", "history": history, "evals": evals}
+    return TrainingEvent("start", at, TOTAL, epoch, 0.5, {**data, **extra})
+
+
+def test_a_resumed_run_continues_the_earlier_curve(clock):
+    w = ProgressWidget(stop=lambda: None, clock=clock, min_interval=0)
+    w(resumed_start(60))
+    for step in range(61, 71):
+        clock.t = step
+        w(ev("step", step, (step - 60) * 0.5, loss=loss_at(step), lr=lr_at(step)))
+
+    t = traces(w)
+    losses = [loss_at(s) for s in range(1, 71)]
+    assert list(t["train loss"].x) == list(range(1, 71))
+    np.testing.assert_allclose(t["train loss"].y, losses)
+    # one EMA through the old and new points, not a new one from the resume
+    np.testing.assert_allclose(t["train loss (EMA)"].y, reference_ema(losses), rtol=1e-12)
+    np.testing.assert_allclose(t["learning rate"].y, [lr_at(s) for s in range(1, 71)])
+    assert list(t["eval loss"].x) == [25, 50]
+    assert w.history.best_eval_loss == pytest.approx(1.0 / 50**0.1)
+    assert "resumed at step 60" in w.header.value
+    (mark,) = w.figure.layout.shapes
+    assert (mark.x0, mark.x1) == (60, 60)
+    assert [s["x0"] for s in w.figure.get_state()["_widget_layout"]["shapes"]] == [60]  # for a late view too
+    assert list(state_traces(w)["train loss"]["x"]) == list(range(1, 71))
+    assert "step 70/100 · epoch 0.70" in w.stats.value
+
+
+def test_a_resumed_run_has_no_eta_before_its_first_step_and_counts_only_its_own_steps(clock):
+    h = RunHistory()
+    h.record(resumed_start(60))
+    assert h.eta() is None and "ETA" not in h.stats_text()  # nothing done since the resume yet
+    h.record(ev("step", 70, 20.0, loss=1.0))  # 10 steps in 20 s, no estimate from the engine
+    assert h.eta() == pytest.approx(20.0 / 10 * 30)
+    assert "0:20 elapsed / ETA 1:00" in h.stats_text()
+
+
+def test_a_resumed_run_takes_the_epoch_of_its_records_when_the_start_event_has_none():
+    h = RunHistory()
+    h.record(resumed_start(60, epoch=0.0))
+    assert "epoch 0.60" in h.stats_text()
+    h.record(ev("step", 61, 1.0, loss=1.0))  # the step event's own epoch
+    assert "epoch 0.61" in h.stats_text()
+
+
+def test_a_resumed_run_summary_and_a_fresh_start_of_the_same_widget(clock):
+    w = ProgressWidget(clock=clock, min_interval=0)
+    w(resumed_start(60))
+    w(ev("end", TOTAL, 20.0, steps=TOTAL, elapsed=20.0))
+    assert w.summary.value.startswith("<b>finished: 100 steps (resumed at 60) in 0:20")
+    fresh = RunHistory()
+    fresh.record(ev("start", 0, total_steps=TOTAL, resumed_from=None))
+    assert fresh.resumed_at is None and "resumed" not in fresh.run_text()
+
+
+# ----------------------------------------------------------------------------------------------- the chart's look
+
+
+def test_one_point_has_a_loss_and_ema_that_agree_exactly(clock):
+    """The first smoothed value is the loss itself, bit for bit, and a constant loss stays constant: a one-point
+    chart does not get a loss axis spanning a rounding error (labelled with the loss's 19 digits)."""
+    w = ProgressWidget(clock=clock, min_interval=0)
+    w(ev("step", 1, loss=4.873530864715576172, lr=8.82e-4))
+    t = traces(w)
+    assert t["train loss (EMA)"].y[0] == t["train loss"].y[0] == 4.873530864715576172
+    assert "markers" in t["train loss (EMA)"].mode  # one point is drawn as a dot
+    for step in range(2, 50):
+        w(ev("step", step, loss=4.873530864715576172))
+    assert set(traces(w)["train loss (EMA)"].y) == {4.873530864715576172}
+    assert traces(w)["train loss (EMA)"].mode == "lines"
+
+
+def _luminance(color: str) -> float:
+    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_chart_axes_and_line_styles(clock):
+    w = ProgressWidget(clock=clock, min_interval=0)
+    w(ev("start", 0, total=400, total_steps=400))
+    for step in range(1, 5):
+        w(ev("step", step, total=400, loss=loss_at(step), lr=lr_at(step)))
+    layout = w.figure.layout
+    # 4 of 400 steps fill the x axis (the bar shows the total)
+    assert layout.xaxis.range is None and layout.xaxis.autorange is not False
+    # learning rates in exponent notation, on round ticks of their own (not the loss grid's)
+    assert layout.yaxis2.tickmode == "auto" and layout.yaxis2.tickformat.endswith("e")
+    assert layout.yaxis2.hoverformat.endswith("e")
+    raw, smooth = traces(w)["train loss"], traces(w)["train loss (EMA)"]
+    assert raw.opacity in (None, 1) and raw.line.width >= 1.5  # visible...
+    assert _luminance(smooth.line.color) < _luminance(raw.line.color) < 0.85  # ...and lighter than the EMA
+
+
+@pytest.mark.parametrize(
+    ("events", "style"),
+    [
+        ([("end", {"steps": 4})], "success"),
+        ([("stop", {"reason": "user"}), ("end", {})], "warning"),
+        ([("error", {"message": "boom", "type": "RuntimeError"}), ("end", {})], "danger"),
+        ([("oom", {"message": "CUDA out of memory"}), ("end", {})], "danger"),
+    ],
+    ids=["finished", "stopped", "error", "oom"],
+)
+def test_the_outcome_button_is_red_only_for_a_failure(clock, events, style):
+    w = ProgressWidget(stop=lambda: None, clock=clock)
+    assert w.stop_button.button_style == "danger"  # Stop itself
+    w(ev("step", 4, loss=1.0))
+    for kind, data in events:
+        w(ev(kind, 4, **data))
+    assert w.stop_button.disabled and w.stop_button.button_style == style
+
+
+def test_stopping_is_amber(clock):
+    w = ProgressWidget(stop=lambda: None, clock=clock)
+    w(ev("step", 4, loss=1.0))
+    w.stop_button.click()
+    assert (w.stop_button.description, w.stop_button.button_style) == ("stopping…", "warning")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint label
+
+
+def stopped_run_events() -> list[TrainingEvent]:
+    """What the engine reports when Stop is pressed at step 7: the Stop checkpoint, then stop and end naming it."""
+    path = "out/checkpoint-7"
+    return [
+        ev("step", 7, 3.5, loss=1.0),
+        ev("checkpoint", 7, 3.6, path=path, reason="stop"),
+        ev("stop", 7, 3.6, reason="user", checkpoint=path),
+        ev("end", 7, 3.7, steps=7, checkpoint=path, state="stopped"),
+    ]
+
+
+def test_the_stop_checkpoint_is_labelled_stop_to_the_end(clock, capsys):
+    w = ProgressWidget(stop=lambda: None, clock=clock)
+    t = TextProgress(output="terminal", clock=clock, min_interval=0)
+    for e in stopped_run_events():
+        w(e)
+        t(e)
+    assert w.history.checkpoint_text() == "checkpoint (stop) at step 7: out/checkpoint-7"
+    assert "checkpoint (stop) at step 7" in w.stats.value
+    assert "checkpoint (stop) at step 7: out/checkpoint-7" in capsys.readouterr().out
+    assert t.history.checkpoint_text() == w.history.checkpoint_text()
+
+
+def test_a_finished_run_labels_its_last_checkpoint_end():
+    h = RunHistory()
+    h.record(ev("checkpoint", 50, path="out/checkpoint-50", reason="every"))
+    h.record(ev("end", 100, steps=100, checkpoint="out/checkpoint-100"))
+    assert h.checkpoint_text() == "checkpoint (end) at step 100: out/checkpoint-100"
 
 
 # ----------------------------------------------------------------------------------------------- Stop
@@ -487,6 +699,19 @@ def test_text_notebook_first_flush_displays(monkeypatch, clock):
     t = TextProgress(output="notebook", clock=clock)
     t(ev("start", 0, total_steps=TOTAL))
     assert shown == [{"display_id": True}]
+
+
+def test_text_notebook_sparkline_spans_the_steps_so_far_and_colours_the_outcome(monkeypatch, clock):
+    monkeypatch.setattr(frontend, "display", lambda obj, **kw: None)
+    t = TextProgress(output="notebook", clock=clock, min_interval=0)
+    t(ev("start", 0, total=400, total_steps=400))
+    for step in range(1, 5):
+        t(ev("step", step, total=400, loss=loss_at(step)))
+    html_ = t._repr_html_()
+    points = re.search(r"<polyline[^>]* points='([^']*)'", html_).group(1).split()
+    assert [float(p.split(",")[0]) for p in (points[0], points[-1])] == [pytest.approx(81.0), 318.0]
+    t(ev("stop", 4, total=400, reason="user"))
+    assert "accent-color:#ef6c00" in t._repr_html_()  # stopped: amber, not the red of a failure
 
 
 # ----------------------------------------------------------------------------------------------- progress_observer

@@ -94,9 +94,11 @@ class RunCallback(TrainerCallback):
             if run.model is not None
             else None
         )
+        # a resumed run's chart continues the curve before its checkpoint (copies: the lists grow on this thread)
+        earlier = {"history": list(run.history), "evals": list(run.evals)} if run.resume_from else {}
         run.emit("start", total_steps=run.total_steps, trainable_params=trainable,
                  device=None if self.device is None else str(self.device),
-                 resumed_from=str(run.resume_from) if run.resume_from else None, **info)  # fmt: skip
+                 resumed_from=str(run.resume_from) if run.resume_from else None, **earlier, **info)  # fmt: skip
 
     def _step_tokens(self, args, state) -> int | None:
         """Tokens the steps since the last report consumed."""

@@ -87,6 +87,10 @@ class RunHistory:
 
     The loss series keeps every logged step. ``loss`` holds None where the loss was not finite (a gap in the plot).
     ``smoothed`` is the bias-corrected EMA: ``m = (1-a)·m + a·loss``, shown as ``m / (1 - (1-a)^n)``.
+
+    A resumed run's start event may carry the records from before its checkpoint (``history``: dicts with step,
+    loss, lr; ``evals``: dicts with step, eval_loss, accuracy): the series start with them, so the curve goes on
+    where it stopped. ``resumed_at`` is then the checkpoint's step, and the ETA counts only the steps since.
     """
 
     def __init__(self, *, ema_alpha: float = 0.1) -> None:
@@ -99,7 +103,9 @@ class RunHistory:
         self.epoch = 0.0
         self.time = 0.0
         self.events = 0
-        self.info: dict[str, Any] = {}  # the start event's data
+        self.info: dict[str, Any] = {}  # the start event's data (without the earlier records of a resume)
+        self.first_step = 0  # the step the run started at (a resumed run: its checkpoint's step)
+        self.resumed_at: int | None = None  # the checkpoint's step when the run is a resume
         self.last: dict[str, Any] = {}  # latest step data: loss, lr, tokens_per_s, eta, memory, ...
         self.tokens = 0
         self.loss_steps: list[int] = []
@@ -121,7 +127,7 @@ class RunHistory:
         self.stopped: dict[str, Any] | None = None  # the stop event's data
         self.stop_requested = False  # Stop was pressed here
         self.end: dict[str, Any] | None = None
-        self._ema = 0.0
+        self._ema = 0.0  # the bias-corrected EMA itself
         self._ema_n = 0
 
     # ---- recording
@@ -135,7 +141,8 @@ class RunHistory:
         self.step = int(event.step)
         if event.total_steps:
             self.total_steps = int(event.total_steps)
-        self.epoch = float(event.epoch or 0.0)
+        if event.epoch or event.kind == "start":  # an event without an epoch keeps the last one known
+            self.epoch = float(event.epoch or 0.0)
         self.time = float(event.time or 0.0)
         handler = getattr(self, f"_on_{event.kind}", None) if event.kind in EVENT_KINDS else None
         if handler is not None:
@@ -148,18 +155,45 @@ class RunHistory:
             self.status = "stopping"
 
     def _on_start(self, data: Mapping[str, Any]) -> None:
-        self.info = dict(data)
+        self.info = {k: v for k, v in data.items() if k not in ("history", "evals")}
         if not self.total_steps and data.get("total_steps"):
             self.total_steps = int(data["total_steps"])
+        self.first_step = self.step
+        self.resumed_at = self.step if data.get("resumed_from") else None
+        history, evals = data.get("history"), data.get("evals")
+        if history is not None or evals is not None:
+            self._load_earlier(history or (), evals or ())
         if self.status == "waiting":
             self.status = "running"
+
+    def _load_earlier(self, history: Any, evals: Any) -> None:
+        """Start the series with a resumed run's records from before its checkpoint (they replace any series)."""
+        self.loss_steps, self.loss, self.smoothed, self.lr_steps, self.lr = [], [], [], [], []
+        self.eval_steps, self.eval_loss, self.eval_accuracy = [], [], []
+        self.nonfinite_losses, self._ema, self._ema_n = 0, 0.0, 0
+        self.best_eval_loss, self.last_eval = None, None
+        self.last.pop("loss", None)
+        epoch = None
+        for record in sorted(history, key=lambda r: int(r["step"])):
+            step = int(record["step"])
+            loss, lr = _opt_float(record.get("loss")), _opt_float(record.get("lr"))
+            if loss is not None:
+                self._add_loss(loss, step)
+            if lr is not None:
+                self.lr_steps.append(step)
+                self.lr.append(lr)
+            epoch = _opt_float(record.get("epoch")) or epoch
+        for record in sorted(evals, key=lambda r: int(r["step"])):
+            self._add_eval(int(record["step"]), record)
+        if not self.epoch and epoch:  # a start event without the epoch: the last record's
+            self.epoch = epoch
 
     def _on_step(self, data: Mapping[str, Any]) -> None:
         if self.status == "waiting":
             self.status = "running"
         loss = _opt_float(data.get("loss"))
         if loss is not None:
-            self._add_loss(loss)
+            self._add_loss(loss, self.step)
         lr = _opt_float(data.get("lr"))
         if lr is not None:
             self.lr_steps.append(self.step)
@@ -177,24 +211,31 @@ class RunHistory:
             self.last.pop("memory_allocated", None)
             self.last.pop("memory_peak", None)
 
-    def _add_loss(self, loss: float) -> None:
+    def _add_loss(self, loss: float, step: int) -> None:
         self.last["loss"] = loss
-        self.loss_steps.append(self.step)
+        self.loss_steps.append(step)
         if math.isfinite(loss):
+            # the bias-corrected EMA, updated as ema += w·(loss - ema) with w = a / (1 - (1-a)^n): the same
+            # values as m / (1 - (1-a)^n), but the first one is the loss itself, exactly (w = 1), and a constant
+            # loss stays constant (a one-point chart gets no axis spanning a rounding error)
             a = self.ema_alpha
             self._ema_n += 1
-            self._ema = (1 - a) * self._ema + a * loss
+            weight = 1.0 if self._ema_n == 1 else a / (1 - (1 - a) ** self._ema_n)
+            self._ema += weight * (loss - self._ema)
             self.loss.append(loss)
-            self.smoothed.append(self._ema / (1 - (1 - a) ** self._ema_n))
+            self.smoothed.append(self._ema)
         else:
             self.nonfinite_losses += 1
             self.loss.append(None)
             self.smoothed.append(None)
 
     def _on_eval(self, data: Mapping[str, Any]) -> None:
+        self._add_eval(self.step, data)
+
+    def _add_eval(self, step: int, data: Mapping[str, Any]) -> None:
         value = _opt_float(data.get("eval_loss"))
         finite = value is not None and math.isfinite(value)
-        self.eval_steps.append(self.step)
+        self.eval_steps.append(step)
         self.eval_loss.append(value if finite else None)
         self.eval_accuracy.append(_opt_float(data.get("accuracy")))
         best = _opt_float(data.get("best_eval_loss"))
@@ -206,7 +247,7 @@ class RunHistory:
         if improved is None:
             improved = finite and best is not None and value <= best
         self.last_eval = {
-            "step": self.step,
+            "step": step,
             "eval_loss": value,
             "accuracy": self.eval_accuracy[-1],
             "improved": bool(improved),
@@ -222,27 +263,30 @@ class RunHistory:
         if data.get("path"):
             self.checkpoint = (self.step, str(data["path"]), str(data.get("reason") or ""))
 
+    def _note_checkpoint(self, path: Any, reason: str) -> None:
+        """The checkpoint an oom/stop/end event names. One already announced keeps its step and reason (the
+        Stop checkpoint stays "stop" when the end event repeats its path)."""
+        if path and (self.checkpoint is None or self.checkpoint[1] != str(path)):
+            self.checkpoint = (self.step, str(path), reason)
+
     def _on_oom(self, data: Mapping[str, Any]) -> None:
         self.status = "oom"
         message = str(data.get("message") or "CUDA out of memory")
         self.problems.append(("oom", message, str(data.get("advice") or "")))
-        if data.get("checkpoint"):
-            self.checkpoint = (self.step, str(data["checkpoint"]), "oom")
+        self._note_checkpoint(data.get("checkpoint"), "oom")
 
     def _on_stop(self, data: Mapping[str, Any]) -> None:
         if self.status not in ("oom", "error"):
             self.status = "stopped"
         self.stopped = dict(data)
-        if data.get("checkpoint"):
-            self.checkpoint = (self.step, str(data["checkpoint"]), "stop")
+        self._note_checkpoint(data.get("checkpoint"), "stop")
 
     def _on_end(self, data: Mapping[str, Any]) -> None:
         self.end = dict(data)
         if self.status not in ("oom", "error", "stopped"):
             stopped = self.stopped is not None or self.status == "stopping" or data.get("state") == "stopped"
             self.status = "stopped" if stopped else "done"
-        if data.get("checkpoint"):
-            self.checkpoint = (self.step, str(data["checkpoint"]), "end")
+        self._note_checkpoint(data.get("checkpoint"), "stop" if self.status == "stopped" else "end")
 
     def _on_error(self, data: Mapping[str, Any]) -> None:
         self.status = "error"
@@ -264,13 +308,15 @@ class RunHistory:
         return self.time or float(self.last.get("elapsed") or 0.0)
 
     def eta(self) -> float | None:
-        """Seconds left: the engine's estimate when it gives one, else elapsed/step · steps left."""
+        """Seconds left: the engine's estimate when it gives one, else elapsed / steps done · steps left. The
+        steps done are those of this run (a resumed run: since its checkpoint); None before the first."""
         if self.finished:
             return None
         if self.last.get("eta") is not None:
             return float(self.last["eta"])
-        if self.step > 0 and self.total_steps > self.step:
-            return self.elapsed() / self.step * (self.total_steps - self.step)
+        done = self.step - self.first_step
+        if done > 0 and self.total_steps > self.step:
+            return self.elapsed() / done * (self.total_steps - self.step)
         return None
 
     def tokens_per_s(self) -> float | None:
@@ -342,6 +388,8 @@ class RunHistory:
         info = self.info
         if self.total_steps:
             parts.append(f"{self.total_steps:,} steps")
+        if self.resumed_at is not None:
+            parts.append(f"resumed at step {self.resumed_at:,}")
         if info.get("examples"):
             examples = f"{int(info['examples']):,} examples"
             if info.get("eval_examples"):
@@ -382,6 +430,8 @@ class RunHistory:
             head = f"out of memory at step {steps}"
         else:
             head = f"failed at step {steps}"
+        if self.resumed_at is not None:
+            head += f" (resumed at {self.resumed_at:,})"
         parts = [f"{head} in {fmt_duration(self.elapsed())}"]
         final = end.get("final_loss", self.last.get("loss"))
         if final is not None:

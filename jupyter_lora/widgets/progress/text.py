@@ -21,6 +21,14 @@ from .observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
 __all__ = ["TERMINAL_MIN_INTERVAL", "TextProgress"]
 
 TERMINAL_MIN_INTERVAL = 1.0  # printed lines: one per second is as fast as anyone reads a scrolling terminal
+# the progress bar's colour: green when finished, amber when stopped, red only for a failure
+_STATUS_COLORS = {
+    "stopping": "#ef6c00",
+    "stopped": "#ef6c00",
+    "done": "#2e7d32",
+    "oom": "#c62828",
+    "error": "#c62828",
+}
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -138,7 +146,7 @@ class TextProgress(ThrottledObserver):
     def _html(self) -> str:
         h = self.history
         total = max(h.total_steps, h.step, 1)
-        color = {"done": "#2e7d32", "oom": "#c62828", "error": "#c62828"}.get(h.status, "#1f77b4")
+        color = _STATUS_COLORS.get(h.status, "#1f77b4")
         bar = (
             f"<div style='display:flex;align-items:center;gap:8px'>"
             f"<progress value='{min(h.step, total)}' max='{total}' style='width:320px;accent-color:{color}'></progress>"
@@ -163,7 +171,8 @@ class TextProgress(ThrottledObserver):
 
 
 def _sparkline_svg(h: RunHistory, width: int = 320, height: int = 60) -> str:
-    """The smoothed train loss (blue) and eval losses (red dots) as a small inline SVG ('' before two points)."""
+    """The smoothed train loss (blue) and eval losses (red dots) as a small inline SVG ('' before two points).
+    The x axis runs from 0 to the last step drawn."""
     points = [(x, y) for x, y in zip(h.loss_steps, h.smoothed, strict=True) if y is not None]
     evals = [(x, y) for x, y in zip(h.eval_steps, h.eval_loss, strict=True) if y is not None]
     if len(points) < 2:
@@ -172,7 +181,7 @@ def _sparkline_svg(h: RunHistory, width: int = 320, height: int = 60) -> str:
     ys = [y for _, y in points] + [y for _, y in evals]
     lo, hi = min(ys), max(ys)
     span_y = (hi - lo) or 1.0
-    span_x = max(h.total_steps, points[-1][0], 1)
+    span_x = max([points[-1][0], *(x for x, _ in evals), 1])
 
     def xy(x: float, y: float) -> tuple[str, str]:
         return f"{2 + (width - 4) * x / span_x:.1f}", f"{2 + (height - 4) * (hi - y) / span_y:.1f}"

@@ -6,6 +6,7 @@ line, errors with advice, the latest samples and a summary line. ipywidgets and 
 
 from __future__ import annotations
 
+import copy
 import functools
 import html
 import math
@@ -52,7 +53,33 @@ _BAR_STYLE = {
     "oom": "danger",
     "error": "danger",
 }
+# the Stop button, which shows the outcome once the run is over: red only for a failure
+_BUTTON_STYLE = {
+    "stopping": "warning",
+    "stopped": "warning",
+    "done": "success",
+    "oom": "danger",
+    "error": "danger",
+}
 _TRACE_NAMES = ("train loss", "train loss (EMA)", "eval loss", "learning rate")
+_LOSS_COLOR = "#1f77b4"
+_RAW_LOSS_COLOR = "#9cc3e4"  # the loss's blue, lightened: drawn under the EMA, visible but quieter
+_LR_FORMAT = ".2~e"  # 2e-4, 8.82e-4: learning rates in exponent notation, on the axis and in hover labels
+_LOSS_FORMAT = ".4~g"  # hover labels: 4 significant digits, like the stats line
+
+
+def _sync_figure_state(figure: Any, *, layout: bool) -> None:
+    """Make ``figure``'s synced state hold its current data (and layout).
+
+    A FigureWidget sends each later change as a one-off message that only views already drawn apply; a view drawn
+    afterwards (the widget displayed late, the front end busy until the run ended, the page reloaded) starts from
+    the state ``_widget_data`` / ``_widget_layout``, which plotly fills only when the figure is built. Kept current
+    here, a view drawn at any time shows everything received so far.
+    """
+    if hasattr(figure, "_widget_data"):
+        figure._widget_data = copy.deepcopy(figure._data)
+    if layout and hasattr(figure, "_widget_layout"):
+        figure._widget_layout = copy.deepcopy(figure._layout_obj._props)
 
 
 class ProgressWidget(ThrottledObserver):
@@ -105,13 +132,10 @@ class ProgressWidget(ThrottledObserver):
         )
         self.stop_button.on_click(self._on_stop_click)
         self.stats = widgets.HTML()
-        color = "#1f77b4"
         self.figure = go.FigureWidget(
             data=[
-                go.Scatter(
-                    name=_TRACE_NAMES[0], mode="lines", line={"width": 1, "color": color}, opacity=0.3
-                ),
-                go.Scatter(name=_TRACE_NAMES[1], mode="lines", line={"width": 2, "color": color}),
+                go.Scatter(name=_TRACE_NAMES[0], mode="lines", line={"width": 1.5, "color": _RAW_LOSS_COLOR}),
+                go.Scatter(name=_TRACE_NAMES[1], mode="lines", line={"width": 2.5, "color": _LOSS_COLOR}),
                 go.Scatter(name=_TRACE_NAMES[2], mode="markers", marker={"size": 8, "color": "#d62728"}),
                 go.Scatter(
                     name=_TRACE_NAMES[3],
@@ -125,14 +149,17 @@ class ProgressWidget(ThrottledObserver):
                 "margin": {"l": 55, "r": 70, "t": 30, "b": 40},
                 "template": "plotly_white",
                 "uirevision": "progress",  # keep the user's zoom across updates
-                "xaxis": {"title": {"text": "step"}, "rangemode": "tozero"},
-                "yaxis": {"title": {"text": "loss"}},
+                # the steps so far, not the planned total (the progress bar shows that)
+                "xaxis": {"title": {"text": "step"}, "rangemode": "tozero", "autorange": True},
+                "yaxis": {"title": {"text": "loss"}, "hoverformat": _LOSS_FORMAT},
                 "yaxis2": {
                     "title": {"text": "learning rate"},
                     "overlaying": "y",
                     "side": "right",
                     "showgrid": False,
-                    "exponentformat": "e",
+                    "tickmode": "auto",  # its own round ticks, not the loss axis's grid mapped onto it
+                    "tickformat": _LR_FORMAT,
+                    "hoverformat": _LR_FORMAT,
                     "rangemode": "tozero",
                 },
                 "legend": {"orientation": "h", "y": 1.12, "x": 0},
@@ -156,7 +183,8 @@ class ProgressWidget(ThrottledObserver):
     # ---- showing
 
     def show(self) -> None:
-        """Display the widget in the current cell."""
+        """Display the widget in the current cell, drawn up to the latest event (however recent)."""
+        self.flush()
         frontend.display(self.box)
 
     def _ipython_display_(self) -> None:
@@ -178,6 +206,7 @@ class ProgressWidget(ThrottledObserver):
                 self.stop_button.disabled = True
                 self.stop_button.description = "stopping…"
                 self.stop_button.icon = "hourglass-half"
+                self.stop_button.button_style = _BUTTON_STYLE["stopping"]
                 self.bar.bar_style = _BAR_STYLE["stopping"]
         try:
             self._stop()
@@ -219,6 +248,7 @@ class ProgressWidget(ThrottledObserver):
                 self.stop_button.disabled = True
                 self.stop_button.description = h.status_text()
                 self.stop_button.icon = ""
+                self.stop_button.button_style = _BUTTON_STYLE[h.status]
             if self._drawn.get("samples") != h.samples_version:
                 self.samples.value = h.samples_html()
                 self._drawn["samples"] = h.samples_version
@@ -230,27 +260,49 @@ class ProgressWidget(ThrottledObserver):
     def _render_figure(self) -> None:
         h = self.history
         raw, smooth, evals, lr = self.figure.data
-        n_loss, n_eval, n_lr = len(h.loss_steps), len(h.eval_steps), len(h.lr_steps)
-        total = h.total_steps
-        if (n_loss, n_eval, n_lr, total) == self._drawn.get("figure"):
+        # a series is appended to, or replaced as a whole (a resumed run's earlier records): its length and last
+        # step tell whether it changed
+        drawn = {
+            "loss": (len(h.loss_steps), h.loss_steps[-1] if h.loss_steps else None),
+            "eval": (len(h.eval_steps), h.eval_steps[-1] if h.eval_steps else None),
+            "lr": (len(h.lr_steps), h.lr_steps[-1] if h.lr_steps else None),
+            "resumed": h.resumed_at,
+        }
+        changed = {key for key, value in drawn.items() if key not in self._drawn or self._drawn[key] != value}
+        if not changed:
             return
         arr = self._array
         with self.figure.batch_update():
-            if n_loss != self._drawn.get("loss"):
-                stride = math.ceil(n_loss / self.max_points)
+            if "loss" in changed:
+                stride = math.ceil(len(h.loss_steps) / self.max_points)
                 xs = arr(thin(h.loss_steps, stride))
                 raw.x, raw.y = xs, arr(thin(h.loss, stride))
                 smooth.x, smooth.y = xs, arr(thin(h.smoothed, stride))
-            if n_eval != self._drawn.get("eval"):
+                smooth.mode = "lines+markers" if len(h.loss_steps) == 1 else "lines"  # one point: a dot
+            if "eval" in changed:
                 evals.x, evals.y = arr(h.eval_steps), arr(h.eval_loss)
-            if n_lr != self._drawn.get("lr"):
-                stride = math.ceil(n_lr / self.max_points)
+            if "lr" in changed:
+                stride = math.ceil(len(h.lr_steps) / self.max_points)
                 lr.x, lr.y = arr(thin(h.lr_steps, stride)), arr(thin(h.lr, stride))
-            if total and total != self._drawn.get("total"):
-                self.figure.layout.xaxis.range = [0, total]
-        self._drawn.update(
-            figure=(n_loss, n_eval, n_lr, total), loss=n_loss, eval=n_eval, lr=n_lr, total=total
-        )
+            if "resumed" in changed:
+                self._mark_resume(h.resumed_at)
+        _sync_figure_state(self.figure, layout="resumed" in changed)
+        self._drawn.update(drawn)
+
+    def _mark_resume(self, step: int | None) -> None:
+        """A dotted line at the step a resumed run continued from (none for a fresh run)."""
+        layout = self.figure.layout
+        if step is None:
+            layout.shapes, layout.annotations = (), ()
+            return
+        line = {"color": "#888", "width": 1, "dash": "dot"}
+        layout.shapes = [
+            {"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0, "y1": 1, "line": line}
+        ]  # fmt: skip
+        layout.annotations = [
+            {"x": step, "xref": "x", "y": 1, "yref": "paper", "text": "resumed", "showarrow": False,
+             "xanchor": "left", "yanchor": "top", "font": {"size": 10, "color": "#888"}}
+        ]  # fmt: skip
 
     def _errors_html(self) -> str:
         text = self.history.problems_html()
