@@ -217,13 +217,22 @@ def _status_rows(s: AdapterStatus) -> list[list[str]]:
             a.name,
             "yes" if a.active else "",
             a.variant,
-            str(a.r),
-            f"{a.alpha:g}",
-            str(a.modules),
+            str(a.r) + _patterns(a.rank_pattern),
+            f"{a.alpha:g}" + _patterns(a.alpha_pattern),
+            str(a.modules) + (f" (layers {', '.join(map(str, a.layers))})" if a.layers is not None else ""),
             fmt_count(a.params),
         ]
         for a in s.adapters
     ]
+
+
+def _patterns(pattern: dict) -> str:
+    """Per-module ranks or alphas of an adapter, after its default: `8 (q_proj: 16, +2)`."""
+    if not pattern:
+        return ""
+    shown = [f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in list(pattern.items())[:2]]
+    more = f", +{len(pattern) - 2}" if len(pattern) > 2 else ""
+    return f" ({', '.join(shown)}{more})"
 
 
 def _status_headline(s: AdapterStatus) -> str:

@@ -168,3 +168,25 @@ def test_unload_returns_the_original_base():
     state = unloaded.state_dict()
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def test_a_named_adapter_is_saved_with_its_model_card(tmp_path):
+    model = jl.inject(tiny_model("llama"), r=4, name="style")
+    target = jl.save(model, tmp_path / "style")
+    assert (target / "README.md").is_file() and (target / "adapter_config.json").is_file()
+    assert not (target / "style").exists()
+
+
+def test_status_shows_rank_and_alpha_patterns_and_layers_of_a_loaded_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from jupyter_lora.display import render_text
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 8},
+                        alpha_pattern={"v_proj": 2.5}, layers_to_transform=[0], layers_pattern="layers")  # fmt: skip
+    get_peft_model(tiny_model("llama"), config).save_pretrained(tmp_path / "peft")
+    loaded = jl.load(tiny_model("llama"), tmp_path / "peft")
+    info = jl.status(loaded).adapters[0]
+    assert (info.rank_pattern, info.alpha_pattern, info.layers) == ({"q_proj": 8}, {"v_proj": 2.5}, (0,))
+    text = render_text(jl.status(loaded))
+    assert "4 (q_proj: 8)" in text and "8 (v_proj: 2.5)" in text and "(layers 0)" in text

@@ -561,6 +561,11 @@ def _write(peft_model: nn.Module, name: str, merged: bool, stage: Path, target: 
     # PEFT writes a named adapter into a subdirectory of that name: that subdirectory is the save.
     moved = _sibling(target, "saving")
     os.rename(stage / name, moved)
+    card = (
+        stage / "README.md"
+    )  # PEFT writes the model card beside the subdirectory: it belongs to the save too
+    if card.is_file() and not (moved / "README.md").exists():
+        os.rename(card, moved / "README.md")
     shutil.rmtree(stage, ignore_errors=True)
     _adopt_mode(moved, target)
     return moved

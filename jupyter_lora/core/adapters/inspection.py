@@ -38,6 +38,9 @@ class AdapterInfo:
     modules: int
     params: int
     targets: tuple[str, ...]
+    rank_pattern: dict = field(default_factory=dict)  # module pattern -> r, where it differs from `r`
+    alpha_pattern: dict = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None  # PEFT's layers_to_transform (None: every layer)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,12 @@ def _variant(config) -> str:
     if getattr(config, "use_dora", False):
         return "dora"
     return "rslora" if getattr(config, "use_rslora", False) else "lora"
+
+
+def _layers(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
 def status(model: nn.Module) -> AdapterStatus:
@@ -117,6 +126,9 @@ def status(model: nn.Module) -> AdapterStatus:
                 modules=modules.get(name, 0),
                 params=per_adapter.get(name, 0),
                 targets=tuple(sorted(tm)) if isinstance(tm, (set, list, tuple)) else (str(tm),),
+                rank_pattern=dict(getattr(cfg, "rank_pattern", None) or {}),
+                alpha_pattern=dict(getattr(cfg, "alpha_pattern", None) or {}),
+                layers=_layers(getattr(cfg, "layers_to_transform", None)),
             )
         )
     trainable, total = parameter_counts(peft_model)
