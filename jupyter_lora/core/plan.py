@@ -134,7 +134,7 @@ class Plan:
             r=self.spec.r,
             lora_alpha=self.spec.lora_alpha,
             lora_dropout=self.spec.dropout,
-            target_modules=list(self.target_modules),
+            **self._targets_for_peft(),
             modules_to_save=list(self.modules_to_save) or None,
             bias=self.spec.bias,
             use_dora=self.spec.variant == "dora",
@@ -144,6 +144,34 @@ class Plan:
             # GPT-2 style Conv1D stores its weight transposed; PEFT needs to be told.
             fan_in_fan_out=any(r.kind == "conv1d-gpt2" for r in self.modules),
         )
+
+    def _targets_for_peft(self) -> dict[str, Any]:
+        """``target_modules`` as PEFT stores it: the module paths, or — for a plan limited to some layers — the
+        module names with PEFT's ``layers_to_transform``/``layers_pattern``, when those select exactly the same
+        modules (checked with PEFT's own matching), so the saved config reads as a user would write it."""
+        explicit = {"target_modules": list(self.target_modules)}
+        base = self.base_ref() if self.base_ref is not None else None
+        layers = sorted({r.layer for r in self.modules if r.role == "lora" and r.layer is not None})
+        if base is None or not layers or any(r.layer is None for r in self.modules if r.role == "lora"):
+            return explicit
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        from .targets import index_model
+
+        lists = index_model(base).layer_lists
+        if len(lists) != 1 or len(layers) == (self.num_layers or 0):
+            return explicit
+        compact = {
+            "target_modules": sorted({p.rsplit(".", 1)[-1] for p in self.target_modules}),
+            "layers_to_transform": layers,
+            "layers_pattern": lists[0].rsplit(".", 1)[-1],
+        }
+        probe = LoraConfig(**compact)
+        chosen = {
+            name for name, _ in base.named_modules() if name and check_target_module_exists(probe, name)
+        }
+        return compact if chosen == set(self.target_modules) else explicit
 
     def check_applies_to(self, model: nn.Module) -> None:
         """Raise a ``UsageError`` unless ``model`` is the model this plan was made for, unchanged since (the same

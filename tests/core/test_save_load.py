@@ -190,3 +190,21 @@ def test_status_shows_rank_and_alpha_patterns_and_layers_of_a_loaded_adapter(tmp
     assert (info.rank_pattern, info.alpha_pattern, info.layers) == ({"q_proj": 8}, {"v_proj": 2.5}, (0,))
     text = render_text(jl.status(loaded))
     assert "4 (q_proj: 8)" in text and "8 (v_proj: 2.5)" in text and "(layers 0)" in text
+
+
+def test_an_adapter_limited_to_some_layers_is_saved_with_peft_layer_settings(tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    model = jl.inject(tiny_model("llama"), r=4, targets="q_proj, v_proj", layers=[0])
+    randomize = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    torch.nn.init.normal_(randomize)
+    config = json.loads((jl.save(model, tmp_path / "a") / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert (config["layers_to_transform"], config["layers_pattern"]) == ([0], "layers")
+    inputs = tiny_inputs(model)
+    plain = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits)
+    assert jl.status(model).adapters[0].modules == 2
