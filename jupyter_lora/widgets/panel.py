@@ -37,6 +37,32 @@ def _spec_text(value: Any) -> str:
     return ", ".join(str(x) for x in value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
+    """The panel settings of the adapter ``name`` that ``model`` holds ({} when it holds none)."""
+    from jupyter_lora.core.adapters.peft_facts import wrapper_for
+
+    peft_model = wrapper_for(model)
+    config = getattr(peft_model, "peft_config", {}).get(name) if peft_model is not None else None
+    if config is None or not hasattr(config, "r"):
+        return {}
+    found: dict[str, Any] = {
+        "r": int(config.r),
+        "alpha": float(config.lora_alpha),
+        "dropout": float(config.lora_dropout),
+        "variant": "dora" if config.use_dora else "rslora" if config.use_rslora else "lora",
+    }
+    targets = config.target_modules
+    if isinstance(targets, (set, list, tuple)) and targets:
+        found["targets"] = ", ".join(sorted({str(t).rsplit(".", 1)[-1] for t in targets}))
+    layers = config.layers_to_transform
+    if layers is not None:
+        found["layers"] = [layers] if isinstance(layers, int) else list(layers)
+    try:
+        return {k: validate_one(k, v) for k, v in found.items()}
+    except Exception:  # an adapter whose settings the panel cannot show: open on the defaults
+        return {}
+
+
 def _control(setting: Setting, value: Any) -> w.Widget:
     """The control for one setting, from its declaration: choices -> a dropdown, a number with a panel range ->
     a slider (or a bounded box when the range is wide), a flag -> a checkbox, an object -> a text box."""
@@ -104,6 +130,8 @@ class Panel:
         from .tree import tree_rows
 
         given = {k: validate_one(k, v) for k, v in canonical(settings, panel_keys(), "panel setting").items()}
+        # a model that already holds the adapter opens on that adapter's settings: Re-inject then changes it
+        given.update(_adapter_settings(require_module(model), name))
         values = {name: given.get(name, SETTINGS[name].default) for name in panel_keys()}
         self.model = require_module(model)
         self.variable = variable

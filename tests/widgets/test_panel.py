@@ -150,3 +150,12 @@ def ip_shell():
         manager.load_extension("jupyter_lora")
     yield ip
     ip.user_ns.pop("model", None)
+
+
+def test_the_panel_opens_on_the_adapter_the_model_holds(ns):
+    ns["model"] = jl.inject(ns["model"], r=8, alpha=8, targets="attention", dropout=0.1)
+    held = jl.plan(ns["model"], r=8, alpha=8, targets="attention", dropout=0.1, replace=True)
+    panel = _panel(ns, r=16, targets="qv")  # what %lora panel passes: the notebook's defaults
+    assert (panel.r.value, panel.plan.spec.lora_alpha, panel.plan.spec.dropout) == (8, 8, 0.1)
+    assert set(panel.plan.target_modules) == set(held.target_modules)
+    assert panel.plan.trainable_params == held.trainable_params
