@@ -228,7 +228,7 @@ def export(
     import torch
 
     from .adapters import save
-    from .adapters.files import install_staged, stage_dir
+    from .adapters.files import install_staged, os_error_message, stage_dir
     from .adapters.guards import require_adapters
     from .adapters.operations import unload_clean
     from .adapters.peft_facts import active_names
@@ -324,8 +324,11 @@ def export(
         if target.is_dir():  # an empty directory: the staged job takes its place
             target.rmdir()
         install_staged(stage, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        message = os_error_message(target, exc) if isinstance(exc, OSError) else None
+        if message is not None:  # a full disk, a read-only file system, ...: one line, nothing written
+            raise UsageError(message.replace("save to `path`", "write the job to `directory`", 1)) from None
         raise
     return ExportResult(target, tuple(files), commands)
 

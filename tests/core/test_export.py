@@ -4,6 +4,7 @@ same outputs."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -148,11 +149,14 @@ def test_a_failed_export_leaves_nothing_and_the_retry_works(tmp_path, monkeypatc
     model = jl.inject(tiny_model("llama"), r=4)
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
 
     monkeypatch.setattr(export_module, "_write_jsonl", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(
+        UsageError, match=r"Cannot write the job to `directory` .*: no space left on the device"
+    ) as info:
         jl.export(model, tmp_path / "job", _data(), steps=2)
+    assert "saving-" not in str(info.value), "the message names the job, not the staging directory"
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     result = jl.export(model, tmp_path / "job", _data(), steps=2)

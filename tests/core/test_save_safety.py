@@ -412,7 +412,7 @@ def test_full_disk_is_a_one_line_error_and_nothing_half_written(tmp_path, monkey
         jl.save(_adapted(seed=2), target, merged=merged)
     message = _one_line(exc)
     assert f"`path` {str(target)!r}" in message
-    assert "disk is full" in message and "Free some space" in message
+    assert "no space left on the device" in message and "Free some space" in message
     assert tree_snapshot(tmp_path) == before
     assert _leftovers(tmp_path) == []
 
@@ -431,3 +431,14 @@ def test_a_long_name_within_the_limit_saves_and_resaves(tmp_path):
     jl.save(_adapted(seed=2), target)
     assert (target / "adapter_model.safetensors").is_file()
     assert os.listdir(tmp_path) == [target.name]
+
+
+def test_a_save_through_a_symlinked_directory_lands_where_it_points(tmp_path):
+    storage = tmp_path / "big" / "run1"
+    storage.mkdir(parents=True)
+    (tmp_path / "run1").symlink_to(storage, target_is_directory=True)
+    model = jl.inject(tiny_model("llama"), r=4)
+    jl.save(model, tmp_path / "run1")
+    jl.save(model, tmp_path / "run1")  # a re-save too
+    assert (tmp_path / "run1").is_symlink() and (storage / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "run1"], "no staging directory left behind"

@@ -30,7 +30,7 @@ from .guards import require_adapter, require_adapters
 from .merging import save_merged
 from .peft_facts import active_names, adapts_embeddings
 
-__all__ = ["MANIFEST", "fsync_tree", "install_staged", "save", "stage_dir"]
+__all__ = ["MANIFEST", "disk_errors", "fsync_tree", "install_staged", "os_error_message", "save", "stage_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def _check_save_path(path: str | os.PathLike) -> Path:
         raise UsageError(f"`path` must be a directory path, got {path!r}. E.g. save(model, 'adapters/run1').")
     target = Path(path).expanduser()
     _check_name_lengths(target)
+    if target.is_symlink() and target.is_dir():  # a link to storage elsewhere: the save lands there
+        target = target.resolve()
     for ancestor in target.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
@@ -291,7 +293,7 @@ def stage_dir(target: Path) -> Path:
         ) from None
     except OSError as exc:
         raise UsageError(
-            _os_error_message(target, exc) or f"Cannot save to `path` {str(target)!r}: {exc}."
+            os_error_message(target, exc) or f"Cannot save to `path` {str(target)!r}: {exc}."
         ) from None
     _adopt_mode(stage, target)
     return stage
@@ -428,7 +430,7 @@ def _link(source: Path, into: Path) -> None:
 # --------------------------------------------------------------------------------------------------- errors
 
 
-def _os_error_message(target: Path, exc: BaseException) -> str | None:
+def os_error_message(target: Path, exc: BaseException) -> str | None:
     """A one-line message for a disk or file-system error while saving to ``target``; None for other errors."""
     code = getattr(exc, "errno", None)
     if code is None:  # safetensors reports I/O errors as "... (os error 28)"
@@ -437,16 +439,22 @@ def _os_error_message(target: Path, exc: BaseException) -> str | None:
     t = str(target)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         try:
-            free = f" ({fmt_bytes(shutil.disk_usage(target.parent).free)} free in {str(target.parent)!r})"
+            left = shutil.disk_usage(target.parent).free
         except OSError:
-            free = ""
+            left = None
+        # ENOSPC also means no inodes (or a quota) left while bytes are free: quote the bytes only when few remain
+        free = (
+            f" ({fmt_bytes(left)} free in {str(target.parent)!r})"
+            if left is not None and left < 2**30
+            else ""
+        )
         reason = {
             errno.EDQUOT: "the disk quota is used up",
             errno.EFBIG: "a file is too large for the file system",
         }
         return (
-            f"Cannot save to `path` {t!r}: {reason.get(code, 'the disk is full')}{free}; nothing was changed "
-            "there. Free some space, or choose a `path` on another disk."
+            f"Cannot save to `path` {t!r}: {reason.get(code, 'no space left on the device (bytes or inodes)')}"
+            f"{free}; nothing was changed there. Free some space, or choose a `path` on another disk."
         )
     if code == errno.ENAMETOOLONG:
         return (
@@ -463,14 +471,14 @@ def _os_error_message(target: Path, exc: BaseException) -> str | None:
 
 
 @contextmanager
-def _disk_errors(target: Path) -> Iterator[None]:
+def disk_errors(target: Path) -> Iterator[None]:
     """Turn a full disk, a name too long, a read-only file system or a missing permission into a UsageError."""
     try:
         yield
     except UsageError:
         raise
     except Exception as exc:
-        message = _os_error_message(target, exc) if isinstance(exc, OSError) or _is_safetensors(exc) else None
+        message = os_error_message(target, exc) if isinstance(exc, OSError) or _is_safetensors(exc) else None
         if message is None:
             raise
         raise UsageError(message) from None
@@ -513,13 +521,13 @@ def save(
     name = name or active_names(peft_model)[0]
     require_adapter(peft_model, name)
     kind = "merged" if merged else "adapter"
-    with _disk_errors(target):
+    with disk_errors(target):
         _recover(target)
         contents = _read_contents(target)
     _check_replaceable(target, contents, kind, overwrite)
     stage = stage_dir(target)
     try:
-        with _disk_errors(target):
+        with disk_errors(target):
             stage = src = _write(peft_model, name, merged, stage, target)
             written = sorted(os.listdir(src))
             in_the_way = sorted(set(written) & set(contents.others + contents.changed))
