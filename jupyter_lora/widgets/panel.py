@@ -131,7 +131,8 @@ class Panel:
 
         given = {k: validate_one(k, v) for k, v in canonical(settings, panel_keys(), "panel setting").items()}
         # a model that already holds the adapter opens on that adapter's settings: Re-inject then changes it
-        given.update(_adapter_settings(require_module(model), name))
+        held = _adapter_settings(require_module(model), name)
+        given.update(held)
         values = {name: given.get(name, SETTINGS[name].default) for name in panel_keys()}
         self.model = require_module(model)
         self.variable = variable
@@ -144,6 +145,8 @@ class Panel:
         self.last_update_ms = 0.0
         self._syncing = False
         self._jl = jl
+        self._stale = False  # the summary shows the last valid settings' figures, not the controls'
+        self._held: tuple | None = None  # the plan of the adapter the model holds, when the panel knows it
         index = index_model(self.model)
 
         self.tree = ModuleTree(
@@ -220,6 +223,9 @@ class Panel:
         self.plan = None
         self.estimate = None
         self.update()
+        if held and self.plan is not None:  # opened on the adapter the model holds
+            self._held = self._plan_key(self.plan)
+            self.summary.value = self._summary_html(self.plan, self.estimate)
 
     # --------------------------------------------------------------------------------------- state
 
@@ -253,8 +259,16 @@ class Panel:
             with self.tree.hold_sync():
                 self.tree.error = str(exc)
             self.error.value = ""
+            if not self._stale and self.plan is not None:  # the numbers shown are no longer the settings'
+                self._stale = True
+                self.summary.value = (
+                    f"<div class='jl-stale' style='opacity:.45'>{self.summary.value}</div>"
+                    "<div class='jl-stale-note' style='color:#666;font-size:90%'>these figures are for the last "
+                    "valid settings</div>"
+                )
             self.last_update_ms = 1000 * (time.perf_counter() - start)
             return
+        self._stale = False
         self.plan, self.estimate = plan, estimate
         with self.tree.hold_sync():
             self.tree.error = ""
@@ -303,7 +317,12 @@ class Panel:
             verdict = "fits" if estimate.fits else "does not fit"
             capacity = (f" of {fmt_bytes(estimate.gpu_capacity_bytes)} on {html.escape(estimate.gpu_name or 'GPU')}"
                         f" — <b>{verdict}</b>")  # fmt: skip
-        state = "replaces the adapter" if plan.replaces else "new adapter"
+        if not plan.replaces:
+            state = "new adapter"
+        elif self._held == self._plan_key(plan):
+            state = "the adapter the model holds"
+        else:
+            state = "Re-inject replaces the adapter"
         return (
             f"<div class='jl-summary'><div><b class='jl-trainable'>{plan.trainable_params:,}</b> trainable of "
             f"{plan.total_params:,} (<span class='jl-percent'>{100 * plan.trainable_fraction:.3g}%</span>) · "
@@ -391,9 +410,23 @@ class Panel:
 
     def _inject(self) -> None:
         self.update()
-        if self.plan is None:
-            raise UsageError(self.tree.error or "Nothing to inject: the settings above have an error.")
-        self._rebind(self._jl.inject(self.model, plan=self.plan))
+        if self.plan is None or self._stale:  # the error is shown where it is (the targets box)
+            raise UsageError("Nothing injected: fix the settings above first.")
+        replaced = self.plan.replaces
+        plan = self.plan
+        self._rebind(self._jl.inject(self.model, plan=plan))
+        self._held = self._plan_key(plan)
+        self.summary.value = self._summary_html(self.plan, self.estimate)
+        modules = sum(1 for r in plan.modules if r.role == "lora")
+        self.error.value = (
+            f"<div class='jl-panel-note' style='color:#2e7d32'>{'Re-injected' if replaced else 'Injected'} "
+            f"adapter '{html.escape(self.adapter_name)}' into `{html.escape(self.variable)}`: r={plan.spec.r}, "
+            f"alpha={plan.spec.lora_alpha:g}, {modules} modules, {plan.trainable_params:,} trainable.</div>"
+        )
+
+    @staticmethod
+    def _plan_key(plan: Any) -> tuple:
+        return (plan.spec, tuple(plan.target_modules))
 
     def _merge(self) -> None:
         self._rebind(self._jl.merge(self.model))

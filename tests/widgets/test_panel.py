@@ -159,3 +159,33 @@ def test_the_panel_opens_on_the_adapter_the_model_holds(ns):
     assert (panel.r.value, panel.plan.spec.lora_alpha, panel.plan.spec.dropout) == (8, 8, 0.1)
     assert set(panel.plan.target_modules) == set(held.target_modules)
     assert panel.plan.trainable_params == held.trainable_params
+
+
+def test_an_invalid_spec_marks_the_figures_stale_and_inject_refuses(ns):
+    panel = _panel(ns, targets="qv")
+    before = jl.plan(ns["model"], r=16, targets="qv")
+    panel.tree.targets = "q_proj, v_porj"
+    assert (
+        panel.tree.error
+        and "jl-stale" in panel.summary.value
+        and "last valid settings" in panel.summary.value
+    )
+    panel.inject()
+    assert "fix the settings above first" in panel.error.value and panel.error.value.count("v_porj") == 0
+    assert ns["model"] is not None and not hasattr(ns["model"], "peft_config"), "nothing was injected"
+    panel.tree.targets = "qv"
+    assert "jl-stale" not in panel.summary.value and panel.plan == before
+
+
+def test_inject_confirms_and_the_summary_says_what_the_model_holds(ns):
+    panel = _panel(ns, targets="qv")
+    assert "new adapter" in panel.summary.value
+    panel.inject()
+    assert "Injected adapter 'default' into `model`: r=16" in panel.error.value
+    assert "the adapter the model holds" in panel.summary.value and "replaces" not in panel.summary.value
+    panel.r.value = 8
+    assert "Re-inject replaces the adapter" in panel.summary.value
+    panel.inject()
+    assert "Re-injected adapter 'default'" in panel.error.value and "r=8" in panel.error.value
+    reopened = _panel(ns)
+    assert "the adapter the model holds" in reopened.summary.value
