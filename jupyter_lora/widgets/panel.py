@@ -5,8 +5,10 @@ public API on the model the panel is bound to. ``%lora panel model`` or ``jupyte
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
+import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -35,6 +37,31 @@ def _spec_text(value: Any) -> str:
     if value is None:
         return ""
     return ", ".join(str(x) for x in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _follow_after_cells(panel: Panel) -> None:
+    """Have ``panel`` follow its variable after every cell of the IPython shell it lives in (a weak reference:
+    the hook goes away with the panel)."""
+    if panel.namespace is None:
+        return
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return
+    shell = get_ipython()
+    if shell is None or shell.user_ns is not panel.namespace:
+        return
+    ref = weakref.ref(panel)
+
+    def after_cell(*args: Any) -> None:
+        alive = ref()
+        if alive is None:
+            with contextlib.suppress(ValueError):
+                shell.events.unregister("post_run_cell", after_cell)
+            return
+        alive._after_cell(*args)
+
+    shell.events.register("post_run_cell", after_cell)
 
 
 def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
@@ -226,6 +253,8 @@ class Panel:
         if held and self.plan is not None:  # opened on the adapter the model holds
             self._held = self._plan_key(self.plan)
             self.summary.value = self._summary_html(self.plan, self.estimate)
+        self.model_gone = False
+        _follow_after_cells(self)
 
     # --------------------------------------------------------------------------------------- state
 
@@ -342,6 +371,11 @@ class Panel:
         names = set(getattr(self.model, "peft_config", {})) if is_peft_model(self.model) else set()
         has = bool(names)
         training = self.run is not None and self.run.running
+        if getattr(self, "model_gone", False):
+            for button in (self.inject_button, self.merge_button, self.save_button, self.unload_button,
+                           self.train_button):  # fmt: skip
+                button.disabled = True
+            return
         self.inject_button.description = "Re-inject" if self.adapter_name in names else "Inject"
         self.inject_button.disabled = training
         for button in (self.merge_button, self.save_button, self.unload_button, self.train_button):
@@ -384,6 +418,13 @@ class Panel:
         def handler(_button=None) -> None:
             self.error.value = ""
             try:
+                self.follow()
+                if self.model_gone:  # the variable no longer holds a model: nothing to act on
+                    self._show_error(
+                        f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with "
+                        "%lora panel."
+                    )
+                    return
                 action()
             except UsageError as exc:
                 self._show_error(str(exc))
@@ -393,6 +434,44 @@ class Panel:
                 self._refresh_buttons()
 
         return handler
+
+    def follow(self) -> bool:
+        """Take up the model the variable holds now, when something else (a magic, a cell) replaced it — a merge,
+        an unload, a new inject. Returns whether it changed. Runs after every cell and before every action."""
+        if self.namespace is None:
+            return False
+        current = self.namespace.get(self.variable)
+        if current is self.model:
+            return False
+        if not callable(
+            getattr(current, "named_modules", None)
+        ):  # not a torch module (torch is not imported here)
+            self.model_gone = True
+            for button in (self.inject_button, self.merge_button, self.save_button, self.unload_button,
+                           self.train_button):  # fmt: skip
+                button.disabled = True
+            self._show_error(
+                f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with %lora panel."
+            )
+            return True
+        self.model_gone = False
+        self.model = current
+        self._held = None
+        self.update()
+        held = _adapter_settings(current, self.adapter_name)
+        if (
+            held
+            and self.plan is not None
+            and all(self.settings().get(k) == v for k, v in held.items() if k in ("r", "variant"))
+        ):
+            self._held = self._plan_key(self.plan)
+            self.summary.value = self._summary_html(self.plan, self.estimate)
+        self._refresh_buttons()
+        return True
+
+    def _after_cell(self, *_: Any) -> None:
+        with contextlib.suppress(Exception):  # never break the user's cell
+            self.follow()
 
     def _rebind(self, model: Any) -> None:
         self.model = model

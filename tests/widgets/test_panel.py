@@ -189,3 +189,30 @@ def test_inject_confirms_and_the_summary_says_what_the_model_holds(ns):
     assert "Re-injected adapter 'default'" in panel.error.value and "r=8" in panel.error.value
     reopened = _panel(ns)
     assert "the adapter the model holds" in reopened.summary.value
+
+
+def test_the_panel_follows_its_variable_whatever_changed_it(ns):
+    panel = _panel(ns, targets="qv")
+    panel.inject()
+    ns["model"] = jl.merge(ns["model"])  # what %lora merge model does in another cell
+    assert panel.follow()
+    assert panel.model is ns["model"] and panel.inject_button.description == "Inject"
+    assert all(b.disabled for b in (panel.merge_button, panel.save_button, panel.unload_button, panel.train_button))
+    assert "new adapter" in panel.summary.value
+    ns["model"] = jl.inject(ns["model"], r=4, targets="qv")  # an inject from a cell
+    panel.follow()
+    assert panel.inject_button.description == "Re-inject" and not panel.merge_button.disabled
+    ns["model"] = "something else"
+    panel.merge_button.click()  # an action checks first
+    assert "no longer holds a model" in panel.error.value and panel.inject_button.disabled
+
+
+def test_the_panel_follows_after_every_cell_in_the_shell():
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.user_ns["pm"] = tiny_model("llama")
+    panel = Panel(shell.user_ns["pm"], variable="pm", namespace=shell.user_ns, targets="qv")
+    shell.run_cell("import jupyter_lora as jl\npm = jl.inject(pm, r=4, targets='qv')")
+    assert panel.model is shell.user_ns["pm"] and panel.inject_button.description == "Re-inject"
+    del shell.user_ns["pm"]
