@@ -197,7 +197,9 @@ def test_the_panel_follows_its_variable_whatever_changed_it(ns):
     ns["model"] = jl.merge(ns["model"])  # what %lora merge model does in another cell
     assert panel.follow()
     assert panel.model is ns["model"] and panel.inject_button.description == "Inject"
-    assert all(b.disabled for b in (panel.merge_button, panel.save_button, panel.unload_button, panel.train_button))
+    assert all(
+        b.disabled for b in (panel.merge_button, panel.save_button, panel.unload_button, panel.train_button)
+    )
     assert "new adapter" in panel.summary.value
     ns["model"] = jl.inject(ns["model"], r=4, targets="qv")  # an inject from a cell
     panel.follow()
