@@ -110,6 +110,25 @@ def load_ipython_extension(ipython: Any) -> None:
     magics = LoraMagics(shell=ipython)  # Magics.__init__ adds it to ipython.configurables (for %config)
     ipython.register_magics(magics)
     _enable_colab_widgets()
+    print(f"jupyter_lora {__version__} · {_device_line()} · %lora help lists the commands")
+
+
+def _device_line() -> str:
+    """Where training would run, said without importing torch (it loads on first use)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available():
+                return f"GPU: {torch.cuda.get_device_name(0)}"
+        except Exception:  # a broken CUDA setup: say what torch can use
+            pass
+        return "no CUDA GPU (training runs on the CPU)"
+    import os
+
+    gpus = "/proc/driver/nvidia/gpus"
+    if os.path.isdir(gpus) and os.listdir(gpus):
+        return f"{len(os.listdir(gpus))} NVIDIA GPU(s)"
+    return "no NVIDIA GPU seen (training runs on the CPU)"
 
 
 def unload_ipython_extension(ipython: Any) -> None:

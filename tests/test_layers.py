@@ -150,7 +150,8 @@ def test_results_render_through_the_shell_with_or_without_the_extension():
         print(shown())
         """
     )
-    before, loaded, unloaded = _run(code).splitlines()
+    before, hello, loaded, unloaded = _run(code).splitlines()
+    assert hello.startswith("jupyter_lora ") and "%lora help" in hello  # the extension's one line
     assert before == unloaded and before.startswith("([\"Plan(LoRA 'default'")
     assert loaded.endswith("True)") and re.search(r"'module +kind +count +shape +params'", loaded), loaded
 

@@ -143,6 +143,12 @@ def test_load_ext_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-3:] == ["UsageError", "[]", ""], out.stdout + out.stderr
+    # one line says it is loaded: version, device (found without torch), where help is
+    first = out.stdout.splitlines()[0]
+    assert first.startswith(f"jupyter_lora {jl.__version__} · ") and first.endswith(
+        "%lora help lists the commands"
+    )
+    assert "GPU" in first
 
 
 def test_loading_twice_is_harmless(ip, capsys):
@@ -156,6 +162,9 @@ def test_loading_twice_is_harmless(ip, capsys):
     instances = [c for c in ip.configurables if isinstance(c, LoraMagics)]
     assert instances == [first], f"{len(instances)} LoraMagics entries in shell.configurables"
     assert isinstance(run(ip, "%lora help"), Pretty)
+    assert "%lora help lists the commands" not in capsys.readouterr().out, (
+        "loading again prints no second line"
+    )
 
 
 def test_unload_removes_everything_and_load_again_works(ip):
