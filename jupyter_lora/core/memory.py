@@ -386,6 +386,7 @@ def _plan_of_adapted(model: nn.Module) -> Plan:
     """A plan describing the active adapter a PeftModel already holds (for its counts)."""
     active = model.active_adapter
     config = model.peft_config[active]
+    from .adapters.peft_facts import variant_of
     from .spec import make_spec
 
     tm = config.target_modules
@@ -394,7 +395,7 @@ def _plan_of_adapted(model: nn.Module) -> Plan:
         alpha=float(config.lora_alpha),
         dropout=float(config.lora_dropout),
         targets=sorted(tm) if isinstance(tm, (set, list, tuple)) else f"re:{tm}",
-        variant="dora" if config.use_dora else "rslora" if config.use_rslora else "lora",
+        variant=variant_of(config),
     )
     the_plan = make_plan(model, spec, name=active)
     trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)

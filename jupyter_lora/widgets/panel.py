@@ -66,7 +66,7 @@ def _follow_after_cells(panel: Panel) -> None:
 
 def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
     """The panel settings of the adapter ``name`` that ``model`` holds ({} when it holds none)."""
-    from jupyter_lora.core.adapters.peft_facts import wrapper_for
+    from jupyter_lora.core.adapters.peft_facts import variant_of, wrapper_for
 
     peft_model = wrapper_for(model)
     config = getattr(peft_model, "peft_config", {}).get(name) if peft_model is not None else None
@@ -76,7 +76,7 @@ def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
         "r": int(config.r),
         "alpha": float(config.lora_alpha),
         "dropout": float(config.lora_dropout),
-        "variant": "dora" if config.use_dora else "rslora" if config.use_rslora else "lora",
+        "variant": variant_of(config),
     }
     targets = config.target_modules
     if isinstance(targets, (set, list, tuple)) and targets:
@@ -172,6 +172,7 @@ class Panel:
         self.last_update_ms = 0.0
         self._syncing = False
         self._jl = jl
+        self.model_gone = False  # the variable no longer holds a model (see follow)
         self._stale = False  # the summary shows the last valid settings' figures, not the controls'
         self._held: tuple | None = None  # the plan of the adapter the model holds, when the panel knows it
         index = index_model(self.model)
@@ -253,7 +254,6 @@ class Panel:
         if held and self.plan is not None:  # opened on the adapter the model holds
             self._held = self._plan_key(self.plan)
             self.summary.value = self._summary_html(self.plan, self.estimate)
-        self.model_gone = False
         _follow_after_cells(self)
 
     # --------------------------------------------------------------------------------------- state
@@ -371,7 +371,7 @@ class Panel:
         names = set(getattr(self.model, "peft_config", {})) if is_peft_model(self.model) else set()
         has = bool(names)
         training = self.run is not None and self.run.running
-        if getattr(self, "model_gone", False):
+        if self.model_gone:
             for button in (self.inject_button, self.merge_button, self.save_button, self.unload_button,
                            self.train_button):  # fmt: skip
                 button.disabled = True
@@ -420,10 +420,7 @@ class Panel:
             try:
                 self.follow()
                 if self.model_gone:  # the variable no longer holds a model: nothing to act on
-                    self._show_error(
-                        f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with "
-                        "%lora panel."
-                    )
+                    self._show_gone()
                     return
                 action()
             except UsageError as exc:
@@ -447,12 +444,8 @@ class Panel:
             getattr(current, "named_modules", None)
         ):  # not a torch module (torch is not imported here)
             self.model_gone = True
-            for button in (self.inject_button, self.merge_button, self.save_button, self.unload_button,
-                           self.train_button):  # fmt: skip
-                button.disabled = True
-            self._show_error(
-                f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with %lora panel."
-            )
+            self._refresh_buttons()
+            self._show_gone()
             return True
         self.model_gone = False
         self.model = current
@@ -468,6 +461,11 @@ class Panel:
             self.summary.value = self._summary_html(self.plan, self.estimate)
         self._refresh_buttons()
         return True
+
+    def _show_gone(self) -> None:
+        self._show_error(
+            f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with %lora panel."
+        )
 
     def _after_cell(self, *_: Any) -> None:
         with contextlib.suppress(Exception):  # never break the user's cell

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import targets
 from ..modelinfo import ADAPTER_PARAM, base_model_of, param_count, require_module
-from .peft_facts import active_names, parameter_counts, wrapper_for
+from .peft_facts import active_names, parameter_counts, variant_of, wrapper_for
 
 __all__ = ["AdapterInfo", "AdapterStatus", "LayerStatus", "status"]
 
@@ -68,12 +68,6 @@ class AdapterStatus:
         )
 
 
-def _variant(config) -> str:
-    if getattr(config, "use_dora", False):
-        return "dora"
-    return "rslora" if getattr(config, "use_rslora", False) else "lora"
-
-
 def _layers(value) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -122,7 +116,7 @@ def status(model: nn.Module) -> AdapterStatus:
                 active=name in active,
                 r=int(cfg.r),
                 alpha=float(cfg.lora_alpha),
-                variant=_variant(cfg),
+                variant=variant_of(cfg),
                 modules=modules.get(name, 0),
                 params=per_adapter.get(name, 0),
                 targets=tuple(sorted(tm)) if isinstance(tm, (set, list, tuple)) else (str(tm),),

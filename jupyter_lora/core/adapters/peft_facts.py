@@ -38,6 +38,7 @@ __all__ = [
     "remember_grad_flags",
     "restore_grad_flags",
     "retire_wrapper",
+    "variant_of",
     "wrapper_for",
 ]
 
@@ -269,3 +270,10 @@ def restore_grad_flags(base: nn.Module) -> None:
         for n, p in base.named_parameters():
             if n in flags and p.requires_grad != flags[n]:
                 p.requires_grad_(flags[n])
+
+
+def variant_of(config: object) -> str:
+    """The LoRA variant a PEFT ``LoraConfig`` describes, as the ``variant`` setting names it."""
+    if getattr(config, "use_dora", False):
+        return "dora"
+    return "rslora" if getattr(config, "use_rslora", False) else "lora"
