@@ -91,19 +91,20 @@ def main() -> None:
             for ckpt in (False, True):
                 for seq in (512,) if args.quick else (512, 2048):
                     cmd = [sys.executable, __file__, "--cell", "--path", path, "--quant", quant, "--seq", str(seq),
-                           "--out", os.path.join(root, "run")] + (["--ckpt"] if ckpt else [])  # fmt: skip
+                           "--out", os.path.join(root, f"run-{shape}-{quant}-{ckpt}-{seq}")] + (["--ckpt"] if ckpt else [])  # fmt: skip
                     out = subprocess.run(cmd, capture_output=True, text=True)
                     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
                     if line is None:
                         print(
-                            f"{shape:<12}{quant:<8}{ckpt!s:<6}{seq:>6}  failed: {out.stderr.strip()[-300:]}"
+                            f"{shape:<12}{quant:<8}{ckpt!s:<6}{seq:>6}  failed: {out.stderr.strip()[-300:]}",
+                            flush=True,
                         )
                         continue
                     r = json.loads(line[7:])
                     error = 100 * (r["estimate"] - r["measured"]) / r["measured"]
                     rows.append(error)
                     print(f"{shape:<12}{quant:<8}{ckpt!s:<6}{seq:>6}{r['estimate'] / 2**30:>14.2f}"
-                          f"{r['measured'] / 2**30:>14.2f}{error:>+8.1f}%")  # fmt: skip
+                          f"{r['measured'] / 2**30:>14.2f}{error:>+8.1f}%", flush=True)  # fmt: skip
     if rows:
         worst = max(rows, key=abs)
         print(f"worst error {worst:+.1f}% — goal ±10%: {'met' if abs(worst) <= 10 else 'NOT met'}")

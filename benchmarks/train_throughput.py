@@ -46,7 +46,9 @@ def _setup(shape: str, dtype_name: str):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    # initialised where it trains: a 1.1B CPU init takes longer than the timed steps
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype=dtype)
     return model, config
 
 
@@ -116,7 +118,7 @@ def run_variant(args) -> dict:
             for r in data
         ]
         targs = TrainingArguments(
-            output_dir=os.path.join(args.tmp, "trainer"), per_device_train_batch_size=args.batch,
+            output_dir=os.path.join(args.tmp, f"trainer-{os.getpid()}"), per_device_train_batch_size=args.batch,
             max_steps=args.warmup + args.steps, learning_rate=2e-4, logging_steps=10**9, save_strategy="no",
             report_to=[], bf16=cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
             gradient_checkpointing=args.ckpt, dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0,
@@ -138,7 +140,7 @@ def run_variant(args) -> dict:
         kernels = "liger" if args.variant == "engine+liger" else "none"
         ckpt = "offload" if args.variant == "engine+offload" else args.ckpt
         jl.train(adapted, data, steps=args.warmup + args.steps, lr=2e-4, batch=args.batch, seq=args.seq, eval=0,
-                 warmup=0, ckpt=ckpt, observers=observers, output_dir=os.path.join(args.tmp, args.variant),
+                 warmup=0, ckpt=ckpt, observers=observers, output_dir=os.path.join(args.tmp, f"{args.variant}-{os.getpid()}"),
                  background=False, chunked_loss=chunked, kernels=kernels, callbacks=[Timer()])  # fmt: skip
     # Bytes of the frozen weights as loaded (packed 4-bit weights count their storage), for the QLoRA goal.
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
@@ -197,10 +199,11 @@ def main() -> None:
         variants += ["engine+offload", "trainer+qlora", "engine+qlora"]
         if importlib.util.find_spec("liger_kernel") is not None:
             variants.insert(3, "engine+liger")
-        model, _ = _setup("tinyllama", "bf16")
         path = os.path.join(args.tmp, "checkpoint")
-        model.save_pretrained(path)
-        del model
+        if not os.path.exists(os.path.join(path, "config.json")):  # a second run (--ckpt) reuses it
+            model, _ = _setup("tinyllama", "bf16")
+            model.save_pretrained(path)
+            del model
     if chosen:
         variants = [v for v in variants if v in chosen]
     runs: dict[str, list[dict]] = {}
@@ -214,9 +217,15 @@ def main() -> None:
         )
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
-            print(f"{variant}: failed\n{out.stderr[-2000:]}")
+            print(f"{variant}: failed\n{out.stderr[-2000:]}", flush=True)
             continue
-        runs.setdefault(variant, []).append(json.loads(line[7:]))
+        found = json.loads(line[7:])
+        runs.setdefault(variant, []).append(found)
+        # one line per run as it ends: a caller that stops this script early keeps what was measured
+        print(
+            f"{variant}: {found['tokens_per_s']:,.0f} tokens/s, peak {found['peak'] / 2**30:.2f} GiB",
+            flush=True,
+        )
     for found in runs.values():  # the median run of each variant (by tokens/s)
         found.sort(key=lambda r: r["tokens_per_s"])
         results.append(
