@@ -60,3 +60,26 @@ def test_unsupported_models_are_refused_when_forced():
         jl.train(
             model, TEXTS, tokenizer=tiny_tokenizer(), steps=1, eval=0, chunked_loss=True, background=False
         )
+
+
+def test_chunked_loss_runs_under_the_same_mixed_precision_as_the_model(tmp_path):
+    """The Trainer's mixed precision wraps the model's forward; the chunked loss calls the backbone itself and must
+    run in the same autocast, else the fp32 adapter weights pull every LoRA product (and its saved input) to fp32:
+    measured on an H200, 16% slower and 4.6 GiB more memory than the model's own loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=500)  # fmt: skip
+    data = [{"input_ids": torch.randint(3, 500, (32,)).tolist()} for _ in range(8)]
+    dtypes = {}
+    for chunked in (False, True):
+        model = jl.inject(LlamaForCausalLM(config).to(torch.bfloat16), r=8, targets="all-linear")
+        seen = set()
+        for name, module in model.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_hook(lambda mod, args, out, seen=seen: seen.add(out.dtype))
+        jl.train(model, data, steps=2, batch=4, seq=32, eval=0, precision="bf16", chunked_loss=chunked,
+                 output_dir=str(tmp_path / str(chunked)), background=False)  # fmt: skip
+        dtypes[chunked] = seen
+    assert dtypes[True] == dtypes[False] == {torch.bfloat16}

@@ -60,9 +60,12 @@ class LoraTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.chunked_loss or return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return chunked_causal_lm_loss(
-            self.accelerator.unwrap_model(model), inputs, divide_by=num_items_in_batch
-        )
+        # The mixed-precision autocast that accelerate puts around the model's forward is bypassed when the loss
+        # calls the backbone itself: enter it here, or the fp32 adapter weights pull every LoRA product to fp32.
+        with self.accelerator.autocast():
+            return chunked_causal_lm_loss(
+                self.accelerator.unwrap_model(model), inputs, divide_by=num_items_in_batch
+            )
 
 
 def _precision(config: Any, device: torch.device) -> str:
