@@ -224,6 +224,7 @@ def estimate(
     double_quant: bool | None = None,
     attention: str = "sdpa",
     chunked_loss: bool | None = None,
+    kernels: str = SETTINGS["kernels"].default,
     calibration: Calibration = DEFAULT_CALIBRATION,
     **settings: Any,
 ) -> MemoryEstimate:
@@ -234,7 +235,8 @@ def estimate(
     ``seq``, ``batch``, ``ckpt``, ``optim``: as training would run (their defaults are training's: see
     ``jupyter_lora.settings``); ``ckpt="auto"`` is gradient checkpointing on for 4/8-bit bases, as in training.
     ``chunked_loss``: the LM loss computed in chunks (default: as the training engine does — on CUDA for
-    Llama-family models). ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config).
+    Llama-family models). ``kernels``: as training's setting — where Liger's fused linear cross-entropy runs, the
+    logits exist one small chunk of tokens at a time. ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config).
     ``quant``: None | 4bit | 8bit
     (default: how the model is loaded); ``double_quant``: 4-bit double quantisation (default: the model's, else on).
     """
@@ -305,6 +307,10 @@ def estimate(
         int(activations * calibration.activations) + e * d["hidden"] * tokens * 2
     )  # embeddings out, final norm
     task = plan.task_type
+    from .train.engine import use_liger  # what the training engine decides, decided by the same function
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    liger = task == "CAUSAL_LM" and use_liger(validate_one("kernels", kernels), model, device)
     if (
         chunked_loss is None
     ):  # what the training engine does: chunked on CUDA for the architectures it supports
@@ -314,8 +320,18 @@ def estimate(
             torch.cuda.is_available() and task == "CAUSAL_LM" and d["model_type"] in CHUNKED_LOSS_MODEL_TYPES
         )
     if task in ("CAUSAL_LM", "SEQ_2_SEQ_LM") or (task is None and index.task.output_embeddings):
-        # Chunked loss (core/loss.py): only one chunk of 4096 tokens has logits at a time (forward or recompute).
-        logit_tokens = min(tokens, 4096) if chunked_loss else tokens
+        if liger:
+            # Liger's fused linear cross-entropy makes the logits of a chunk of tokens at a time, the chunk sized so
+            # that it holds about as many logits as the hidden states hold values: tokens / ceil(vocab / hidden),
+            # rounded up to a power of two.
+            share = max(1, -(-tokens // -(-d["vocab"] // d["hidden"])))
+            logit_tokens = min(tokens, 1 << (share - 1).bit_length())
+            notes.append(
+                "Liger's fused kernels (kernels: auto/liger): the LM loss never holds all the logits"
+            )
+        else:
+            # Chunked loss (core/loss.py): one chunk of 4096 tokens has logits at a time (forward or recompute).
+            logit_tokens = min(tokens, 4096) if chunked_loss else tokens
         logits = int(logit_tokens * d["vocab"] * e * calibration.logits_copies)
         if task == "SEQ_2_SEQ_LM":
             logits //= 2  # decoder side only (targets are typically shorter than inputs)

@@ -188,6 +188,24 @@ def test_logits_for_causal_lm_and_none_for_sequence_classification(llama):
     assert cls.trainable_params > jl.plan(bert).adapter_params
 
 
+def test_liger_logits_are_one_chunk_as_its_fused_loss_makes_them(monkeypatch):
+    """Where training would run Liger's fused linear cross-entropy, the estimate holds the logits of one chunk:
+    tokens / ceil(vocab / hidden), rounded up to a power of two (on an H200 the estimate assumed chunked logits
+    and came out 17-27% above the measured peak); with kernels: none it keeps the chunked-loss term."""
+    from jupyter_lora.core.train import engine
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(engine, "use_liger", lambda kernels, model, device: kernels != "none")
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    fused = jl.estimate(model, seq=256, batch=4, dtype="bf16", chunked_loss=False)
+    plain = jl.estimate(model, seq=256, batch=4, dtype="bf16", chunked_loss=False, kernels="none")
+    share = -(-1024 // -(-vocab // hidden))
+    chunk = 1 << (share - 1).bit_length()
+    assert chunk < 1024
+    assert fused.breakdown["logits"] == plain.breakdown["logits"] * chunk // 1024
+    assert any("Liger" in note for note in fused.notes)
+
+
 def test_4bit_shrinks_the_weights(llama):
     bf16 = jl.estimate(llama, dtype="bf16")
     nf4 = jl.estimate(llama, dtype="bf16", quant="4bit")
