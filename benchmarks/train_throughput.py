@@ -204,6 +204,11 @@ def main() -> None:
             model, _ = _setup("tinyllama", "bf16")
             model.save_pretrained(path)
             del model
+    if importlib.util.find_spec("ipywidgets") is None:
+        variants.remove("engine+progress")
+        print(
+            "engine+progress: skipped (the progress display needs ipywidgets, not installed here)", flush=True
+        )
     if chosen:
         variants = [v for v in variants if v in chosen]
     runs: dict[str, list[dict]] = {}

@@ -37,7 +37,7 @@ def test_chunked_loss_lowers_peak_memory_on_cuda(tmp_path):
     for chunked in (False, True):
         model = jl.inject(_model(), r=8, targets="all-linear")
         torch.cuda.reset_peak_memory_stats()
-        jl.train(model, data, steps=3, batch=8, seq=1024, eval=0, chunked_loss=chunked, output_dir=str(tmp_path),
+        jl.train(model, data, steps=3, batch=8, seq=1024, eval=0, chunked_loss=chunked, output_dir=str(tmp_path / str(chunked)),
                  background=False)  # fmt: skip
         peaks[chunked] = torch.cuda.max_memory_allocated()
         del model
