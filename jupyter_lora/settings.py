@@ -227,6 +227,18 @@ def _check_task(value: Any, s: Setting) -> str:
     return key
 
 
+def _check_labels(value: Any, s: Setting) -> tuple[str, ...]:
+    names = [x.strip() for x in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise UsageError(
+            f"`labels` must be the class names in id order, e.g. [negative, positive], got {value!r}."
+        )
+    names = [str(x).strip() for x in names]
+    if any(not x for x in names) or len(set(names)) != len(names):
+        raise UsageError(f"`labels` must be distinct, non-empty class names in id order, got {value!r}.")
+    return tuple(names)
+
+
 def _check_lr(value: Any, s: Setting) -> float:
     value = _number(value, s)
     if not 1e-5 <= value <= 1e-3:
@@ -641,6 +653,15 @@ class TrainSettings:
         choices=("auto", "causal_lm", "seq_cls"),
         example="auto",
         check=_check_task,
+    )
+    labels: tuple[str, ...] | None = _setting(
+        None,
+        "class names in id order for classification (default: the model's own names, else the data's labels)",
+        "text",
+        "train",
+        nullable=True,
+        example="[negative, positive]",
+        check=_check_labels,
     )
     report_to: str = _setting(
         "none",

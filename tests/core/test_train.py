@@ -75,6 +75,60 @@ def test_classification_learns_and_reports_accuracy(tmp_path):
     assert run.history[-1]["loss"] < run.history[0]["loss"]
 
 
+def test_string_labels_train_a_fresh_classifier_and_name_its_classes(tmp_path):
+    """A classifier built without label names (transformers' LABEL_0, LABEL_1, ...) trains on text labels; the
+    run names its classes with them, so predictions and compare read "neg"/"pos" instead of LABEL_i."""
+    model = jl.inject(tiny_model("bert"), r=8, targets="all-linear")
+    data = [{"text": "good " * 3, "label": "pos"}, {"text": "bad " * 3, "label": "neg"}] * 20
+    tok = tiny_tokenizer()
+    run = jl.train(model, data, tokenizer=tok, steps=30, lr=1e-2, batch=8, eval=0, output_dir=str(tmp_path),
+                   background=False)  # fmt: skip
+    assert run.state == "finished"
+    config = model.base_model.model.config
+    assert [config.id2label[i] for i in range(2)] == ["neg", "pos"]
+    assert config.label2id["pos"] == 1
+    shown = jl.compare(model, "good good good", tokenizer=tok)
+    assert shown.labels[:2] == ("neg", "pos") and shown.adapter == "pos"
+
+
+def test_labels_setting_names_whole_number_classes(tmp_path):
+    model = jl.inject(tiny_model("bert"), r=8, targets="all-linear")
+    data = [{"text": "good " * 3, "label": 1}, {"text": "bad " * 3, "label": 0}] * 4
+    jl.train(model, data, tokenizer=tiny_tokenizer(), steps=2, eval=0, labels="negative, positive",
+             output_dir=str(tmp_path), background=False)  # fmt: skip
+    assert model.base_model.model.config.id2label[1] == "positive"
+
+
+def test_named_classes_of_the_model_decide_the_ids(tmp_path):
+    base = tiny_model("bert")
+    base.config.id2label = {0: "neg", 1: "pos", 2: "neutral"}
+    base.config.label2id = {"neg": 0, "pos": 1, "neutral": 2}
+    model = jl.inject(base, r=8, targets="all-linear")
+    data = [{"text": "meh " * 3, "label": "neutral"}, {"text": "bad " * 3, "label": "neg"}] * 4
+    run = jl.train(model, data, tokenizer=tiny_tokenizer(), steps=2, eval=0, output_dir=str(tmp_path),
+                   background=False)  # fmt: skip
+    assert run.data.label_names == ("neg", "pos", "neutral")
+    assert base.config.id2label[2] == "neutral"
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [(["a", "a"], "distinct"), ([], "class names in id order"), (5, "class names in id order")],
+)
+def test_bad_labels_setting(tmp_path, labels, match):
+    model = jl.inject(tiny_model("bert"), r=8, targets="all-linear")
+    with pytest.raises(UsageError, match=match):
+        jl.train(model, [{"text": "a", "label": 0}] * 4, tokenizer=tiny_tokenizer(), labels=labels, steps=1,
+                 output_dir=str(tmp_path), background=False)  # fmt: skip
+    assert model.base_model.model.config.id2label[0] == "LABEL_0"
+
+
+def test_labels_setting_is_for_classifiers(tmp_path):
+    with pytest.raises(UsageError, match="names the classes of a classifier"):
+        jl.train(_lm(), TEXT, tokenizer=tiny_tokenizer(), labels=["a", "b"], steps=1, output_dir=str(tmp_path),
+                 background=False)  # fmt: skip
+
+
 def _stop_at(k):
     def observer(event):
         if event.kind == "step" and event.step == k:

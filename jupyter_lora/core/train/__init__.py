@@ -142,12 +142,39 @@ def prepare_for(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer
 
     task = _task(peft_model, config.task)
     base = base_model_of(peft_model)
-    label2id = getattr(base.config, "label2id", None) if task == "SEQ_CLS" else None
+    label2id = None
+    if task == "SEQ_CLS":
+        label2id = list(config.labels) if config.labels else named_labels(base.config)
+    elif config.labels:
+        raise UsageError("`labels` names the classes of a classifier (task seq_cls); drop it for this model.")
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
     return prepare_data(
         data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
         seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model),
     )  # fmt: skip
+
+
+def named_labels(config: Any) -> dict[str, int] | None:
+    """The model's ``label2id`` when its classes have names; None for transformers' placeholders (LABEL_0, ...),
+    which name nothing: then the data's own labels decide the ids."""
+    label2id = getattr(config, "label2id", None) or {}
+    if all(name == f"LABEL_{i}" for name, i in label2id.items()):
+        return None
+    return dict(label2id)
+
+
+def _name_classes(peft_model: nn.Module, label_names: tuple[str, ...]) -> None:
+    """Give a classifier whose classes have no names the names the run trained it with (``labels`` setting or
+    the data's labels), so its predictions, ``compare`` and a saved config read them."""
+    config = base_model_of(peft_model).config
+    count = getattr(config, "num_labels", 0)
+    if not label_names or named_labels(config) is not None or len(label_names) > count:
+        return
+    if label_names == tuple(str(i) for i in range(len(label_names))):
+        return  # whole-number labels without names: nothing to add
+    names = {i: (label_names[i] if i < len(label_names) else f"LABEL_{i}") for i in range(count)}
+    config.id2label = names
+    config.label2id = {name: i for i, name in names.items()}
 
 
 def train(
@@ -186,7 +213,9 @@ def train(
     _check_eval(config, prepared)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
     run.trainer_args, run.callbacks = trainer_args, list(callbacks or ())
-    return launch(run, background, run.trainer_args, run.callbacks)
+    started = launch(run, background, run.trainer_args, run.callbacks)
+    _name_classes(peft_model, prepared.label_names)
+    return started
 
 
 def resume(
