@@ -246,6 +246,10 @@ def test_eval_records_are_labelled_eval_and_eval_data_is_counted_apart(model, to
     held = {tok.decode(ex["input_ids"]) for ex in prepared.eval}
     shown = {"".join(s.text for s in v.segments) for v in report.records if v.split == "eval"}
     assert shown == held and len(shown) == 3
+    # each record shows its own text, whichever split it went to
+    assert [("".join(s.text for s in v.segments), v.split in ("train", "eval")) for v in report.records] == [
+        (f"t{i}<eos>", True) for i in range(10)
+    ]
     apart = report_data(model, data, tok, eval_data=["e1", "", "e2"])
     assert (apart.train, apart.eval, apart.eval_from, apart.n_eval_records) == (10, 2, "eval_data", 3)
     assert [(d.source, d.record, d.reason) for d in apart.dropped] == [("eval_data", 1, "empty text")]
