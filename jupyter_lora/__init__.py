@@ -3,6 +3,7 @@
 >>> import jupyter_lora as jl
 >>> p = jl.plan(model, r=16, targets="q_proj,v_proj")      # what would change; touches nothing
 >>> model = jl.inject(model, r=16, targets="q_proj,v_proj")
+>>> jl.preview_data(model, records, tok, seq=512)          # what training would see: masks, cuts, lengths
 >>> jl.save(model, "adapters/run1")
 
 Importing this package is cheap: torch, transformers and PEFT load on first use of a function that needs them.
@@ -23,6 +24,7 @@ from . import api as _api
 __all__ = [
     "AdapterStatus",
     "Comparison",
+    "DataPreview",
     "LoraSpec",
     "MemoryEstimate",
     "Panel",
@@ -45,6 +47,7 @@ __all__ = [
     "make_spec",
     "merge",
     "plan",
+    "preview_data",
     "resume",
     "save",
     "status",
@@ -77,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
+    from .data_preview import DataPreview, preview_data
     from .widgets.panel import Panel
     from .widgets.progress import ProgressCallback
 

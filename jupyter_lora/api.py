@@ -40,6 +40,8 @@ _LAZY = {
     "Panel": "jupyter_lora.widgets.panel",
     "load_base": "jupyter_lora.core.quant",
     "export": "jupyter_lora.core.export",
+    "preview_data": "jupyter_lora.data_preview",
+    "DataPreview": "jupyter_lora.data_preview",
 }
 _RENAMED = {"find_targets": "resolve"}
 

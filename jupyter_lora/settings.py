@@ -663,6 +663,30 @@ class TrainSettings:
         example="[negative, positive]",
         check=_check_labels,
     )
+    text_column: str | None = _setting(
+        None,
+        "the column trained on as plain text (default: found from the column names)",
+        "text",
+        "train",
+        nullable=True,
+        example="body",
+    )
+    label_column: str | None = _setting(
+        None,
+        "the class label column of seq_cls data (default: label, class, category, ...)",
+        "text",
+        "train",
+        nullable=True,
+        example="sentiment",
+    )
+    chat_template: str | None = _setting(
+        None,
+        "formats `messages`: a Jinja template, or the name of one of the tokenizer's templates (default: its own)",
+        "text",
+        "train",
+        nullable=True,
+        example="default",
+    )
     report_to: str = _setting(
         "none",
         "experiment tracking through the Trainer's integrations (pip install 'jupyter-lora[track]')",

@@ -209,7 +209,9 @@ class LoraMagics(_SettingDefaults):
 
     # --------------------------------------------------------------------------------------- training
 
-    def _train_inputs(self, settings: dict[str, Any], model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _train_inputs(
+        self, settings: dict[str, Any], model: Any, command: str = "train"
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Split a train body into (objects resolved from the notebook, plain settings)."""
         settings = dict(settings)
         objects: dict[str, Any] = {}
@@ -221,7 +223,8 @@ class LoraMagics(_SettingDefaults):
                     value = self.shell.user_ns[value]
                 elif isinstance(value, str) and value.isidentifier():
                     raise UsageError(
-                        f"%lora train: no variable `{value}` for `{key}`.{did_you_mean(value, self.shell.user_ns)}"
+                        f"%lora {command}: no variable `{value}` for `{key}`."
+                        f"{did_you_mean(value, [k for k in self.shell.user_ns if not k.startswith('_')])}"
                     )
                 objects[key] = value
         name = settings.pop("tokenizer", None)
@@ -262,6 +265,20 @@ class LoraMagics(_SettingDefaults):
         return self._start(
             lambda m, **kw: jl.resume(m, command.checkpoint, **kw), model, objects, settings, mode
         )
+
+    def _do_data(self, command: p.Data) -> Any:
+        from .. import api as jl
+
+        model = self._get_model(command.model)
+        settings = self._with_defaults("train", dict(command.settings))
+        objects, settings = self._train_inputs(settings, model, "data")
+        for key in (
+            "progress",
+            "trainer_args",
+        ):  # how a run shows progress / runs: nothing to do with the data
+            settings.pop(key, None)
+        data = objects.pop("data")
+        return jl.preview_data(model, data, n=command.n, **objects, **settings)
 
     def _do_base(self, command: p.Base) -> Any:
         from .. import api as jl

@@ -24,6 +24,7 @@ __all__ = [
     "Base",
     "Command",
     "Compare",
+    "Data",
     "Estimate",
     "Export",
     "Help",
@@ -75,6 +76,12 @@ USAGE = f"""\
                                              base vs adapter output side by side
 %%lora train MODEL                           train in the background with a live progress widget; body (YAML):
 {settings_help("train")}
+%lora data MODEL DATA [--n N] [setting=value ...]
+                                             what training would see: the first N (3) records as the model sees
+                                             them (masked tokens grey, the cut at seq marked), token lengths,
+                                             truncation, packing, the eval split, dropped records. DATA: a variable
+                                             or a .jsonl/.json/.csv/.txt path; settings as for %%lora train (in
+                                             %%lora data MODEL DATA, a YAML body; a %%lora train body works as it is)
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
@@ -89,7 +96,7 @@ lists them.
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
-    "train", "stop", "resume", "panel", "base", "export",
+    "train", "stop", "resume", "panel", "base", "export", "data",
 )  # fmt: skip
 
 
@@ -180,6 +187,16 @@ class Train(Command):
 
 
 @dataclass(frozen=True)
+class Data(Command):
+    """``%lora data MODEL DATA [--n N] [key=value ...]`` (or ``%%lora data MODEL [DATA]`` with the training body):
+    the data preview. ``settings`` hold ``data`` and the training settings, as a ``Train`` command's do."""
+
+    model: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    n: int = 3
+
+
+@dataclass(frozen=True)
 class PanelCommand(Command):
     """``%lora panel MODEL``: the interactive panel bound to that variable."""
 
@@ -259,17 +276,22 @@ def _yaml(cell: str | None, scope: str) -> dict[str, Any]:
             f"%%lora: the cell body must be `key: value` lines (a YAML mapping), got {type(data).__name__}: "
             f"{str(data)[:60]!r}. E.g. `r: 16`."
         )
+    return _settings(data, scope, "%%lora", "this cell")
+
+
+def _settings(data: Mapping[Any, Any], scope: str, prefix: str, here: str) -> dict[str, Any]:
+    """``data`` with canonical names, every key checked to be a setting of ``scope`` (did-you-mean otherwise)."""
     allowed, spellings = keys(scope), aliases(scope)
     for key in data:
         other = SETTINGS.get(name_of(key) or "")
         if other is not None and scope not in other.scopes:
             where = " or ".join(_CELLS[s] for s in other.scopes)
             raise UsageError(
-                f"%%lora: `{key}` is a setting of {where}, not of this cell. Settings here: {', '.join(allowed)}."
+                f"{prefix}: `{key}` is a setting of {where}, not of {here}. Settings here: {', '.join(allowed)}."
             )
         if not isinstance(key, str) or key not in allowed + spellings:
             raise UsageError(
-                f"%%lora: unknown setting `{key}`.{did_you_mean(str(key), allowed + spellings)} "
+                f"{prefix}: unknown setting `{key}`.{did_you_mean(str(key), allowed + spellings)} "
                 f"Settings: {', '.join(allowed)}."
             )
     return canonical(data, scope)
@@ -308,6 +330,16 @@ def _positive(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value!r}")
+    return n
+
+
+def _nonnegative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
     return n
 
 
@@ -478,6 +510,56 @@ def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
     return Train(_identifier(args.model), settings)
 
 
+_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$", re.S)
+
+
+def _line_settings(words: list[str], prefix: str) -> tuple[list[str], dict[str, Any]]:
+    """Split ``key=value`` words off a line: (the other words, ``{key: value}`` with YAML values: ``seq=256``
+    is a number, ``packing=true`` a bool, ``text_column=body`` text)."""
+    import yaml
+
+    rest, given = [], {}
+    for word in words:
+        match = _ASSIGNMENT.match(word)
+        if match is None:
+            rest.append(word)
+            continue
+        key, text = match.groups()
+        if key in given:
+            raise UsageError(f"{prefix}: `{key}` is given twice on the line; keep one.")
+        try:
+            given[key] = yaml.load(text, Loader=yaml_loader()) if text.strip() else None
+        except yaml.YAMLError:
+            raise UsageError(
+                f"{prefix}: the value of `{word}` cannot be read; quote it, e.g. {key}='{text}'."
+            ) from None
+    return rest, given
+
+
+def _parse_data(head: str, rest: list[str], cell: str | None) -> Data:
+    rest, line = _line_settings(rest, "%lora data")
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("data", nargs="?")
+    p.add_argument("--n", type=_nonnegative, default=3)
+    args = p.parse_args(rest)
+    settings = _yaml(cell, "train")
+    for key, value in _settings(line, "train", "%lora data", "this line").items():
+        settings[key] = value  # the line's settings win over the body's
+    if args.data is not None:
+        if "data" in settings and settings["data"] != args.data:
+            raise UsageError(
+                f"%lora data: the data is given twice, as {args.data!r} and as `data: {settings['data']}`; keep one."
+            )
+        settings["data"] = args.data
+    if "data" not in settings:
+        raise UsageError(
+            "%lora data: say which data to preview: `%lora data MODEL DATA`, DATA a variable holding texts/records/"
+            "a Dataset/a DataFrame or a .jsonl/.csv/.txt path (or `data:` in the body of %%lora data MODEL)."
+        )
+    return Data(_identifier(args.model), settings, args.n)
+
+
 def _parse_panel(head: str, rest: list[str], cell: str | None) -> PanelCommand:
     p = _parser(head)
     p.add_argument("model")
@@ -536,5 +618,6 @@ _SUBPARSERS = {
     "export": _parse_export,
     "stop": _parse_stop,
     "resume": _parse_resume,
+    "data": _parse_data,
     "help": _parse_help,
 }

@@ -232,6 +232,7 @@ def test_every_subcommand_is_understood():
             "compare": "compare m hi",
             "base": "base m some/model",
             "export": "export m job",
+            "data": "data m texts",
         }.get(sub, f"{sub} m")
         cell = "data: texts" if sub in ("train", "export") else None
         assert not isinstance(parse(line, cell), Inject), sub

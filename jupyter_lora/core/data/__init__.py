@@ -5,7 +5,8 @@
 - ``formats``: recognising the record format and turning records into examples;
 - ``labels``: class ids and label names for classification;
 - ``tokenize``: causal LM (prompt masking), chat (assistant-only masking) and classification tokenisation;
-- ``prepared``: ``PreparedData`` — the eval split, padded or packed batches in a resumable order.
+- ``prepared``: ``PreparedData`` — the eval split, padded or packed batches in a resumable order;
+- ``trace``: what happened to each record on the way (for the data preview, ``preview``).
 
 ``prepare_data`` runs them in that order; ``find_tokenizer`` finds the tokenizer saved beside a model.
 """
@@ -25,8 +26,9 @@ from .labels import label_ids
 from .prepared import PreparedData, eval_count, positive_setting, split_eval
 from .sources import DATA_FILE_TYPES, load_source
 from .tokenize import check_chat_template, check_token_ids, pad_token_id, tokenize_cls, tokenize_lm
+from .trace import DataTrace
 
-__all__ = ["DATA_FILE_TYPES", "PreparedData", "find_tokenizer", "prepare_data", "vocab_size_of"]
+__all__ = ["DATA_FILE_TYPES", "DataTrace", "PreparedData", "find_tokenizer", "prepare_data", "vocab_size_of"]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -52,6 +54,8 @@ def prepare_data(
     text_column: str | None = None,
     label_column: str | None = None,
     vocab_size: int | None = None,
+    chat_template: str | None = None,
+    trace: DataTrace | None = None,
 ) -> PreparedData:
     """Tokenize ``data`` for ``task`` ("CAUSAL_LM" or "SEQ_CLS") and hold out an eval split.
 
@@ -63,6 +67,8 @@ def prepare_data(
     ``label2id``: ``{name: id}`` (or a list of names) for string labels; default: the sorted unique labels.
     ``vocab_size``: the model's number of token ids (``vocab_size_of(model)``); a token id outside it, given
     pre-tokenised or produced by the tokenizer, is a UsageError naming the record or the token.
+    ``chat_template``: formats ``messages`` instead of the tokenizer's own template (Jinja text, or the name of one
+    of its templates). ``trace``: a ``DataTrace`` to fill in with what happened to each record (the preview's).
     """
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(
@@ -81,6 +87,16 @@ def prepare_data(
 
     source = load_source(data, "data")
     items = source.items
+    # what the trace records: record index of each example, records skipped, each tokenized example
+    origins: dict[str, list[int] | None] = {"data": None, "eval_data": None}
+    skipped: dict[str, list | None] = {"data": None, "eval_data": None}
+    notes: dict[str, list | None] = {"train": None, "eval": None}
+    if trace is not None:
+        trace.records["data"] = len(items)
+        for key in origins:
+            origins[key], skipped[key] = [], trace.skipped.setdefault(key, [])
+        for key in notes:
+            notes[key] = trace.tokenized.setdefault(key, [])
     pretokenized = bool(items) and isinstance(items[0], Mapping) and "input_ids" in items[0]
     if tokenizer is None and not pretokenized:
         raise UsageError(
@@ -94,12 +110,23 @@ def prepare_data(
                 "to hold out part of data — not both."
             )
         eval_source = load_source(eval_data, "eval_data")
+        if trace is not None:
+            trace.records["eval_data"] = len(eval_source.items)
 
     if task == "SEQ_CLS":
-        train_ex, class_names = cls_examples(source, text_column, label_column, "data")
+        train_ex, class_names = cls_examples(
+            source, text_column, label_column, "data", origins["data"], skipped["data"]
+        )
         eval_ex = None
         if eval_data is not None:
-            eval_ex, _ = cls_examples(eval_source, text_column, label_column, "eval_data")
+            eval_ex, _ = cls_examples(
+                eval_source,
+                text_column,
+                label_column,
+                "eval_data",
+                origins["eval_data"],
+                skipped["eval_data"],
+            )
         ids, label_names = label_ids(
             [ex.label for ex in train_ex] + [ex.label for ex in eval_ex or []], label2id, class_names
         )
@@ -111,20 +138,33 @@ def prepare_data(
             raise UsageError(
                 "`label2id` is for SEQ_CLS (classification) data; drop it or pass task='SEQ_CLS'."
             )
-        train_ex = lm_examples(source, text_column, "data", vocab_size)
+        train_ex = lm_examples(source, text_column, "data", vocab_size, origins["data"], skipped["data"])
         eval_ex = (
-            lm_examples(eval_source, text_column, "eval_data", vocab_size) if eval_data is not None else None
+            lm_examples(
+                eval_source, text_column, "eval_data", vocab_size, origins["eval_data"], skipped["eval_data"]
+            )
+            if eval_data is not None
+            else None
         )
         label_names = ()
         if any(isinstance(ex, Chat) for ex in train_ex + (eval_ex or [])):
-            check_chat_template(tokenizer)
+            check_chat_template(tokenizer, chat_template)
 
     if eval_data is None:
         n_eval = eval_count(eval, len(train_ex))
         train_ex, eval_ex = split_eval(train_ex, n_eval, seed)
+        if trace is not None:  # the same split of the record indices
+            train_origins, eval_origins = split_eval(origins["data"], n_eval, seed)
+            trace.origins.update(train=train_origins, eval=eval_origins or [])
+    elif trace is not None:
+        trace.origins.update(train=origins["data"], eval=origins["eval_data"])
 
-    tokenize_examples = tokenize_cls if task == "SEQ_CLS" else tokenize_lm
-    train, truncated, dropped = tokenize_examples(train_ex, tokenizer, seq)
+    def tokenize_examples(examples: list, split: str) -> tuple[list[dict], int, int]:
+        if task == "SEQ_CLS":
+            return tokenize_cls(examples, tokenizer, seq, notes[split])
+        return tokenize_lm(examples, tokenizer, seq, chat_template, notes[split])
+
+    train, truncated, dropped = tokenize_examples(train_ex, "train")
     if not train:
         raise UsageError(
             f"No training example is left: all {dropped} have nothing to learn after cutting them to `seq`={seq} "
@@ -133,7 +173,7 @@ def prepare_data(
         )
     eval_tok = None
     if eval_ex:
-        eval_tok, eval_truncated, eval_dropped = tokenize_examples(eval_ex, tokenizer, seq)
+        eval_tok, eval_truncated, eval_dropped = tokenize_examples(eval_ex, "eval")
         truncated += eval_truncated
         dropped += eval_dropped
         eval_tok = eval_tok or None

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from ..errors import UsageError, close_matches, did_you_mean
 from .sources import Source
+from .trace import Skipped
 
 __all__ = ["IGNORE_INDEX", "Chat", "Ids", "Labeled", "Pair", "Text", "cls_examples", "lm_examples"]
 
@@ -128,13 +129,37 @@ def _no_known_columns(columns: list[str], task: str, what: str, expected: str, h
     )
 
 
-def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: int | None = None) -> list:
+def _track(
+    examples: list, before: int, index: int, origins: list | None, skipped: list | None, reason: str
+) -> None:
+    """Record where record ``index`` went: the example it became (``origins``) or why it gave none."""
+    if len(examples) > before:
+        if origins is not None:
+            origins.append(index)
+    elif skipped is not None:
+        skipped.append(Skipped(index, reason))
+
+
+def lm_examples(
+    source: Source,
+    text_column: str | None,
+    what: str,
+    vocab_size: int | None = None,
+    origins: list[int] | None = None,
+    skipped: list[Skipped] | None = None,
+) -> list:
     """Causal LM examples (Text, Pair, Chat or Ids) of ``source``, in the format its columns show (``text_column``
     forces plain text); empty texts and empty responses are skipped. ``what`` names the source in errors.
-    ``vocab_size``: the model's number of token ids; pre-tokenised ids (and labels) outside it are refused."""
+    ``vocab_size``: the model's number of token ids; pre-tokenised ids (and labels) outside it are refused.
+    ``origins`` / ``skipped``, when given, receive the record index of each example / the records skipped."""
     items = source.items
     if isinstance(items[0], str):
-        examples = [Text(t) for t in items if t.strip()]
+        examples: list = []
+        for i, text in enumerate(items):
+            before = len(examples)
+            if text.strip():
+                examples.append(Text(text))
+            _track(examples, before, i, origins, skipped, "empty text")
         if not examples:
             raise UsageError(f"`{what}` has only empty texts: give at least one non-empty example.")
         return examples
@@ -157,8 +182,11 @@ def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: 
             " (e.g. records = [{'text': r['body']} for r in records])",
         )
 
-    examples: list = []
+    column = kind[2] if kind[0] == "pair" else kind[1]  # the one whose emptiness skips a record
+    reason = f"no turns in `{column}`" if kind[0] == "chat" else f"empty `{column}`"
+    examples = []
     for i, item in enumerate(items):
+        before = len(examples)
         if text_column is None and any(_missing(item.get(c)) for c in kind[1:]):
             own = _lm_kind([str(c) for c, v in item.items() if not _missing(v)])
             if own is not None and own != kind:
@@ -191,6 +219,7 @@ def lm_examples(source: Source, text_column: str | None, what: str, vocab_size: 
             messages = _messages(item.get(kind[1]), i, kind[1], what)
             if messages:
                 examples.append(Chat(messages))
+        _track(examples, before, i, origins, skipped, reason)
     if not examples:
         raise UsageError(f"`{what}` has no non-empty example in the column(s) {', '.join(kind[1:])}.")
     return examples
@@ -262,9 +291,15 @@ def _messages(value: Any, index: int, column: str, what: str) -> list[dict]:
 
 
 def cls_examples(
-    source: Source, text_column: str | None, label_column: str | None, what: str
+    source: Source,
+    text_column: str | None,
+    label_column: str | None,
+    what: str,
+    origins: list[int] | None = None,
+    skipped: list[Skipped] | None = None,
 ) -> tuple[list[Labeled], tuple[str, ...] | None]:
-    """Classification examples (Labeled with the raw label) and a Dataset's ClassLabel names, if any."""
+    """Classification examples (Labeled with the raw label) and a Dataset's ClassLabel names, if any.
+    ``origins`` / ``skipped``, when given, receive the record index of each example / the records skipped."""
     items = source.items
     if isinstance(items[0], str):
         raise UsageError(
@@ -300,11 +335,14 @@ def cls_examples(
         text = _string(item, text_cols[0], i, what)
         pair = _string(item, text_cols[1], i, what) if len(text_cols) > 1 else None
         if not text.strip():
+            _track(examples, len(examples), i, origins, skipped, f"empty `{text_cols[0]}`")
             continue
         label = item.get(label_col)
         if _missing(label) or (isinstance(label, str) and not label.strip()):
             raise UsageError(f"`{what}[{i}]` has no `{label_col}`; every SEQ_CLS example needs a label.")
         examples.append(Labeled(text, pair, label))
+        if origins is not None:
+            origins.append(i)
     if not examples:
         raise UsageError(
             f"`{what}` has only empty texts in `{text_cols[0]}`: give at least one non-empty example."

@@ -7,8 +7,11 @@
   tokens the template wraps in ``{% generation %}`` when it has that block, else for assistant message ``i`` the
   tokens from ``len(template(messages[:i], add_generation_prompt=True))`` to ``len(template(messages[:i+1]))``
   — the reply plus whatever end-of-turn marker the template writes after it. No extra eos is appended.
+  A ``chat_template`` (Jinja text, or the name of one of the tokenizer's templates) replaces the tokenizer's own
+  for this tokenisation; the tokenizer is not changed.
 * Everything is cut to ``seq`` tokens (``truncated`` counts the examples cut). An example left with nothing to
   learn (no label after the first token, e.g. a prompt longer than ``seq``) is dropped (``dropped`` counts it).
+  A ``notes`` list, when given, receives one ``Tokenized`` (length before the cut, cut, kept) per example.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from .formats import IGNORE_INDEX, Ids, Labeled, Pair, Text
+from .trace import Tokenized
 
 __all__ = ["check_chat_template", "check_token_ids", "pad_token_id", "tokenize_cls", "tokenize_lm"]
 
@@ -78,18 +82,29 @@ def _bos(tokenizer: Any) -> list[int]:
     return [bos] if with_special[:1] == [bos] and without[:1] != [bos] else []
 
 
-def _finish(ids: list[int], labels: list[int], seq: int, out: list[dict]) -> tuple[int, int]:
+def _finish(
+    ids: list[int], labels: list[int], seq: int, out: list[dict], notes: list[Tokenized] | None
+) -> tuple[int, int]:
     """Cut to ``seq`` and keep the example if a label after the first token is left (the first is never
     predicted); returns (truncated, dropped) as 0/1."""
-    cut = len(ids) > seq
+    length, cut = len(ids), len(ids) > seq
     ids, labels = ids[:seq], labels[:seq]
-    if not any(label != IGNORE_INDEX for label in labels[1:]):
+    keep = any(label != IGNORE_INDEX for label in labels[1:])
+    if notes is not None:
+        notes.append(Tokenized(length, cut, keep))
+    if not keep:
         return int(cut), 1
     out.append({"input_ids": ids, "labels": labels})
     return int(cut), 0
 
 
-def tokenize_lm(examples: list, tokenizer: Any, seq: int) -> tuple[list[dict], int, int]:
+def tokenize_lm(
+    examples: list,
+    tokenizer: Any,
+    seq: int,
+    chat_template: str | None = None,
+    notes: list[Tokenized] | None = None,
+) -> tuple[list[dict], int, int]:
     """``{"input_ids", "labels"}`` for Text, Pair, Ids and Chat examples, cut to ``seq``; returns the examples
     kept and the counts truncated and dropped."""
     bos = _bos(tokenizer)
@@ -106,7 +121,7 @@ def tokenize_lm(examples: list, tokenizer: Any, seq: int) -> tuple[list[dict], i
     prompt_ids = iter(_encode(tokenizer, prompts))
     response_ids = iter(_encode(tokenizer, responses))
     # The {% generation %} mask maps characters to tokens: it needs a fast (Rust) tokenizer.
-    use_mask = _has_generation_block(tokenizer) and bool(getattr(tokenizer, "is_fast", False))
+    use_mask = _has_generation_block(tokenizer, chat_template) and bool(getattr(tokenizer, "is_fast", False))
 
     out: list[dict] = []
     truncated = dropped = 0
@@ -122,14 +137,16 @@ def tokenize_lm(examples: list, tokenizer: Any, seq: int) -> tuple[list[dict], i
         elif isinstance(ex, Ids):
             ids, labels = ex.ids, ex.labels if ex.labels is not None else list(ex.ids)
         else:
-            ids, labels = _chat_tokens(tokenizer, ex.messages, use_mask)
-        cut, skip = _finish(ids, labels, seq, out)
+            ids, labels = _chat_tokens(tokenizer, ex.messages, use_mask, chat_template)
+        cut, skip = _finish(ids, labels, seq, out, notes)
         truncated += cut
         dropped += skip
     return out, truncated, dropped
 
 
-def tokenize_cls(examples: list[Labeled], tokenizer: Any, seq: int) -> tuple[list[dict], int, int]:
+def tokenize_cls(
+    examples: list[Labeled], tokenizer: Any, seq: int, notes: list[Tokenized] | None = None
+) -> tuple[list[dict], int, int]:
     """``{"input_ids", "label"}`` with the tokenizer's own special tokens ([CLS] ... [SEP]); over-long examples
     are re-tokenized with the tokenizer's truncation so the closing special token stays. Returns the examples and
     the counts truncated and dropped (always 0)."""
@@ -140,6 +157,8 @@ def tokenize_cls(examples: list[Labeled], tokenizer: Any, seq: int) -> tuple[lis
         kwargs = {"text_pair": pairs[begin : begin + 1024]} if pairs else {}
         ids_list.extend(list(ids) for ids in tokenizer(texts[begin : begin + 1024], **kwargs)["input_ids"])
     long = [i for i, ids in enumerate(ids_list) if len(ids) > seq]
+    if notes is not None:
+        notes.extend(Tokenized(len(ids), len(ids) > seq, True) for ids in ids_list)
     if long:
         kwargs = {"text_pair": [pairs[i] for i in long]} if pairs else {}
         cut = tokenizer([texts[i] for i in long], truncation=True, max_length=seq, **kwargs)["input_ids"]
@@ -152,38 +171,58 @@ def tokenize_cls(examples: list[Labeled], tokenizer: Any, seq: int) -> tuple[lis
 # ----------------------------------------------------------------------------------------------- chat templates
 
 
-def _template_text(tokenizer: Any) -> str:
+def _template_text(tokenizer: Any, chat_template: str | None = None) -> str:
+    """The Jinja text that formats conversations: ``chat_template`` (a template's text, or the name of one of the
+    tokenizer's templates, as ``apply_chat_template`` takes it), else the tokenizer's default template."""
     template = getattr(tokenizer, "chat_template", None)
+    if chat_template is not None:
+        if isinstance(template, Mapping) and chat_template in template:
+            return template[chat_template]
+        return chat_template
     if isinstance(template, Mapping):  # named templates: the default one formats plain conversations
         template = template.get("default") or next(iter(template.values()), None)
     return template if isinstance(template, str) else ""
 
 
-def check_chat_template(tokenizer: Any) -> None:
-    """Raise a UsageError unless ``tokenizer`` has a chat template to format ``messages`` with."""
-    if not _template_text(tokenizer) or not hasattr(tokenizer, "apply_chat_template"):
+def check_chat_template(tokenizer: Any, chat_template: str | None = None) -> None:
+    """Raise a UsageError unless ``tokenizer`` (or ``chat_template``) gives a chat template to format ``messages``
+    with; a ``chat_template`` that is neither Jinja nor one of the tokenizer's named templates is refused too."""
+    if chat_template is not None:
+        names = getattr(tokenizer, "chat_template", None)
+        names = list(names) if isinstance(names, Mapping) else []
+        if chat_template not in names and "{" not in chat_template:
+            known = f" The tokenizer's templates: {', '.join(names)}." if names else ""
+            raise UsageError(
+                f"`chat_template`={chat_template!r} is neither a Jinja template nor the name of one of the "
+                f"tokenizer's templates.{did_you_mean(chat_template, names)}{known} Give the template's text "
+                "(with {% for message in messages %}...) or leave chat_template out to use the tokenizer's own."
+            )
+    if not _template_text(tokenizer, chat_template) or not hasattr(tokenizer, "apply_chat_template"):
         raise UsageError(
             "`tokenizer` has no chat template, so `messages` cannot be formatted: use the tokenizer of an instruct/"
-            "chat model, set tokenizer.chat_template = '...', or give prompt/response columns instead."
+            "chat model, give `chat_template` (a Jinja template), or give prompt/response columns instead."
         )
 
 
-def _has_generation_block(tokenizer: Any) -> bool:
-    return bool(_GENERATION_BLOCK.search(_template_text(tokenizer)))
+def _has_generation_block(tokenizer: Any, chat_template: str | None = None) -> bool:
+    return bool(_GENERATION_BLOCK.search(_template_text(tokenizer, chat_template)))
 
 
-def _chat_tokens(tokenizer: Any, messages: list[dict], use_mask: bool) -> tuple[list[int], list[int]]:
+def _chat_tokens(
+    tokenizer: Any, messages: list[dict], use_mask: bool, chat_template: str | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and labels that train only the assistant turns (see the rules above)."""
+    template = {"chat_template": chat_template} if chat_template is not None else {}
     if use_mask:
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **template
         )
         ids = list(out["input_ids"])
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"], strict=True)]
         return ids, labels
 
     def render(turns: list[dict], prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt, **template)
 
     full = render(messages)
     ids = _encode(tokenizer, [full])[0]

@@ -31,6 +31,7 @@ from .run import TrainingRun
 __all__ = [
     "TrainConfig",
     "TrainingRun",
+    "check_eval",
     "last_run",
     "latest_checkpoint",
     "make_train_config",
@@ -109,7 +110,7 @@ def _trainer_args(trainer_args: Any) -> dict:
     return dict(trainer_args)
 
 
-def _check_eval(config: TrainConfig, prepared: Any) -> None:
+def check_eval(config: TrainConfig, prepared: Any) -> None:
     """Early stopping and keep-best judge the adapter on held-out data: without any, say so before step 1."""
     if prepared.eval:
         return
@@ -136,8 +137,11 @@ def _not_training(base: nn.Module, doing: str) -> None:
                          f"before {doing}.")  # fmt: skip
 
 
-def prepare_for(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any) -> Any:
-    """``data`` (and ``eval_data``) as the run's tokenized examples for the model's task."""
+def prepare_for(
+    peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any, trace: Any = None
+) -> Any:
+    """``data`` (and ``eval_data``) as the run's tokenized examples for the model's task. ``trace``: a
+    ``DataTrace`` that records what happened to each record (the data preview passes one)."""
     from ..data import prepare_data, vocab_size_of
 
     task = _task(peft_model, config.task)
@@ -150,7 +154,8 @@ def prepare_for(peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
     return prepare_data(
         data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
-        seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model),
+        seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model), text_column=config.text_column,
+        label_column=config.label_column, chat_template=config.chat_template, trace=trace,
     )  # fmt: skip
 
 
@@ -210,7 +215,7 @@ def train(
     )
     trainer_args = _trainer_args(trainer_args)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
-    _check_eval(config, prepared)
+    check_eval(config, prepared)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), output_dir)
     run.trainer_args, run.callbacks = trainer_args, list(callbacks or ())
     started = launch(run, background, run.trainer_args, run.callbacks)
@@ -283,7 +288,7 @@ def resume(
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip
     run.trainer_args, run.callbacks = _trainer_args(trainer_args), list(callbacks or ())
-    _check_eval(config, prepared)
+    check_eval(config, prepared)
     run.resume_step = int(state.get("global_step", 0))
     run.history, run.evals = history_of(state)  # the curve before the checkpoint continues on the chart
     if run.evals:
