@@ -23,6 +23,7 @@ from . import api as _api
 __all__ = [
     "AdapterStatus",
     "Comparison",
+    "Conversation",
     "LoraSpec",
     "MemoryEstimate",
     "Panel",
@@ -31,6 +32,7 @@ __all__ = [
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
+    "chat",
     "compare",
     "delete",
     "disable",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
         unload,
         use,
     )
+    from .core.chat import Conversation
     from .core.compare import Comparison, compare
     from .core.errors import UsageError
     from .core.events import TrainingEvent
@@ -77,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
+    from .widgets.chat import chat
     from .widgets.panel import Panel
     from .widgets.progress import ProgressCallback
 

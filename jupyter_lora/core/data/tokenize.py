@@ -20,7 +20,14 @@ from typing import Any
 from ..errors import UsageError
 from .formats import IGNORE_INDEX, Ids, Labeled, Pair, Text
 
-__all__ = ["check_chat_template", "check_token_ids", "pad_token_id", "tokenize_cls", "tokenize_lm"]
+__all__ = [
+    "check_chat_template",
+    "check_token_ids",
+    "has_chat_template",
+    "pad_token_id",
+    "tokenize_cls",
+    "tokenize_lm",
+]
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -159,9 +166,14 @@ def _template_text(tokenizer: Any) -> str:
     return template if isinstance(template, str) else ""
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` has a chat template (its own or a named default) and ``apply_chat_template``."""
+    return bool(_template_text(tokenizer)) and hasattr(tokenizer, "apply_chat_template")
+
+
 def check_chat_template(tokenizer: Any) -> None:
     """Raise a UsageError unless ``tokenizer`` has a chat template to format ``messages`` with."""
-    if not _template_text(tokenizer) or not hasattr(tokenizer, "apply_chat_template"):
+    if not has_chat_template(tokenizer):
         raise UsageError(
             "`tokenizer` has no chat template, so `messages` cannot be formatted: use the tokenizer of an instruct/"
             "chat model, set tokenizer.chat_template = '...', or give prompt/response columns instead."
