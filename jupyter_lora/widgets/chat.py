@@ -57,7 +57,7 @@ def _slider(setting: Setting, value: Any) -> w.Widget:
         "description": setting.name.replace("_", " "),
         "tooltip": setting.help,
         "continuous_update": False,
-        "style": {"description_width": "100px"},
+        "style": {"description_width": "110px"},
     }
     if setting.kind == "int":
         return w.IntSlider(
@@ -150,7 +150,7 @@ class ChatWidget(_ModelView):
             options=[(_ADAPTER_WORDS[c], c) for c in SETTINGS["adapter"].choices],
             value=settings["adapter"],
             tooltips=[SETTINGS["adapter"].help] * len(SETTINGS["adapter"].choices),
-            style={"button_width": "95px"},
+            style={"button_width": "105px"},
         )
         self.controls["adapter"] = self.adapter
         self.transcript = w.HTML()
