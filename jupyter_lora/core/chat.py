@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from ..settings import defaults, validate
 from .adapters.guards import check_not_training
@@ -53,7 +54,8 @@ _PLAIN_NOTE = (
 @dataclass(frozen=True)
 class Turn:
     """One exchange: the user's message and the reply of each side that answered it (``adapter`` / ``base``).
-    ``stopped``: generation was stopped before it ended (the replies are what had been generated)."""
+    ``stopped``: generation was stopped before it ended (the replies are what had been generated). ``seed``: what
+    both sides sampled from (the ``seed`` setting plus the turn's index, so a conversation replays exactly)."""
 
     user: str
     replies: Mapping[str, str]
@@ -80,9 +82,8 @@ class Classification:
         return f"Classification({self.text!r}: {sides})"
 
 
-class _StopOnEvent:
-    """A ``StoppingCriteria`` (transformers' interface: ids, scores -> one flag per row) that ends generation once
-    ``event`` is set."""
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation once ``event`` is set (checked after every token)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -91,13 +92,6 @@ class _StopOnEvent:
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
-
-
-def _stopping(event: threading.Event) -> Any:
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    criterion = type("StopOnEvent", (_StopOnEvent, StoppingCriteria), {})(event)
-    return StoppingCriteriaList([criterion])
 
 
 @contextlib.contextmanager
@@ -169,9 +163,8 @@ class Conversation:
                 "`chat` generates with causal or seq2seq LMs and shows the class probabilities of sequence "
                 f"classifiers; this model ({type(base_model_of(model)).__name__}) is for {task or 'an unknown task'}."
             )
-        wrapper_for(
-            model
-        )  # a stale wrapper, or LoRA layers without a PeftModel: refused here, with the reason
+        # a stale wrapper, or LoRA layers without a PeftModel around them: refused here, with the reason
+        wrapper_for(model)
         self.model = model
         self.task = task
 
@@ -335,7 +328,7 @@ class Conversation:
         if streamer is not None:
             kwargs["streamer"] = streamer
         if stop is not None:
-            kwargs["stopping_criteria"] = _stopping(stop)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
         peft_model = self._peft()
         model = peft_model if peft_model is not None else self.model
         off = side == "base" and peft_model is not None
@@ -530,8 +523,6 @@ class Reply:
 
     def _stream(self, side: str) -> None:
         """Generate one side on a worker thread and read its text from a ``TextIteratorStreamer`` here."""
-        from transformers import TextIteratorStreamer
-
         streamer = TextIteratorStreamer(
             self.conversation.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
