@@ -49,12 +49,13 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/observer_cost.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/panel_latency.py
 
-# The README's screenshots (docs/progress.png, docs/panel.png), taken by the two browser tests that show them.
+# The README's screenshots (docs/*.png), taken by the browser tests that show them.
 screenshots: setup browser-deps
 	HF_HUB_OFFLINE=1 JUPYTER_LORA_SCREENSHOTS=docs $(PY) -m pytest -q \
 	  tests/browser/test_widgets_smoke.py::test_training_progress_widget_and_stop \
 	  tests/browser/test_panel_browser.py::test_panel_live_counts_highlight_and_inject \
-	  tests/browser/test_data_preview_browser.py::test_data_preview_greys_masked_tokens_and_draws_the_histogram
+	  tests/browser/test_data_preview_browser.py::test_data_preview_greys_masked_tokens_and_draws_the_histogram \
+	  tests/browser/test_chat_browser.py::test_chat_streams_a_reply_and_stop_ends_it
 
 # On a CUDA machine (no .venv needed: torch, transformers, peft, accelerate and bitsandbytes as installed there):
 # every GPU figure — throughput (bf16 and QLoRA, checkpointing off/on), memory estimate vs measured, pytest -m gpu —

@@ -24,6 +24,7 @@ from . import api as _api
 __all__ = [
     "AdapterStatus",
     "Comparison",
+    "Conversation",
     "DataPreview",
     "LoraSpec",
     "MemoryEstimate",
@@ -33,6 +34,7 @@ __all__ = [
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
+    "chat",
     "compare",
     "delete",
     "disable",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
         unload,
         use,
     )
+    from .core.chat import Conversation
     from .core.compare import Comparison, compare
     from .core.errors import UsageError
     from .core.events import TrainingEvent
@@ -81,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
     from .data_preview import DataPreview, preview_data
+    from .widgets.chat import chat
     from .widgets.panel import Panel
     from .widgets.progress import ProgressCallback
 

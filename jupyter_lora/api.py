@@ -30,6 +30,8 @@ _LAZY = {
     "find_targets": "jupyter_lora.core.targets",
     "compare": "jupyter_lora.core.compare",
     "Comparison": "jupyter_lora.core.compare",
+    "chat": "jupyter_lora.widgets.chat",
+    "Conversation": "jupyter_lora.core.chat",
     "UsageError": "jupyter_lora.core.errors",
     "train": "jupyter_lora.core.train",
     "resume": "jupyter_lora.core.train",

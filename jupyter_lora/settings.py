@@ -11,6 +11,7 @@ Each setting has *scopes*, the commands that take it:
 - ``inject``   what to inject (``%%lora MODEL``, ``jl.plan`` / ``jl.inject``)
 - ``train``    how to train (``%%lora train``, ``jl.train``, ``jl.resume``, ``jl.export``)
 - ``estimate`` what a memory estimate assumes (``%lora estimate``, the summary after ``%%lora``, the panel's bar)
+- ``chat``     how the chat generates (``%lora chat``, ``jl.chat``, ``jl.Conversation``, the chat widget's controls)
 
 This module is long because it is the list: one declaration per setting, with its help, range and spellings.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "SETTINGS",
     "TASK_TYPES",
     "VARIANTS",
+    "ChatSettings",
     "EstimateSettings",
     "InputSettings",
     "LoraSettings",
@@ -56,6 +58,7 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 BIASES = ("none", "all", "lora_only")
 PROGRESS = ("auto", "widget", "text")
+CHAT_ADAPTER = ("on", "off", "side_by_side")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
 
 # PEFT's task types, with the spellings people type.
@@ -105,7 +108,7 @@ class Setting:
     aliases: tuple[str, ...] = ()
     label: str = ""
     panel: bool = False
-    panel_range: tuple[float, float, float] | None = None  # (min, max, step) of the panel's slider
+    panel_range: tuple[float, float, float] | None = None  # (min, max, step) of a slider (panel, chat)
     trait: str | None = None
     check: Callable[[Any, Setting], Any] | None = None  # extra normalisation after the generic checks
 
@@ -591,18 +594,20 @@ class TrainSettings:
     )
     max_new_tokens: int = _setting(
         40,
-        "tokens generated per sample (and per side by %lora compare)",
+        "tokens generated per sample (and per side by %lora compare, per chat reply)",
         "int",
-        "train",
+        "train chat",
         minimum=1,
+        maximum=1 << 16,  # past any model's context; a larger number is a typo
         example="40",
+        panel_range=(1, 1024, 1),
         trait="max_new_tokens",
     )
     seed: int = _setting(
         0,
-        "random seed (data order, initialisation)",
+        "random seed (data order, initialisation; chat sampling, the same for base and adapter)",
         "int",
-        "train",
+        "train chat",
         minimum=0,
         example="0",
         trait="default_seed",
@@ -746,6 +751,62 @@ class EstimateSettings:
     )
 
 
+def _check_chat_adapter(value: Any, s: Setting) -> str:
+    # YAML reads `adapter: on` / `adapter: off` as true / false
+    if value is True or value is False:
+        return "on" if value else "off"
+    if isinstance(value, str):
+        value = value.strip().replace(" ", "_")
+    return _choice(value, s)
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """How the chat generates. ``temperature`` 0 is greedy decoding (``top_p`` then plays no part)."""
+
+    temperature: float = _setting(
+        0.7,
+        "sampling temperature (0: greedy, always the most likely token)",
+        "float",
+        "chat",
+        minimum=0,
+        maximum=2,
+        example="0.7",
+        panel_range=(0, 2, 0.05),
+        trait="default_temperature",
+    )
+    top_p: float = _setting(
+        0.9,
+        "nucleus sampling: draw from the most likely tokens that together hold this probability",
+        "float",
+        "chat",
+        minimum=0,
+        maximum=1,
+        exclusive_min=True,
+        example="0.9",
+        panel_range=(0.05, 1, 0.05),
+        trait="default_top_p",
+    )
+    adapter: str = _setting(
+        "on",
+        "answer with the adapter, without it (the base model), or both side by side",
+        "choice",
+        "chat",
+        choices=CHAT_ADAPTER,
+        example="side_by_side",
+        trait="chat_adapter",
+        check=_check_chat_adapter,
+    )
+    system: str | None = _setting(
+        None,
+        "a system message before the conversation (chat templates only)",
+        "text",
+        "chat",
+        nullable=True,
+        example="You are a concise assistant.",
+    )
+
+
 @dataclass(frozen=True)
 class InputSettings:
     """What a training run reads from the notebook (variables or paths) and how it shows progress."""
@@ -780,7 +841,7 @@ class InputSettings:
     )
 
 
-GROUPS = (LoraSettings, TrainSettings, EstimateSettings, InputSettings)
+GROUPS = (LoraSettings, TrainSettings, EstimateSettings, ChatSettings, InputSettings)
 
 
 def _read_schema() -> dict[str, Setting]:

@@ -16,7 +16,7 @@ from jupyter_lora.core.spec import make_spec
 from jupyter_lora.core.train import make_train_config
 from jupyter_lora.magics import parse as p
 from jupyter_lora.settings import SETTINGS, InputSettings, keys, panel_keys, validate_one
-from jupyter_lora.testing import tiny_model
+from jupyter_lora.testing import tiny_model, tiny_tokenizer
 
 # A value of each setting that suits the tiny Llama used here where the declared example does not.
 VALUES = {
@@ -29,6 +29,7 @@ VALUES = {
     "tokenizer": None,
     "eval_data": None,
     "output_dir": "runs/x",
+    "adapter": "off",  # the model here holds no adapter: side by side would be refused
 }
 
 
@@ -50,7 +51,7 @@ def model():
 def test_every_setting_has_help_an_example_and_a_valid_default():
     for name, s in SETTINGS.items():
         assert s.help and s.example, name
-        assert s.scopes and set(s.scopes) <= {"inject", "train", "estimate"}, name
+        assert s.scopes and set(s.scopes) <= {"inject", "train", "estimate", "chat"}, name
         if s.kind != "object":
             assert validate_one(name, s.default) == s.default, f"{name}: the default fails its own checks"
         assert validate_one(name, _value(name)) is not None or _value(name) is None, name
@@ -60,6 +61,9 @@ def test_every_setting_has_help_an_example_and_a_valid_default():
 def test_the_api_accepts_every_setting_and_alias(name, spelling, model):
     s = SETTINGS[name]
     value = _value(name)
+    if "chat" in s.scopes:  # a chat setting (some are training settings too): the chat takes it
+        conversation = jl.Conversation(model, tiny_tokenizer(), **{spelling: value})
+        assert conversation.settings[name] == validate_one(name, value)
     if "inject" in s.scopes:
         spec = make_spec(**{spelling: value, **({"targets": "q_proj, k_proj"} if name == "exclude" else {})})
         assert getattr(spec, name) == validate_one(name, value)
@@ -70,6 +74,8 @@ def test_the_api_accepts_every_setting_and_alias(name, spelling, model):
             assert jl.estimate(model, **{spelling: value}) is not None
     elif "estimate" in s.scopes:
         assert jl.estimate(model, **{spelling: value}) is not None
+    elif "chat" in s.scopes:
+        pass  # checked above
     elif name == "progress":  # how %%lora train shows progress: a notebook option, not an API argument
         assert s.trait == "progress"
     else:  # what a run reads: the data, the tokenizer, held-out data
@@ -83,7 +89,7 @@ def test_the_yaml_of_each_command_accepts_it(name, spelling):
     body = f"{spelling}: {yaml.safe_dump(_value(name), default_flow_style=True).strip().removesuffix('...')}"
     body = body.strip()
     for scope, line, extra in (("inject", "model", ""), ("train", "train model", "data: texts\n"),
-                               ("estimate", "estimate model", "")):  # fmt: skip
+                               ("estimate", "estimate model", ""), ("chat", "chat model", "")):  # fmt: skip
         if scope not in s.scopes:
             with pytest.raises(jl.UsageError, match=f"`{spelling}` is a setting of .*not of this cell"):
                 p.parse(line, extra + body if name != "data" else body)

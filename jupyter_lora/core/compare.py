@@ -16,7 +16,7 @@ from .adapters.peft_facts import active_names
 from .errors import UsageError
 from .modelinfo import detect_task, require_module
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "class_labels", "class_probabilities", "compare", "input_device"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Comparison:
         return f"Comparison({self.kind} for {self.prompt!r}: base {self.base!r}, adapter {self.adapter_name!r} {self.adapter!r})"
 
 
-def _device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model`` takes its inputs: the device of its first parameter (the CPU when it has none)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -63,7 +64,9 @@ def compare(
     task = detect_task(peft_model)
     name = active_names(peft_model)[0]
     inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: v.to(_device(peft_model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    inputs = {
+        k: v.to(input_device(peft_model)) for k, v in inputs.items() if k in ("input_ids", "attention_mask")
+    }
     modes = [(m, m.training) for m in peft_model.modules()]
     peft_model.eval()
     try:
@@ -100,13 +103,23 @@ def _compare_generation(model, tokenizer, prompt, inputs, max_new_tokens, task, 
     return Comparison(prompt=prompt, kind="generation", base=base, adapter=adapter, adapter_name=name)
 
 
-def _compare_classification(model, prompt, inputs, name) -> Comparison:
+def class_probabilities(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The softmax over the classes of a sequence classifier for the first row of ``inputs`` (fp32)."""
     with torch.no_grad():
-        adapter = model(**inputs).logits.float().softmax(-1)[0]
-        with model.disable_adapter():
-            base = model(**inputs).logits.float().softmax(-1)[0]
-    id2label = getattr(model.config, "id2label", None) or {}
-    labels = tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(adapter.shape[0]))
+        return model(**inputs).logits.float().softmax(-1)[0]
+
+
+def class_labels(model: nn.Module, n: int) -> tuple[str, ...]:
+    """The names of a classifier's ``n`` classes: ``config.id2label``, else ``LABEL_i``."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return tuple(str(id2label.get(i, f"LABEL_{i}")) for i in range(n))
+
+
+def _compare_classification(model, prompt, inputs, name) -> Comparison:
+    adapter = class_probabilities(model, inputs)
+    with model.disable_adapter():
+        base = class_probabilities(model, inputs)
+    labels = class_labels(model, adapter.shape[0])
     return Comparison(
         prompt=prompt,
         kind="classification",

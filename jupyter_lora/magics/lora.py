@@ -207,6 +207,15 @@ class LoraMagics(_SettingDefaults):
         return jl.compare(model, command.prompt, tokenizer=tokenizer,
                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
 
+    def _do_chat(self, command: p.Chat) -> Any:
+        from .. import api as jl
+
+        model = self._get_model(command.model)
+        # a tokenizer variable (named, or the only one in the notebook), else the one saved beside the model
+        tokenizer = self._find_tokenizer(command.tokenizer, model, required=False)
+        settings = self._with_defaults("chat", dict(command.settings))
+        return jl.chat(model, tokenizer, variable=command.model, namespace=self.shell.user_ns, **settings)
+
     # --------------------------------------------------------------------------------------- training
 
     def _train_inputs(

@@ -22,6 +22,7 @@ __all__ = [
     "SUBCOMMANDS",
     "USAGE",
     "Base",
+    "Chat",
     "Command",
     "Compare",
     "Data",
@@ -42,7 +43,12 @@ __all__ = [
 ]
 
 # Where each kind of setting is written.
-_CELLS = {"inject": "a `%%lora MODEL` cell", "train": "`%%lora train`", "estimate": "`%lora estimate`"}
+_CELLS = {
+    "inject": "a `%%lora MODEL` cell",
+    "train": "`%%lora train`",
+    "estimate": "`%lora estimate`",
+    "chat": "`%lora chat`",
+}
 # What an estimate assumes beyond the adapter (seq, batch, ckpt, optim, dtype, quant): its command-line options.
 ESTIMATE_OPTIONS = tuple(k for k in keys("estimate") if k not in keys("inject"))
 _OPTIM = SETTINGS["optim"].choices
@@ -74,6 +80,11 @@ USAGE = f"""\
 %lora load MODEL PATH_OR_HUB_ID [--name NAME] MODEL becomes the adapted model
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side
+%lora chat MODEL [--tokenizer VAR] [setting=value ...]
+                                             chat with the model: streamed replies with the adapter on, off or side by
+                                             side, a Stop button; class probabilities for a classifier. Settings (on
+                                             the line as setting=value, or as a %%lora chat body):
+{settings_help("chat")}
 %%lora train MODEL                           train in the background with a live progress widget; body (YAML):
 {settings_help("train")}
 %lora data MODEL DATA [--n N] [setting=value ...]
@@ -96,7 +107,7 @@ lists them.
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
-    "train", "stop", "resume", "panel", "base", "export", "data",
+    "train", "stop", "resume", "panel", "base", "export", "data", "chat",
 )  # fmt: skip
 
 
@@ -176,6 +187,15 @@ class Compare(Command):
     prompt: str
     tokenizer: str | None = None
     max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Chat(Command):
+    """``%lora chat MODEL [--tokenizer VAR] [setting=value ...]`` (or a ``%%lora chat MODEL`` YAML body)."""
+
+    model: str
+    tokenizer: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,8 +301,15 @@ def _yaml(cell: str | None, scope: str) -> dict[str, Any]:
 
 def _settings(data: Mapping[Any, Any], scope: str, prefix: str, here: str) -> dict[str, Any]:
     """``data`` with canonical names, every key checked to be a setting of ``scope`` (did-you-mean otherwise)."""
+    _check_keys(data, scope, prefix, here)
+    return canonical(data, scope)
+
+
+def _check_keys(given: Collection[Any], scope: str, prefix: str, here: str) -> None:
+    """Each key names a setting of ``scope`` (or one of its other spellings): else a UsageError that says which
+    command takes it, or offers close matches."""
     allowed, spellings = keys(scope), aliases(scope)
-    for key in data:
+    for key in given:
         other = SETTINGS.get(name_of(key) or "")
         if other is not None and scope not in other.scopes:
             where = " or ".join(_CELLS[s] for s in other.scopes)
@@ -294,7 +321,6 @@ def _settings(data: Mapping[Any, Any], scope: str, prefix: str, here: str) -> di
                 f"{prefix}: unknown setting `{key}`.{did_you_mean(str(key), allowed + spellings)} "
                 f"Settings: {', '.join(allowed)}."
             )
-    return canonical(data, scope)
 
 
 def yaml_loader():
@@ -497,6 +523,41 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens)
 
 
+def _parse_chat(head: str, rest: list[str], cell: str | None) -> Chat:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("--tokenizer")
+    p.add_argument("settings", nargs="*", metavar="setting=value")
+    args = p.parse_intermixed_args(rest)  # settings before and after --tokenizer
+    settings = _yaml(cell, "chat")
+    line: dict[str, Any] = {}
+    for word in args.settings:
+        key, eq, value = word.partition("=")
+        if not eq or not key:
+            raise UsageError(
+                f"%lora chat: {word!r} is not a setting=value pair. Write e.g. temperature=0.7; settings: "
+                f"{', '.join(keys('chat'))}."
+            )
+        _check_keys([key], "chat", "%lora chat", "%lora chat")
+        line[key] = _line_value(name_of(key), value)
+    settings.update(canonical(line, "chat"))  # the line's settings win over the body's
+    tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
+    return Chat(_identifier(args.model), tokenizer, settings)
+
+
+def _line_value(name: str, value: str) -> Any:
+    """A ``setting=value`` value: numbers read as in YAML (``2e-4``, ``40``); anything else stays the text typed
+    (``adapter=off`` is the choice "off", not YAML's false)."""
+    if SETTINGS[name].kind in ("int", "float"):
+        import yaml
+
+        try:
+            return yaml.load(value, Loader=yaml_loader())
+        except yaml.YAMLError:
+            return value
+    return value
+
+
 def _parse_train(head: str, rest: list[str], cell: str | None) -> Train:
     p = _parser(head)
     p.add_argument("model")
@@ -612,6 +673,7 @@ _SUBPARSERS = {
     "save": _parse_save,
     "load": _parse_load,
     "compare": _parse_compare,
+    "chat": _parse_chat,
     "train": _parse_train,
     "panel": _parse_panel,
     "base": _parse_base,

@@ -24,7 +24,14 @@ from ..errors import UsageError, did_you_mean
 from .formats import IGNORE_INDEX, Ids, Labeled, Pair, Text
 from .trace import Tokenized
 
-__all__ = ["check_chat_template", "check_token_ids", "pad_token_id", "tokenize_cls", "tokenize_lm"]
+__all__ = [
+    "check_chat_template",
+    "check_token_ids",
+    "has_chat_template",
+    "pad_token_id",
+    "tokenize_cls",
+    "tokenize_lm",
+]
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -184,6 +191,11 @@ def _template_text(tokenizer: Any, chat_template: str | None = None) -> str:
     return template if isinstance(template, str) else ""
 
 
+def has_chat_template(tokenizer: Any, chat_template: str | None = None) -> bool:
+    """Whether ``tokenizer`` (or ``chat_template``) gives a chat template, and it has ``apply_chat_template``."""
+    return bool(_template_text(tokenizer, chat_template)) and hasattr(tokenizer, "apply_chat_template")
+
+
 def check_chat_template(tokenizer: Any, chat_template: str | None = None) -> None:
     """Raise a UsageError unless ``tokenizer`` (or ``chat_template``) gives a chat template to format ``messages``
     with; a ``chat_template`` that is neither Jinja nor one of the tokenizer's named templates is refused too."""
@@ -197,7 +209,7 @@ def check_chat_template(tokenizer: Any, chat_template: str | None = None) -> Non
                 f"tokenizer's templates.{did_you_mean(chat_template, names)}{known} Give the template's text "
                 "(with {% for message in messages %}...) or leave chat_template out to use the tokenizer's own."
             )
-    if not _template_text(tokenizer, chat_template) or not hasattr(tokenizer, "apply_chat_template"):
+    if not has_chat_template(tokenizer, chat_template):
         raise UsageError(
             "`tokenizer` has no chat template, so `messages` cannot be formatted: use the tokenizer of an instruct/"
             "chat model, give `chat_template` (a Jinja template), or give prompt/response columns instead."

@@ -1,0 +1,415 @@
+"""Chat with the model: ``jupyter_lora.chat(model)`` or ``%lora chat model``.
+
+* ``ChatWidget`` (causal and seq2seq LMs): the conversation, one column per side (adapter, base, or both side by
+  side), a message box with Send / Stop / Clear, and sliders for the ``chat`` settings of the schema. Replies stream
+  in from a background thread (``Conversation.start``), so the kernel stays free; Stop ends generation at the next
+  token.
+* ``ClassifierWidget`` (sequence classifiers): a text box and the class probabilities, adapter and base side by side.
+
+Both drive a core ``Conversation`` and hold no generation logic of their own. Given ``namespace`` and ``variable``
+(what ``%lora chat`` passes), they follow the variable: after a merge, an unload or a new inject they talk to the
+model it holds now, and say so in one line when it no longer holds a model.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import ipywidgets as w
+
+from ..core.errors import UsageError
+from ..settings import SETTINGS, Setting
+
+__all__ = ["ChatWidget", "ClassifierWidget", "chat"]
+
+_SLIDERS = ("temperature", "top_p", "max_new_tokens")  # the chat settings shown as sliders
+_ADAPTER_WORDS = {"on": "adapter on", "off": "adapter off", "side_by_side": "side by side"}
+_MIN_INTERVAL = 0.1  # seconds between two redraws of a streaming reply
+_CSS = """<style>
+.jl-chat-cols{display:flex;gap:10px;align-items:flex-start}
+.jl-chat-col{flex:1;min-width:0;border:1px solid var(--jp-border-color2,#ddd);border-radius:4px;padding:4px 6px}
+.jl-chat-head{font-weight:600;font-size:90%;color:#555;margin-bottom:4px}
+.jl-chat-msg{white-space:pre-wrap;word-break:break-word;margin:3px 0;padding:3px 6px;border-radius:4px}
+.jl-chat-user{background:var(--jp-layout-color2,#eef);margin-left:15%}
+.jl-chat-reply{background:var(--jp-layout-color1,#fff);border-left:3px solid #42a5f5}
+.jl-chat-base .jl-chat-reply{border-left-color:#90a4ae}
+.jl-chat-lent{opacity:.6;font-style:italic}
+.jl-chat-stopped-mark{color:#b26a00;font-size:85%}
+.jl-cls td,.jl-cls th{padding:2px 8px;text-align:left}
+.jl-cls-bar{display:inline-block;height:10px;background:#42a5f5;vertical-align:middle;margin-right:4px}
+.jl-cls-base .jl-cls-bar{background:#90a4ae}
+</style>"""
+
+
+def _slider(setting: Setting, value: Any) -> w.Widget:
+    """A slider for one chat setting, its range from the declaration (widened to a value beyond it)."""
+    lo, hi, step = setting.panel_range or (setting.minimum or 0, setting.maximum or 1, 1)
+    lo, hi = min(lo, value), max(hi, value)
+    common = {
+        "value": value,
+        "min": lo,
+        "max": hi,
+        "step": step,
+        "description": setting.name.replace("_", " "),
+        "tooltip": setting.help,
+        "continuous_update": False,
+        "style": {"description_width": "110px"},
+    }
+    if setting.kind == "int":
+        return w.IntSlider(
+            **{k: int(v) if k in ("value", "min", "max", "step") else v for k, v in common.items()}
+        )
+    return w.FloatSlider(readout_format=".2f", **common)
+
+
+def _escape(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+class _ModelView:
+    """What both widgets share: the conversation, following the notebook variable, the status line."""
+
+    def __init__(self, conversation: Any, variable: str | None, namespace: MutableMapping[str, Any] | None):
+        self.conversation = conversation
+        self.variable = variable
+        self.namespace = namespace
+        self.status = w.HTML()
+        self.status.add_class("jl-chat-status")
+
+    def follow(self) -> None:
+        """Talk to the model the variable holds now; a UsageError when it holds none."""
+        if self.namespace is None or self.variable is None:
+            return
+        missing = object()
+        current = self.namespace.get(self.variable, missing)
+        if current is self.conversation.model:
+            return
+        if not callable(getattr(current, "named_modules", None)):  # not a torch module
+            now = "not defined" if current is missing else type(current).__name__
+            raise UsageError(
+                f"`{self.variable}` no longer holds a model (now: {now}): put the model back in it, or start a new "
+                "chat with %lora chat MODEL."
+            )
+        self.conversation.use_model(current)
+
+    def _show(self, message: str, kind: str = "note") -> None:
+        color = {"error": "#c62828", "note": "#555", "ok": "#2e7d32"}[kind]
+        self.status.value = (
+            f"<div class='jl-chat-{kind}' style='color:{color}'>{_escape(message)}</div>" if message else ""
+        )
+
+    def _error(self, exc: BaseException) -> None:
+        message = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+        self._show(message, "error")
+
+    def _side_label(self, side: str) -> str:
+        name = self.conversation.adapter_name
+        if side == "adapter":
+            return f"adapter {name!r}" if name else "adapter"
+        return "base (adapter off)" if name else "model"
+
+    def show(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+    def _ipython_display_(self) -> None:
+        self.show()
+
+
+class ChatWidget(_ModelView):
+    """A chat with a causal or seq2seq LM. ``send(text)`` does what the Send button does; ``stop()`` what Stop
+    does; ``conversation`` holds the turns and the settings; ``reply`` is the latest ``Reply``."""
+
+    def __init__(
+        self,
+        conversation: Any,
+        *,
+        variable: str | None = None,
+        namespace: MutableMapping[str, Any] | None = None,
+        min_interval: float = _MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(conversation, variable, namespace)
+        self.min_interval = min_interval
+        self._clock = clock
+        self._last_draw = -float("inf")
+        self._draw_lock = threading.Lock()
+        self.reply: Any = None
+        self._reverting = False
+        settings = conversation.settings
+
+        self.controls: dict[str, w.Widget] = {
+            name: _slider(SETTINGS[name], settings[name]) for name in _SLIDERS
+        }
+        self.adapter = w.ToggleButtons(
+            options=[(_ADAPTER_WORDS[c], c) for c in SETTINGS["adapter"].choices],
+            value=settings["adapter"],
+            tooltips=[SETTINGS["adapter"].help] * len(SETTINGS["adapter"].choices),
+            style={"button_width": "105px"},
+        )
+        self.controls["adapter"] = self.adapter
+        self.transcript = w.HTML()
+        self.transcript.add_class("jl-chat-transcript")
+        self.note = w.HTML()
+        self.message = w.Textarea(
+            placeholder="Message",
+            layout=w.Layout(width="100%", height="60px"),
+        )
+        self.message.add_class("jl-chat-input")
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
+        self.clear_button = w.Button(description="Clear", icon="eraser")
+        for button, cls in ((self.send_button, "jl-chat-send"), (self.stop_button, "jl-chat-stop"),
+                            (self.clear_button, "jl-chat-clear")):  # fmt: skip
+            button.add_class(cls)
+
+        for control in self.controls.values():
+            control.observe(self._on_setting, names="value")
+        self.send_button.on_click(lambda _: self.send())
+        self.stop_button.on_click(lambda _: self.stop(wait=False))
+        self.clear_button.on_click(lambda _: self.clear())
+
+        self.box = w.VBox(
+            [
+                w.HTML(_CSS),
+                w.HBox([self.controls["temperature"], self.controls["top_p"]]),
+                w.HBox([self.controls["max_new_tokens"], self.adapter]),
+                self.note,
+                self.transcript,
+                self.message,
+                w.HBox([self.send_button, self.stop_button, self.clear_button]),
+                self.status,
+            ],
+            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
+        )
+        self.box.add_class("jl-chat")
+        self._refresh()
+
+    # --------------------------------------------------------------------------------------- state
+
+    @property
+    def generating(self) -> bool:
+        """Whether a reply is being generated now."""
+        return self.reply is not None and not self.reply.done
+
+    def _refresh(self) -> None:
+        """Buttons, the adapter control and the note, from the state."""
+        busy = self.generating
+        self.send_button.disabled = busy
+        self.stop_button.disabled = not busy
+        self.clear_button.disabled = busy
+        try:
+            has_adapter = self.conversation.adapter_name is not None
+        except UsageError:  # a stale model: said when sending
+            has_adapter = False
+        self.adapter.disabled = busy or not has_adapter
+        note = self.conversation.note
+        self.note.value = (
+            f"<div class='jl-chat-plain-note' style='color:#8a6d00'>{_escape(note)}</div>" if note else ""
+        )
+        self._draw()
+
+    # --------------------------------------------------------------------------------------- events
+
+    def _on_setting(self, change: dict) -> None:
+        if self._reverting:
+            return
+        name = next(k for k, c in self.controls.items() if c is change["owner"])
+        try:
+            self.conversation.configure(**{name: change["new"]})
+        except UsageError as exc:  # nothing changed in the conversation: the control goes back too
+            self._reverting = True
+            try:
+                self.controls[name].value = change["old"]
+            finally:
+                self._reverting = False
+            self._error(exc)
+            return
+        self._show("")
+        self._draw()
+
+    def send(self, text: str | None = None) -> Any:
+        """Send ``text`` (default: the message box's text) and stream the reply; returns the ``Reply`` (None
+        when the message was refused: the reason is in the status line)."""
+        text = self.message.value if text is None else text
+        self._show("")
+        try:
+            self.follow()
+            reply = self.conversation.start(text, on_text=self._on_text, on_done=self._on_done)
+        except UsageError as exc:
+            self._error(exc)
+            self._refresh()
+            return None
+        self.reply = reply
+        self.message.value = ""
+        self._show(f"generating ({', '.join(self._side_label(s) for s in reply.sides)}) …")
+        self._refresh()
+        return reply
+
+    def stop(self, wait: bool = True) -> None:
+        """End the reply being generated (at the next token)."""
+        if self.reply is not None and not self.reply.done:
+            self._show("stopping …")
+            self.reply.stop(wait=wait)
+
+    def clear(self) -> None:
+        """Start the conversation afresh."""
+        self.conversation.clear()
+        self._show("")
+        self._draw()
+
+    def _on_text(self, side: str, text: str) -> None:
+        now = self._clock()
+        if now - self._last_draw >= self.min_interval:
+            self._last_draw = now
+            self._draw()
+
+    def _on_done(self, reply: Any) -> None:
+        if reply.error is not None:
+            self._error(reply.error)
+        elif reply.stopped:
+            self._show("stopped", "note")
+        else:
+            self._show("")
+        self.send_button.disabled = False
+        self.stop_button.disabled = True
+        self.clear_button.disabled = False
+        try:
+            self.adapter.disabled = self.conversation.adapter_name is None
+        except UsageError:
+            self.adapter.disabled = True
+        self._draw(reply)
+
+    # --------------------------------------------------------------------------------------- rendering
+
+    def _draw(self, finished: Any = None) -> None:
+        """Redraw the conversation (one column per side) with the reply in progress, if any."""
+        with self._draw_lock:
+            self.transcript.value = self.transcript_html(finished)
+
+    def transcript_html(self, finished: Any = None) -> str:
+        """The conversation as HTML: one column per side that answers now, each with its own replies."""
+        reply = self.reply if self.reply is not None and self.reply is not finished else None
+        if reply is not None and reply.done:
+            reply = None
+        try:
+            sides = reply.sides if reply is not None else self.conversation.sides
+        except UsageError:
+            sides = ("adapter", "base")
+        columns = []
+        for side in sides:
+            parts = [f"<div class='jl-chat-head'>{_escape(self._side_label(side))}</div>"]
+            for turn in self.conversation.turns:
+                parts.append(f"<div class='jl-chat-msg jl-chat-user'>{_escape(turn.user)}</div>")
+                text = turn.replies.get(side)
+                lent = text is None
+                if lent:  # this side did not answer that turn: the other side's reply, as its prompt holds it
+                    text = next(iter(turn.replies.values()), "")
+                stopped = " <span class='jl-chat-stopped-mark'>[stopped]</span>" if turn.stopped else ""
+                cls = "jl-chat-msg jl-chat-reply" + (" jl-chat-lent" if lent else "")
+                parts.append(f"<div class='{cls}'>{_escape(text)}{stopped}</div>")
+            if reply is not None:
+                parts.append(f"<div class='jl-chat-msg jl-chat-user'>{_escape(reply.user)}</div>")
+                cursor = " ▍" if reply.side == side else ""
+                parts.append(
+                    f"<div class='jl-chat-msg jl-chat-reply jl-chat-streaming'>{_escape(reply.texts.get(side, ''))}"
+                    f"{cursor}</div>"
+                )
+            columns.append(f"<div class='jl-chat-col jl-chat-{side}'>{''.join(parts)}</div>")
+        return f"<div class='jl-chat-cols'>{''.join(columns)}</div>"
+
+    def __repr__(self) -> str:
+        where = f" for `{self.variable}`" if self.variable else ""
+        return (
+            f"<jupyter_lora chat{where}: {len(self.conversation.turns)} turns, adapter {self.adapter.value}>"
+        )
+
+
+class ClassifierWidget(_ModelView):
+    """Class probabilities of a sequence classifier for the text in the box, adapter and base side by side.
+    ``classify(text)`` does what the Classify button does; ``result`` is the latest ``Classification``."""
+
+    def __init__(
+        self,
+        conversation: Any,
+        *,
+        variable: str | None = None,
+        namespace: MutableMapping[str, Any] | None = None,
+    ):
+        super().__init__(conversation, variable, namespace)
+        self.result: Any = None
+        self.text = w.Textarea(placeholder="Text to classify", layout=w.Layout(width="100%", height="60px"))
+        self.text.add_class("jl-cls-input")
+        self.classify_button = w.Button(description="Classify", button_style="primary", icon="tags")
+        self.classify_button.add_class("jl-cls-classify")
+        self.classify_button.on_click(lambda _: self.classify())
+        self.table = w.HTML()
+        self.table.add_class("jl-cls-table")
+        self.box = w.VBox(
+            [w.HTML(_CSS), self.text, self.classify_button, self.table, self.status],
+            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
+        )
+        self.box.add_class("jl-chat")
+
+    def classify(self, text: str | None = None) -> Any:
+        """The class probabilities of ``text`` (default: the box's text); None when refused (see the status)."""
+        self._show("")
+        try:
+            self.follow()
+            result = self.conversation.classify(self.text.value if text is None else text)
+        except UsageError as exc:
+            self._error(exc)
+            return None
+        self.result = result
+        self.table.value = self.table_html(result)
+        return result
+
+    def table_html(self, result: Any) -> str:
+        """One row per label, one column per side: the probability as a number and a bar."""
+        sides = list(result.probs)
+        head = "".join(f"<th class='jl-cls-{s}'>{_escape(self._side_label(s))}</th>" for s in sides)
+        rows = []
+        for i, label in enumerate(result.labels):
+            cells = []
+            for side in sides:
+                p = result.probs[side][i]
+                top = " style='font-weight:600'" if result.top(side) == label else ""
+                cells.append(
+                    f"<td class='jl-cls-{side}'{top}><span class='jl-cls-bar' style='width:{100 * p:.1f}px'></span>"
+                    f"<span class='jl-cls-prob'>{p:.3f}</span></td>"
+                )
+            rows.append(f"<tr><td class='jl-cls-label'>{_escape(label)}</td>{''.join(cells)}</tr>")
+        return f"<table class='jl-cls'><tr><th>label</th>{head}</tr>{''.join(rows)}</table>"
+
+    def __repr__(self) -> str:
+        where = f" for `{self.variable}`" if self.variable else ""
+        return f"<jupyter_lora classifier view{where}>"
+
+
+def chat(
+    model: Any,
+    tokenizer: Any = None,
+    *,
+    variable: str | None = None,
+    namespace: MutableMapping[str, Any] | None = None,
+    **settings: Any,
+) -> ChatWidget | ClassifierWidget:
+    """Chat with ``model`` in the notebook: a ``ChatWidget`` for a causal or seq2seq LM (streaming replies, the
+    adapter on, off or side by side), a ``ClassifierWidget`` for a sequence classifier (class probabilities).
+
+    ``tokenizer``: default, the one saved beside the model's weights. ``settings``: temperature, top_p,
+    max_new_tokens, adapter (on | off | side_by_side), seed, system (see ``jupyter_lora.settings``).
+    ``namespace``/``variable``: follow the model that ``namespace[variable]`` holds (what ``%lora chat`` passes).
+    A model that is training now is refused."""
+    from ..core.chat import Conversation
+
+    conversation = Conversation(model, tokenizer, **settings)
+    conversation.check_not_training()
+    if conversation.kind == "classification":
+        return ClassifierWidget(conversation, variable=variable, namespace=namespace)
+    return ChatWidget(conversation, variable=variable, namespace=namespace)
