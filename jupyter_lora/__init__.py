@@ -28,6 +28,7 @@ __all__ = [
     "Panel",
     "Plan",
     "ProgressCallback",
+    "RunList",
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
@@ -46,6 +47,7 @@ __all__ = [
     "merge",
     "plan",
     "resume",
+    "runs",
     "save",
     "status",
     "train",
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
+    from .core.train.runlist import RunList, runs
     from .widgets.panel import Panel
     from .widgets.progress import ProgressCallback
 
