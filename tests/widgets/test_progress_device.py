@@ -45,12 +45,24 @@ def points(trace: Any) -> int:
 # ----------------------------------------------------------------------------------------------- GPU figures
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_gpu_readings_draw_a_memory_panel_and_fill_the_stats_line():
-    w = ProgressWidget(min_interval=0)
+    clock = Clock()
+    w = ProgressWidget(min_interval=0, clock=clock)
     base_height = w.figure.layout.height
     w(ev("start", 0, total_steps=10, device="cuda:0", **gpu(1.0, 1.0)))
+    clock.t = 1.0
     w(ev("step", 1, loss=2.0, **gpu(3.0, 3.5)))
+    clock.t = 1.5
     w(ev("step", 2, loss=1.9))  # between two readings: no figures, no point
+    clock.t = 2.0
     w(ev("step", 3, loss=1.8, **gpu(3.25, 4.0, utilization=91.0)))
 
     t = traces(w)
@@ -65,6 +77,25 @@ def test_gpu_readings_draw_a_memory_panel_and_fill_the_stats_line():
     assert layout.height > base_height
     stats = w.stats.value
     assert "GPU 3.25 GiB of 80 GiB (peak 4 GiB) · GPU util 91%" in stats
+
+
+def test_the_memory_panel_follows_at_most_once_a_second_while_steps_come_in():
+    clock = Clock()
+    w = ProgressWidget(min_interval=0, clock=clock)
+    memory = traces(w)["GPU memory"]
+    w(ev("step", 1, loss=1.0, **gpu(1.0, 1.0)))  # the first reading: at once
+    assert points(memory) == 1
+    for step in range(2, 6):
+        clock.t += 0.2
+        w(ev("step", step, loss=1.0, **gpu(1.0 + step / 10, 2.0)))
+    assert points(memory) == 1 and w.history.memory_steps == [1, 2, 3, 4, 5]
+    assert "GPU 1.5 GiB" in w.stats.value  # the stats line is not held back
+    clock.t += 0.2  # a second since the last drawing
+    w(ev("step", 6, loss=1.0, **gpu(1.6, 2.0)))
+    assert list(memory.x) == [1, 2, 3, 4, 5, 6]
+    w(ev("step", 7, loss=1.0, **gpu(1.7, 2.0)))
+    w(ev("eval", 7, eval_loss=1.0))  # any other event draws everything
+    assert list(memory.x) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_without_utilisation_only_memory_is_shown():

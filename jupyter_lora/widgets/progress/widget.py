@@ -78,8 +78,14 @@ _LOSS_FORMAT = ".4~g"  # hover labels: 4 significant digits, like the stats line
 _GIB = float(1 << 30)
 _MEMORY_COLOR = "#9467bd"
 _MEMORY_PANEL = 110  # pixels the GPU memory panel adds under the chart
+_MEMORY_REDRAW_INTERVAL = 1.0  # seconds between two redraws of the memory panel while steps come in
 # the vertical split once the memory panel is shown: the loss chart above, the memory panel below
 _CHART_DOMAIN, _PANEL_DOMAIN = [0.36, 1.0], [0.0, 0.25]
+
+
+def _in_gib(values: Any) -> Any:
+    """Bytes as GiB: one division of the whole array (element by element for a plain list, without numpy)."""
+    return values / _GIB if hasattr(values, "dtype") else [v / _GIB for v in values]
 
 
 def _sync_figure_state(figure: Any, *, layout: bool) -> None:
@@ -105,7 +111,7 @@ class ProgressWidget(ThrottledObserver):
     eval accuracy (an axis of its own, shown once an evaluation reports one), and GPU memory allocated and its
     peak, in GiB, in a panel under the chart that appears with the first reading of the device (never on a CPU;
     its axis runs up to the device's capacity). At most ``max_points`` points per trace are drawn (evenly
-    thinned). The history keeps every one.
+    thinned; a quarter of that in the memory panel). The history keeps every one.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class ProgressWidget(ThrottledObserver):
         self.stop_requested = False
         self._drawn: dict[str, Any] = {}
         self._height = int(height)
+        self._memory_drawn_at = -math.inf
         self._build(height)
         self.flush()
 
@@ -316,9 +323,9 @@ class ProgressWidget(ThrottledObserver):
             self.errors.value = self._errors_html()
             summary = h.summary_text()
             self.summary.value = f"<b>{html.escape(summary)}</b>" if summary else ""
-        self._render_figure()
+        self._render_figure(final=event is None or event.kind != "step")
 
-    def _render_figure(self) -> None:
+    def _render_figure(self, final: bool = True) -> None:
         h = self.history
         raw, smooth, evals, lr, accuracy, memory, peak = self.figure.data
         # a series is appended to, or replaced as a whole (a resumed run's earlier records): its length and last
@@ -333,6 +340,11 @@ class ProgressWidget(ThrottledObserver):
             "accuracy": h.has_accuracy,
         }
         changed = {key for key, value in drawn.items() if key not in self._drawn or self._drawn[key] != value}
+        now = self._clock()
+        if "memory" in changed and not final and now - self._memory_drawn_at < _MEMORY_REDRAW_INTERVAL:
+            # the memory panel follows at most once a second on step redraws (two more traces each time)
+            changed.discard("memory")
+            drawn["memory"] = self._drawn.get("memory")
         if not changed:
             return
         arr = self._array
@@ -348,10 +360,13 @@ class ProgressWidget(ThrottledObserver):
                 if h.has_accuracy:
                     accuracy.x, accuracy.y = arr(h.eval_steps), arr(h.eval_accuracy)
             if "memory" in changed:
-                stride = math.ceil(len(h.memory_steps) / self.max_points)
+                # a small panel: a quarter of the points does (and keeps each redraw cheap)
+                stride = math.ceil(len(h.memory_steps) / max(2, self.max_points // 4))
                 xs = arr(thin(h.memory_steps, stride))
-                memory.x, memory.y = xs, arr([b / _GIB for b in thin(h.memory_allocated, stride)])
-                peak.x, peak.y = xs, arr([b / _GIB for b in thin(h.memory_peak, stride)])
+                memory.x, memory.y = xs, _in_gib(arr(thin(h.memory_allocated, stride)))
+                peak.x, peak.y = xs, _in_gib(arr(thin(h.memory_peak, stride)))
+                if h.memory_steps:
+                    self._memory_drawn_at = now
             if "panel" in changed and h.has_device_stats:
                 self._show_memory_panel(h.last.get("memory_capacity"))
             if "accuracy" in changed and h.has_accuracy:
