@@ -31,6 +31,7 @@ __all__ = [
     "Panel",
     "Plan",
     "ProgressCallback",
+    "RunList",
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
@@ -51,6 +52,7 @@ __all__ = [
     "plan",
     "preview_data",
     "resume",
+    "runs",
     "save",
     "status",
     "train",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
+    from .core.train.runlist import RunList, runs
     from .data_preview import DataPreview, preview_data
     from .widgets.chat import chat
     from .widgets.panel import Panel

@@ -36,6 +36,8 @@ _LAZY = {
     "train": "jupyter_lora.core.train",
     "resume": "jupyter_lora.core.train",
     "last_run": "jupyter_lora.core.train",
+    "runs": "jupyter_lora.core.train.runlist",
+    "RunList": "jupyter_lora.core.train.runlist",
     "TrainingRun": "jupyter_lora.core.train",
     "TrainingEvent": "jupyter_lora.core.events",
     "ProgressCallback": "jupyter_lora.widgets.progress",

@@ -8,6 +8,8 @@ Every user-supplied string goes through ``html.escape``. Nothing here imports IP
 from __future__ import annotations
 
 import html
+import shlex
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.export import ExportResult
     from .core.memory import MemoryEstimate
     from .core.plan import Plan
+    from .core.train.runlist import CheckpointRow, RunList
 
 __all__ = [
     "RENDERINGS",
@@ -32,11 +35,15 @@ __all__ = [
     "export_text",
     "fmt_bytes",
     "fmt_count",
+    "load_code",
     "plan_html",
     "plan_text",
     "register_formatters",
     "render_html",
     "render_text",
+    "resume_code",
+    "runs_html",
+    "runs_text",
     "status_html",
     "status_text",
     "summary_html",
@@ -381,6 +388,103 @@ def export_html(e: ExportResult) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------------------ runs
+
+_RUNS_HEADERS = ("run", "checkpoint", "step", "train loss", "eval loss", "written", "size", "note")
+_RUNS_RIGHT = (False, False, True, True, True, False, True, False)
+
+
+def _loss(x: float | None) -> str:
+    return "" if x is None else f"{x:#.4g}"
+
+
+def _written(t: float | None) -> str:
+    return "" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _runs_cells(row: CheckpointRow) -> list[str]:
+    return [
+        str(row.run),
+        row.checkpoint.name if row.checkpoint is not None else "",
+        "" if row.step is None else str(row.step),
+        _loss(row.train_loss),
+        _loss(row.eval_loss),
+        _written(row.written),
+        "" if row.size is None else fmt_bytes(row.size),
+        row.problem or ("best" if row.best else ""),
+    ]
+
+
+def resume_code(row: CheckpointRow, variable: str = "model") -> str:
+    """The magic that continues training ``variable`` from the checkpoint of ``row``."""
+    return f"%lora resume {variable} {shlex.quote(str(row.checkpoint))}"
+
+
+def load_code(row: CheckpointRow, variable: str = "model") -> str:
+    """The magic that loads the adapter of ``row``'s checkpoint into ``variable``."""
+    name = f" --name {shlex.quote(row.adapter_name)}" if row.adapter_name else ""
+    return f"%lora load {variable} {shlex.quote(str(row.adapter))}{name}"
+
+
+def _runs_headline(r: RunList) -> str:
+    where = ", ".join(str(p) for p in r.searched)
+    if not r.rows:
+        return f"No runs in {where}."
+    return f"{len(r.run_dirs)} run(s), {len(r.checkpoints)} checkpoint(s) in {where}"
+
+
+def runs_text(r: RunList) -> str:
+    """The runs and checkpoints as an aligned table, then how to resume or load one."""
+    lines = [_runs_headline(r)]
+    if r.rows:
+        lines += _table_text(_RUNS_HEADERS, [_runs_cells(row) for row in r.rows], _RUNS_RIGHT)
+    row = r.latest
+    if row is not None:
+        lines.append(
+            f"resume: {resume_code(row, r.variable)}    load the adapter: {load_code(row, r.variable)}"
+        )
+    return "\n".join(lines)
+
+
+def runs_html(r: RunList) -> str:
+    """The runs and checkpoints as an HTML table; each usable checkpoint with the resume and load magics as code
+    (one click selects it for copying). A run from another session needs its data: `%%lora resume` with a
+    `data:` body."""
+    if not r.rows:
+        return f"<div class='jl-runs'>{html.escape(_runs_headline(r))}</div>"
+    headers = (*_RUNS_HEADERS, "resume from", "load adapter")
+    right = (*_RUNS_RIGHT, False, False)
+    code = "<code style='user-select:all;white-space:nowrap'>{}</code>"
+    body = []
+    for row in r.rows:
+        cells = _runs_cells(row)
+        if row.usable:
+            cells += [code.format(html.escape(resume_code(row, r.variable))),
+                      code.format(html.escape(load_code(row, r.variable)))]  # fmt: skip
+        else:
+            cells += ["", ""]
+        tds = []
+        for i, value in enumerate(cells):
+            text = value if i >= len(_RUNS_HEADERS) else html.escape(value)
+            style = f"text-align:{'right' if right[i] else 'left'};padding:1px 8px"
+            if i == len(_RUNS_HEADERS) - 1 and row.problem:
+                text = f"<span class='jl-problem' style='color:#c62828'>{text}</span>"
+            tds.append(f"<td style='{style}'>{text}</td>")
+        body.append(f"<tr data-run='{html.escape(str(row.run))}'>{''.join(tds)}</tr>")
+    head = "".join(
+        f"<th style='text-align:{'right' if right[i] else 'left'};padding:1px 8px'>{html.escape(h)}</th>"
+        for i, h in enumerate(headers)
+    )
+    note = (
+        "<div style='color:#666'>In a new session, give the data to resume: <code>%%lora resume MODEL PATH</code>"
+        " with <code>data: VAR</code> in the body.</div>"
+    )
+    return (
+        f"<div class='jl-runs'><div><b>{html.escape(_runs_headline(r))}</b></div>"
+        f"<table class='jl-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}</div>"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ IPython formatters
 
 # (module, class name) of each core result -> (plain-text rendering, HTML rendering)
@@ -390,6 +494,7 @@ RENDERINGS: dict[tuple[str, str], tuple[Callable[[Any], str], Callable[[Any], st
     ("jupyter_lora.core.adapters.inspection", "AdapterStatus"): (status_text, status_html),
     ("jupyter_lora.core.compare", "Comparison"): (comparison_text, comparison_html),
     ("jupyter_lora.core.export", "ExportResult"): (export_text, export_html),
+    ("jupyter_lora.core.train.runlist", "RunList"): (runs_text, runs_html),
 }
 
 

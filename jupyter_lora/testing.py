@@ -1,5 +1,6 @@
 """Tiny models of real architectures, built from transformers configs with random weights — for trying the
-package offline, for the examples and for the tests. Nothing is downloaded.
+package offline, for the examples and for the tests. Nothing is downloaded. ``FakeGpuStats`` stands in for a
+GPU's memory and utilisation figures, so that the progress display's GPU panel can be seen without one.
 
 >>> from jupyter_lora.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -7,9 +8,19 @@ package offline, for the examples and for the tests. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "minilm_path", "tiny_config", "tiny_inputs", "tiny_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "FakeGpuStats",
+    "fake_gpu_stats",
+    "minilm_path",
+    "tiny_config",
+    "tiny_inputs",
+    "tiny_model",
+]
 
 _H, _I, _HEADS, _LAYERS, _VOCAB = 32, 64, 4, 2, 128
 
@@ -300,3 +311,56 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
+
+
+class FakeGpuStats:
+    """A statistics source for ``jupyter_lora.core.train.devicestats`` that reports made-up GPU figures: memory
+    that grows by ``growth`` bytes a reading from ``base`` (then falls back, as after an optimizer step), a peak
+    that only grows until ``reset_peak``, a fixed ``capacity`` and ``utilization`` (None: as without
+    nvidia-ml-py). ``reads`` and ``resets`` count the calls."""
+
+    def __init__(
+        self,
+        capacity: int = 80 << 30,
+        base: int = 2 << 30,
+        growth: int = 256 << 20,
+        utilization: float | None = 87.0,
+        cycle: int = 4,
+    ) -> None:
+        self.capacity, self.base, self.growth, self.cycle = capacity, base, growth, cycle
+        self.utilization = utilization
+        self.reads = 0
+        self.resets = 0
+        self._peak = 0
+
+    def read(self):
+        from .core.train.devicestats import DeviceStats
+
+        allocated = self.base + (self.reads % self.cycle) * self.growth
+        self.reads += 1
+        self._peak = max(self._peak, allocated)
+        return DeviceStats(allocated, self._peak, self.capacity, self.utilization)
+
+    def reset_peak(self) -> None:
+        self.resets += 1
+        self._peak = 0
+
+    def install(self) -> Any:
+        """Make this the statistics source of every run started from now on (whatever its device); returns the
+        source it replaces (``devicestats.set_provider(previous)`` puts it back)."""
+        from .core.train import devicestats
+
+        return devicestats.set_provider(lambda device: self)
+
+
+@contextlib.contextmanager
+def fake_gpu_stats(**kwargs: Any) -> Iterator[FakeGpuStats]:
+    """``with fake_gpu_stats() as fake:`` runs started inside report ``fake``'s figures, as on a GPU."""
+    from .core.train import devicestats
+
+    fake = FakeGpuStats(**kwargs)
+    previous = fake.install()
+    try:
+        yield fake
+    finally:
+        devicestats.set_provider(previous)

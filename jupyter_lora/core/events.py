@@ -7,18 +7,25 @@ Kinds and their ``data``:
 
 ========== =============================================================================================
 start      total_steps, examples, eval_examples, trainable_params, task, config (dict), device, resumed_from
-           (checkpoint path or None); a resumed run also history and evals: the records before the checkpoint
-           ({step, loss, lr, tokens, epoch, time} and {step, eval_loss, epoch, accuracy?})
-step       loss, lr, tokens (this step), tokens_per_s, elapsed, eta, memory_allocated, memory_peak (bytes;
-           None on CPU), grad_norm (None unless clipping)
+           (checkpoint path or None); the device figures (below) at the start; a resumed run also history and
+           evals: the records before the checkpoint ({step, loss, lr, tokens, epoch, time} and
+           {step, eval_loss, epoch, accuracy?})
+step       loss, lr, tokens (this step), tokens_per_s, elapsed, eta, grad_norm (None unless clipping), and the
+           device figures
 eval       eval_loss, accuracy (classification only), best_eval_loss, improved (bool)
 sample     samples: list of {"prompt": str, "text": str}
-checkpoint path, reason (every | stop | end | oom | best)
+checkpoint path, reason: every | stop | end | oom — the last checkpoint of a run is "end" when every planned step
+           was done, "stop" when the run stopped before (Stop, early stopping), "oom" after out-of-memory
 oom        message, advice, checkpoint (path or None)
 stop       reason (user | early_stop), checkpoint
-end        steps, final_loss, best_eval_loss, elapsed, tokens, tokens_per_s, checkpoint, state
+end        steps, final_loss, best_eval_loss, elapsed, tokens, tokens_per_s, checkpoint, state (finished |
+           stopped | early_stopped | oom | failed), memory_peak
 error      message, exception type name
 ========== =============================================================================================
+
+Device figures (``core.train.devicestats``): memory_allocated, memory_peak, memory_capacity (bytes) and
+gpu_utilization (percent, None without nvidia-ml-py). All None where nothing is measured (a CPU). On a GPU they are
+read on logging steps at most every 0.2 s: a step event between two readings leaves them out.
 """
 
 from __future__ import annotations

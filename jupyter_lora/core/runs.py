@@ -15,7 +15,7 @@ from torch import nn
 
 from .modelinfo import base_model_of
 
-__all__ = ["active_run", "finish", "last_run", "register"]
+__all__ = ["active_run", "finish", "last_run", "recent_runs", "register"]
 
 # base model -> the run training it, and -> its most recent run (for resume without arguments)
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -52,3 +52,9 @@ def active_run(model: nn.Module) -> Any | None:
 def last_run(model: nn.Module) -> Any | None:
     """The most recent run of ``model`` in this session (running or not), or None."""
     return _LAST.get(base_model_of(model))
+
+
+def recent_runs() -> list[Any]:
+    """The most recent run of every model of this session that is still alive."""
+    with _LOCK:
+        return list(_LAST.values())

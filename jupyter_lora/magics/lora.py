@@ -4,6 +4,7 @@ its own beyond finding variables and putting results back into them.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -337,6 +338,37 @@ class LoraMagics(_SettingDefaults):
         run.stop(wait=True)
         where = f"; checkpoint {run.checkpoint}" if run.checkpoint else ""
         return _Note(f"Stopped training `{name}` at step {run.step}/{run.total_steps}{where}.")
+
+    def _do_runs(self, command: p.Runs) -> Any:
+        from .. import api as jl
+
+        target = command.target
+        if target is None:
+            return jl.runs(variable=self._code_variable())
+        value = self.shell.user_ns.get(target) if target.isidentifier() else None
+        if self._is_model(target):
+            return jl.runs(value, variable=target)
+        if isinstance(value, (str, os.PathLike)):  # a variable holding the directory
+            return jl.runs(value, variable=self._code_variable())
+        if value is not None:
+            raise UsageError(
+                f"%lora runs: `{target}` is of type {type(value).__name__}, neither a model nor a directory."
+            )
+        if target.isidentifier() and not os.path.exists(target):
+            modules = self._module_names()
+            hint = did_you_mean(target, modules) or (
+                f" Model variables here: {', '.join(modules)}." if modules else ""
+            )
+            raise UsageError(
+                f"%lora runs: no model variable and no directory called `{target}`.{hint} Give a model, a run "
+                "directory or a directory of runs (e.g. lora_runs)."
+            )
+        return jl.runs(target, variable=self._code_variable())
+
+    def _code_variable(self) -> str:
+        """The model the resume/load code names: the notebook's one model variable, else "model"."""
+        modules = self._module_names()
+        return modules[0] if len(modules) == 1 else "model"
 
     def _is_model(self, name: str) -> bool:
         torch_nn = sys.modules.get("torch.nn")

@@ -35,6 +35,7 @@ __all__ = [
     "NamedCommand",
     "PanelCommand",
     "Resume",
+    "Runs",
     "Save",
     "Status",
     "Stop",
@@ -95,6 +96,9 @@ USAGE = f"""\
                                              %%lora data MODEL DATA, a YAML body; a %%lora train body works as it is)
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
+%lora runs [MODEL|DIR]                       the runs and checkpoints on disk (step, losses, time, size) with the
+                                             code that resumes from or loads each; MODEL: where its runs went,
+                                             DIR: that directory, nothing: lora_runs/ and this session's runs
 %lora panel MODEL                            interactive panel: module tree, rank/alpha sliders, live counts and
                                              memory, inject / train / merge / save / unload buttons
 %%lora export MODEL DIR                      write a standalone job (a plain Trainer train.py, adapter, tokenized data,
@@ -107,7 +111,7 @@ lists them.
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
-    "train", "stop", "resume", "panel", "base", "export", "data", "chat",
+    "train", "stop", "resume", "runs", "panel", "base", "export", "data", "chat",
 )  # fmt: skip
 
 
@@ -242,6 +246,13 @@ class Resume(Command):
     model: str
     checkpoint: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runs(Command):
+    """``%lora runs [MODEL|DIR]``: a model variable or a directory (told apart where the namespace is known)."""
+
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -657,6 +668,13 @@ def _parse_resume(head: str, rest: list[str], cell: str | None) -> Resume:
     return Resume(_identifier(args.model), args.checkpoint, _yaml(cell, "train"))
 
 
+def _parse_runs(head: str, rest: list[str], cell: str | None) -> Runs:
+    p = _parser(head)
+    p.add_argument("target", nargs="?", metavar="MODEL|DIR")
+    args = p.parse_args(rest)
+    return Runs(args.target)
+
+
 def _parse_help(head: str, rest: list[str], cell: str | None) -> Help:
     return Help()
 
@@ -681,5 +699,6 @@ _SUBPARSERS = {
     "stop": _parse_stop,
     "resume": _parse_resume,
     "data": _parse_data,
+    "runs": _parse_runs,
     "help": _parse_help,
 }

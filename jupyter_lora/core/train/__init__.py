@@ -27,6 +27,7 @@ from ..modelinfo import base_model_of, detect_task, require_module
 from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings, trainer_settings
 from .engine import launch
 from .run import TrainingRun
+from .runlist import RUNS_DIR, run_name_prefix
 
 __all__ = [
     "TrainConfig",
@@ -73,8 +74,7 @@ def _task(peft_model: nn.Module, task: str) -> str:
 
 
 def _default_output_dir(peft_model: nn.Module) -> Path:
-    name = getattr(getattr(base_model_of(peft_model), "config", None), "model_type", None) or "model"
-    return Path("lora_runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RUNS_DIR / f"{run_name_prefix(peft_model)}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _check_output_dir(path: Path) -> Path:

@@ -19,11 +19,13 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UsageError
+from . import devicestats
 from .run import TrainingRun
 
 __all__ = ["SETTINGS_FILE", "RunCallback", "observed_run", "write_settings"]
 
 SETTINGS_FILE = "jupyter_lora.json"
+_NO_STATS = ("memory_allocated", "memory_peak", "memory_capacity", "gpu_utilization")
 
 
 class RunCallback(TrainerCallback):
@@ -31,8 +33,12 @@ class RunCallback(TrainerCallback):
 
     ``tokens``: tokens per batch, appended by this package's collator (counted on the host: no device sync). Without
     it (a user's own Trainer) tokens come from ``state.num_input_tokens_seen`` when the Trainer counts them.
-    ``device``: where the model trains (CUDA memory is reported); found from the model when not given.
+    ``device``: where the model trains; found from the model when not given. Its memory (and utilisation) come from
+    ``devicestats.provider_for(device)`` — on CUDA the torch.cuda counters, read on logging steps at most every
+    ``stats_interval`` seconds; on a CPU nothing is read and the step events say None.
     """
+
+    stats_interval = devicestats.STATS_INTERVAL
 
     def __init__(self, run: TrainingRun, tokens: list[int] | None = None, device: torch.device | None = None):
         self.run = run
@@ -43,10 +49,7 @@ class RunCallback(TrainerCallback):
         self._t_last = time.perf_counter()
         self._first_step = 0
         self._train_loss: float | None = None
-
-    @property
-    def _cuda(self) -> bool:
-        return self.device is not None and self.device.type == "cuda"
+        self._stats: devicestats.StatsSampler | None = None
 
     # --- the run's clock and position
 
@@ -54,11 +57,22 @@ class RunCallback(TrainerCallback):
         self.run.step = int(state.global_step or 0)
         self.run.epoch = float(state.epoch or 0.0)
 
-    def _memory(self) -> dict[str, int | None]:
-        if not self._cuda:
-            return {"memory_allocated": None, "memory_peak": None}
-        return {"memory_allocated": torch.cuda.memory_allocated(self.device),
-                "memory_peak": torch.cuda.max_memory_allocated(self.device)}  # fmt: skip
+    def _device_stats(self, force: bool = False) -> dict[str, Any]:
+        """The device's memory and utilisation for an event: a new reading, {} when the last one is more recent
+        than ``stats_interval`` (the event then leaves the fields out), all None where there is nothing to read."""
+        if self._stats is None:
+            return dict.fromkeys(_NO_STATS)
+        try:
+            return self._stats.sample(force)
+        except Exception:  # a statistics source that fails is dropped: the run goes on without its figures
+            self._stats = None
+            return dict.fromkeys(_NO_STATS)
+
+    def _start_stats(self) -> None:
+        provider = devicestats.provider_for(self.device)
+        if provider is not None:
+            provider.reset_peak()
+            self._stats = devicestats.StatsSampler(provider, self.stats_interval)
 
     def _eta(self, now: float) -> float:
         run = self.run
@@ -87,8 +101,7 @@ class RunCallback(TrainerCallback):
                     "config": asdict(run.config) if is_dataclass(run.config) else dict(run.config or {})}  # fmt: skip
         if self.device is None and run.model is not None:
             self.device = next((p.device for p in run.model.parameters()), torch.device("cpu"))
-        if self._cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start_stats()
         trainable = (
             sum(p.numel() for p in run.model.parameters() if p.requires_grad)
             if run.model is not None
@@ -98,7 +111,8 @@ class RunCallback(TrainerCallback):
         earlier = {"history": list(run.history), "evals": list(run.evals)} if run.resume_from else {}
         run.emit("start", total_steps=run.total_steps, trainable_params=trainable,
                  device=None if self.device is None else str(self.device),
-                 resumed_from=str(run.resume_from) if run.resume_from else None, **earlier, **info)  # fmt: skip
+                 resumed_from=str(run.resume_from) if run.resume_from else None,
+                 **self._device_stats(force=True), **earlier, **info)  # fmt: skip
 
     def _step_tokens(self, args, state) -> int | None:
         """Tokens the steps since the last report consumed."""
@@ -131,7 +145,7 @@ class RunCallback(TrainerCallback):
             run.emit("step", loss=record["loss"], lr=record["lr"], tokens=tokens, elapsed=elapsed,
                      tokens_per_s=None if tokens is None else tokens / max(now - self._t_last, 1e-9),
                      eta=self._eta(now), grad_norm=None if grad_norm is None else float(grad_norm),
-                     **self._memory())  # fmt: skip
+                     **self._device_stats())  # fmt: skip
             self._t_last = now
             if not math.isfinite(record["loss"]):
                 self._diverged(control, record["loss"])
@@ -193,13 +207,22 @@ class RunCallback(TrainerCallback):
                 # the settings, so that resume needs only the checkpoint and data
                 write_settings(path, run)
             run.checkpoint = path
-            reason = (
-                "stop" if run.stop_requested.is_set() else ("end" if run.step >= run.total_steps else "every")
-            )
-            run.emit("checkpoint", path=str(path), reason=reason)
+            run.emit("checkpoint", path=str(path), reason=self._save_reason(control))
+
+    def _save_reason(self, control) -> str:
+        """Why this checkpoint was written, said the way the run's outcome will be (``on_train_end``): "end" when
+        the planned steps are done (a Stop that came later changed nothing), "stop" when it is the last one of a
+        run that stops early (Stop, early stopping, another callback's stop), else "every"."""
+        if self._all_steps_done():
+            return "end"
+        return "stop" if control.should_training_stop else "every"
+
+    def _all_steps_done(self) -> bool:
+        return self.run.step >= self.run.total_steps
 
     def on_train_end(self, args, state, control, **kwargs):
-        """The run's outcome: stopped (Stop pressed), early-stopped (fewer steps than planned) or finished."""
+        """The run's outcome: finished (every planned step done, even when Stop was pressed after the last one),
+        stopped (Stop pressed) or early-stopped (fewer steps than planned)."""
         run = self.run
         self._sync(state)
         checkpoint = str(run.checkpoint) if run.checkpoint else None
@@ -207,23 +230,24 @@ class RunCallback(TrainerCallback):
             run.state = "failed"
             run.error = UsageError(run.diverged)
             run.emit("error", message=run.diverged, type="UsageError")
+        elif self._all_steps_done():
+            run.state = "finished"
         elif run.stop_requested.is_set():
             run.state = "stopped"
             run.emit("stop", reason="user", checkpoint=checkpoint)
-        elif run.step < run.total_steps:
+        else:
             run.state = "early_stopped"
             run.emit("stop", reason="early_stop", checkpoint=checkpoint)
-        else:
-            run.state = "finished"
         elapsed = run.elapsed()
         if self.tokens is None:
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         else:
             tokens = sum(h["tokens"] for h in run.history)
         final = run.history[-1]["loss"] if run.history else self._train_loss
+        peak = self._device_stats(force=True).get("memory_peak")
         run.emit("end", steps=run.step, final_loss=final, best_eval_loss=run.best_eval_loss, elapsed=elapsed,
                  tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9), checkpoint=checkpoint,
-                 state=run.state)  # fmt: skip
+                 state=run.state, memory_peak=peak)  # fmt: skip
 
     # --- samples
 

@@ -18,15 +18,20 @@ from ...display import fmt_bytes, fmt_count
 __all__ = ["RunHistory", "fmt_duration", "fmt_loss", "thin"]
 
 _FINISHED = frozenset({"done", "stopped", "oom", "error"})
-_STEP_KEYS = (
-    "lr",
-    "tokens_per_s",
-    "elapsed",
-    "eta",
-    "memory_allocated",
-    "memory_peak",
-    "grad_norm",
-)
+_STEP_KEYS = ("lr", "tokens_per_s", "elapsed", "eta", "grad_norm")
+# the device figures of start and step events (None on a CPU; left out of a step between two readings)
+_DEVICE_KEYS = ("memory_allocated", "memory_peak", "memory_capacity", "gpu_utilization")
+# how a run ended (the end event's state) -> the status shown
+_END_STATES = {
+    "finished": "done",
+    "completed": "done",
+    "stopped": "stopped",
+    "early_stopped": "stopped",
+    "oom": "oom",
+    "failed": "error",
+}
+# the status a run ended with -> the label of the checkpoint written at its last step
+_LAST_CHECKPOINT_LABELS = {"done": "end", "stopped": "stop", "oom": "oom"}
 _MAX_TEXT = 2000  # characters of one sample shown
 _STATUS_WORDS = {
     "waiting": "waiting for the first step…",
@@ -88,6 +93,10 @@ class RunHistory:
     The loss series keeps every logged step. ``loss`` holds None where the loss was not finite (a gap in the plot).
     ``smoothed`` is the bias-corrected EMA: ``m = (1-a)·m + a·loss``, shown as ``m / (1 - (1-a)^n)``.
 
+    On a GPU the start and step events carry the device's memory (allocated, peak, capacity) and utilisation:
+    ``memory_steps`` / ``memory_allocated`` / ``memory_peak`` are the readings, ``last`` holds the latest. Eval
+    records keep their accuracy (None where the run computes none) beside the eval loss.
+
     A resumed run's start event may carry the records from before its checkpoint (``history``: dicts with step,
     loss, lr; ``evals``: dicts with step, eval_loss, accuracy): the series start with them, so the curve goes on
     where it stopped. ``resumed_at`` is then the checkpoint's step, and the ETA counts only the steps since.
@@ -117,6 +126,9 @@ class RunHistory:
         self.eval_steps: list[int] = []
         self.eval_loss: list[float | None] = []
         self.eval_accuracy: list[float | None] = []
+        self.memory_steps: list[int] = []
+        self.memory_allocated: list[int] = []
+        self.memory_peak: list[int] = []
         self.best_eval_loss: float | None = None
         self.last_eval: dict[str, Any] | None = None
         self.samples: list[tuple[str, str]] = []
@@ -160,6 +172,7 @@ class RunHistory:
             self.total_steps = int(data["total_steps"])
         self.first_step = self.step
         self.resumed_at = self.step if data.get("resumed_from") else None
+        self._add_device(data)
         history, evals = data.get("history"), data.get("evals")
         if history is not None or evals is not None:
             self._load_earlier(history or (), evals or ())
@@ -205,11 +218,36 @@ class RunHistory:
             value = data.get(key)
             if value is not None:
                 self.last[key] = value
-        if (
-            "memory_allocated" in data and data["memory_allocated"] is None
-        ):  # CPU: say nothing about GPU memory
-            self.last.pop("memory_allocated", None)
-            self.last.pop("memory_peak", None)
+        self._add_device(data)
+
+    def _add_device(self, data: Mapping[str, Any]) -> None:
+        """A reading of the device's figures: the latest numbers, and a point of the memory series."""
+        if "memory_allocated" not in data:  # no reading at this step
+            return
+        allocated = data["memory_allocated"]
+        if allocated is None:  # nothing measured (a CPU): say nothing about GPU memory
+            for key in _DEVICE_KEYS:
+                self.last.pop(key, None)
+            return
+        for key in _DEVICE_KEYS:
+            value = data.get(key)
+            if value is None:
+                self.last.pop(key, None)
+            else:
+                self.last[key] = float(value) if key == "gpu_utilization" else int(value)
+        self.memory_steps.append(self.step)
+        self.memory_allocated.append(int(allocated))
+        self.memory_peak.append(int(data.get("memory_peak") or allocated))
+
+    @property
+    def has_device_stats(self) -> bool:
+        """True once a reading of the device's memory arrived (never on a CPU)."""
+        return bool(self.memory_steps)
+
+    @property
+    def has_accuracy(self) -> bool:
+        """True when some evaluation reported an accuracy."""
+        return any(a is not None for a in self.eval_accuracy)
 
     def _add_loss(self, loss: float, step: int) -> None:
         self.last["loss"] = loss
@@ -264,8 +302,7 @@ class RunHistory:
             self.checkpoint = (self.step, str(data["path"]), str(data.get("reason") or ""))
 
     def _note_checkpoint(self, path: Any, reason: str) -> None:
-        """The checkpoint an oom/stop/end event names. One already announced keeps its step and reason (the
-        Stop checkpoint stays "stop" when the end event repeats its path)."""
+        """The checkpoint an oom/stop event names. One already announced keeps its step and reason."""
         if path and (self.checkpoint is None or self.checkpoint[1] != str(path)):
             self.checkpoint = (self.step, str(path), reason)
 
@@ -282,11 +319,22 @@ class RunHistory:
         self._note_checkpoint(data.get("checkpoint"), "stop")
 
     def _on_end(self, data: Mapping[str, Any]) -> None:
+        """The run's outcome is the engine's (its ``state``): a Stop pressed here after the last step changed
+        nothing, so that run is "finished" in every view. The checkpoint of the last step is labelled by that
+        outcome — "end", "stop" or "oom" — whatever an earlier event called it; an older checkpoint keeps its
+        label."""
         self.end = dict(data)
-        if self.status not in ("oom", "error", "stopped"):
-            stopped = self.stopped is not None or self.status == "stopping" or data.get("state") == "stopped"
-            self.status = "stopped" if stopped else "done"
-        self._note_checkpoint(data.get("checkpoint"), "stop" if self.status == "stopped" else "end")
+        outcome = _END_STATES.get(str(data.get("state")))
+        if outcome is not None and self.status != "error":
+            self.status = outcome
+        elif self.status not in ("oom", "error", "stopped"):  # a source that does not say: what this view saw
+            self.status = "stopped" if self.stopped is not None or self.status == "stopping" else "done"
+        label = _LAST_CHECKPOINT_LABELS.get(self.status)
+        path = data.get("checkpoint")
+        if label is None or not path:
+            return
+        if self.checkpoint is None or self.checkpoint[1] != str(path) or self.checkpoint[0] == self.step:
+            self.checkpoint = (self.step, str(path), label)
 
     def _on_error(self, data: Mapping[str, Any]) -> None:
         self.status = "error"
@@ -360,9 +408,9 @@ class RunHistory:
         tps = self.tokens_per_s()
         if tps is not None:
             parts.append(f"{tps:,.0f} tok/s")
-        now, peak = self.last.get("memory_allocated"), self.last.get("memory_peak")
-        if now is not None:
-            parts.append(f"GPU {fmt_bytes(now)}" + (f" (peak {fmt_bytes(peak)})" if peak is not None else ""))
+        gpu = self.gpu_text()
+        if gpu:
+            parts.append(gpu)
         if "loss" in self.last:
             smooth = next((s for s in reversed(self.smoothed) if s is not None), None)
             text = f"loss {fmt_loss(self.last['loss'])}"
@@ -381,6 +429,22 @@ class RunHistory:
         if self.nonfinite_losses:
             parts.append(f"{self.nonfinite_losses} non-finite loss value(s)")
         return " · ".join(parts)
+
+    def gpu_text(self) -> str:
+        """'GPU 3.00 GiB of 80.0 GiB (peak 4.00 GiB) · GPU util 87%' — '' when no reading came (a CPU)."""
+        now = self.last.get("memory_allocated")
+        if now is None:
+            return ""
+        text = f"GPU {fmt_bytes(now)}"
+        capacity, peak = self.last.get("memory_capacity"), self.last.get("memory_peak")
+        if capacity:
+            text += f" of {fmt_bytes(capacity)}"
+        if peak is not None:
+            text += f" (peak {fmt_bytes(peak)})"
+        utilization = self.last.get("gpu_utilization")
+        if utilization is not None:
+            text += f" · GPU util {utilization:.0f}%"
+        return text
 
     def run_text(self) -> str:
         """What the start event said: '200 steps · 1,000 examples · 1.23M trainable params · cpu' ('' before it)."""
@@ -445,6 +509,11 @@ class RunHistory:
             parts.append(f"{fmt_count(tokens)} tokens" + (f" at {tps:,.0f} tok/s" if tps else ""))
         elif tps:
             parts.append(f"{tps:,.0f} tok/s")
+        peak = end.get("memory_peak")
+        if peak is None and self.memory_peak:
+            peak = max(self.memory_peak)
+        if peak is not None:
+            parts.append(f"peak GPU memory {fmt_bytes(int(peak))}")
         checkpoint = end.get("checkpoint") or (self.checkpoint[1] if self.checkpoint else None)
         if checkpoint:
             parts.append(f"checkpoint {checkpoint}")

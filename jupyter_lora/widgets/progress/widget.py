@@ -1,7 +1,8 @@
 """``ProgressWidget``: live progress of one training run as ipywidgets and a plotly ``FigureWidget``.
 
-Train loss raw and smoothed, eval loss and learning rate on one chart, a progress bar with a Stop button, a stats
-line, errors with advice, the latest samples and a summary line. ipywidgets and plotly load when a widget is built.
+Train loss raw and smoothed, eval loss (and accuracy) and learning rate on one chart — with, on a GPU, a small
+panel under it of the device's memory over the steps — a progress bar with a Stop button, a stats line, errors
+with advice, the latest samples and a summary line. ipywidgets and plotly load when a widget is built.
 """
 
 from __future__ import annotations
@@ -61,11 +62,30 @@ _BUTTON_STYLE = {
     "oom": "danger",
     "error": "danger",
 }
-_TRACE_NAMES = ("train loss", "train loss (EMA)", "eval loss", "learning rate")
+_TRACE_NAMES = (
+    "train loss",
+    "train loss (EMA)",
+    "eval loss",
+    "learning rate",
+    "eval accuracy",
+    "GPU memory",
+    "GPU peak",
+)
 _LOSS_COLOR = "#1f77b4"
 _RAW_LOSS_COLOR = "#9cc3e4"  # the loss's blue, lightened: drawn under the EMA, visible but quieter
 _LR_FORMAT = ".2~e"  # 2e-4, 8.82e-4: learning rates in exponent notation, on the axis and in hover labels
 _LOSS_FORMAT = ".4~g"  # hover labels: 4 significant digits, like the stats line
+_GIB = float(1 << 30)
+_MEMORY_COLOR = "#9467bd"
+_MEMORY_PANEL = 110  # pixels the GPU memory panel adds under the chart
+_MEMORY_REDRAW_INTERVAL = 1.0  # seconds between two redraws of the memory panel while steps come in
+# the vertical split once the memory panel is shown: the loss chart above, the memory panel below
+_CHART_DOMAIN, _PANEL_DOMAIN = [0.36, 1.0], [0.0, 0.25]
+
+
+def _in_gib(values: Any) -> Any:
+    """Bytes as GiB: one division of the whole array (element by element for a plain list, without numpy)."""
+    return values / _GIB if hasattr(values, "dtype") else [v / _GIB for v in values]
 
 
 def _sync_figure_state(figure: Any, *, layout: bool) -> None:
@@ -87,8 +107,11 @@ class ProgressWidget(ThrottledObserver):
     errors, latest samples and a final summary. Call it with each ``TrainingEvent``, from any thread.
 
     ``stop``: called once when Stop is clicked (the run handle's ``.stop()``). Without it there is no button.
-    The chart's traces are, in order: train loss (raw), train loss (EMA), eval loss, learning rate (right axis).
-    At most ``max_points`` points per trace are drawn (evenly thinned). The history keeps every one.
+    The chart's traces are, in order: train loss (raw), train loss (EMA), eval loss, learning rate (right axis),
+    eval accuracy (an axis of its own, shown once an evaluation reports one), and GPU memory allocated and its
+    peak, in GiB, in a panel under the chart that appears with the first reading of the device (never on a CPU;
+    its axis runs up to the device's capacity). At most ``max_points`` points per trace are drawn (evenly
+    thinned; a quarter of that in the memory panel). The history keeps every one.
     """
 
     def __init__(
@@ -111,6 +134,8 @@ class ProgressWidget(ThrottledObserver):
         self._stop = stop
         self.stop_requested = False
         self._drawn: dict[str, Any] = {}
+        self._height = int(height)
+        self._memory_drawn_at = -math.inf
         self._build(height)
         self.flush()
 
@@ -143,6 +168,28 @@ class ProgressWidget(ThrottledObserver):
                     yaxis="y2",
                     line={"width": 1, "dash": "dot", "color": "#2ca02c"},
                 ),
+                go.Scatter(
+                    name=_TRACE_NAMES[4],
+                    mode="lines+markers",
+                    yaxis="y4",
+                    marker={"size": 7, "symbol": "diamond", "color": "#ff7f0e"},
+                    line={"width": 1, "color": "#ff7f0e"},
+                ),
+                go.Scatter(
+                    name=_TRACE_NAMES[5],
+                    mode="lines",
+                    xaxis="x2",
+                    yaxis="y3",
+                    line={"width": 1.5, "color": _MEMORY_COLOR},
+                    fill="tozeroy",
+                ),
+                go.Scatter(
+                    name=_TRACE_NAMES[6],
+                    mode="lines",
+                    xaxis="x2",
+                    yaxis="y3",
+                    line={"width": 1, "dash": "dot", "color": _MEMORY_COLOR},
+                ),
             ],
             layout={
                 "height": height,
@@ -161,6 +208,27 @@ class ProgressWidget(ThrottledObserver):
                     "tickformat": _LR_FORMAT,
                     "hoverformat": _LR_FORMAT,
                     "rangemode": "tozero",
+                },
+                # eval accuracy: its own axis, beside the learning rate's, shown once there is an accuracy
+                "yaxis4": {
+                    "title": {"text": "accuracy"},
+                    "overlaying": "y",
+                    "side": "right",
+                    "anchor": "free",
+                    "autoshift": True,
+                    "showgrid": False,
+                    "range": [0, 1],
+                    "tickformat": ".0%",
+                    "visible": False,
+                },
+                # the GPU memory panel: hidden until the first reading of the device
+                "xaxis2": {"matches": "x", "anchor": "y3", "visible": False},
+                "yaxis3": {
+                    "title": {"text": "GPU GiB"},
+                    "domain": _PANEL_DOMAIN,
+                    "rangemode": "tozero",
+                    "hoverformat": ".2f",
+                    "visible": False,
                 },
                 "legend": {"orientation": "h", "y": 1.12, "x": 0},
             },
@@ -255,20 +323,28 @@ class ProgressWidget(ThrottledObserver):
             self.errors.value = self._errors_html()
             summary = h.summary_text()
             self.summary.value = f"<b>{html.escape(summary)}</b>" if summary else ""
-        self._render_figure()
+        self._render_figure(final=event is None or event.kind != "step")
 
-    def _render_figure(self) -> None:
+    def _render_figure(self, final: bool = True) -> None:
         h = self.history
-        raw, smooth, evals, lr = self.figure.data
+        raw, smooth, evals, lr, accuracy, memory, peak = self.figure.data
         # a series is appended to, or replaced as a whole (a resumed run's earlier records): its length and last
         # step tell whether it changed
         drawn = {
             "loss": (len(h.loss_steps), h.loss_steps[-1] if h.loss_steps else None),
             "eval": (len(h.eval_steps), h.eval_steps[-1] if h.eval_steps else None),
             "lr": (len(h.lr_steps), h.lr_steps[-1] if h.lr_steps else None),
+            "memory": (len(h.memory_steps), h.memory_steps[-1] if h.memory_steps else None),
             "resumed": h.resumed_at,
+            "panel": (h.has_device_stats, h.last.get("memory_capacity")),
+            "accuracy": h.has_accuracy,
         }
         changed = {key for key, value in drawn.items() if key not in self._drawn or self._drawn[key] != value}
+        now = self._clock()
+        if "memory" in changed and not final and now - self._memory_drawn_at < _MEMORY_REDRAW_INTERVAL:
+            # the memory panel follows at most once a second on step redraws (two more traces each time)
+            changed.discard("memory")
+            drawn["memory"] = self._drawn.get("memory")
         if not changed:
             return
         arr = self._array
@@ -281,13 +357,41 @@ class ProgressWidget(ThrottledObserver):
                 smooth.mode = "lines+markers" if len(h.loss_steps) == 1 else "lines"  # one point: a dot
             if "eval" in changed:
                 evals.x, evals.y = arr(h.eval_steps), arr(h.eval_loss)
+                if h.has_accuracy:
+                    accuracy.x, accuracy.y = arr(h.eval_steps), arr(h.eval_accuracy)
+            if "memory" in changed:
+                # a small panel: a quarter of the points does (and keeps each redraw cheap)
+                stride = math.ceil(len(h.memory_steps) / max(2, self.max_points // 4))
+                xs = arr(thin(h.memory_steps, stride))
+                memory.x, memory.y = xs, _in_gib(arr(thin(h.memory_allocated, stride)))
+                peak.x, peak.y = xs, _in_gib(arr(thin(h.memory_peak, stride)))
+                if h.memory_steps:
+                    self._memory_drawn_at = now
+            if "panel" in changed and h.has_device_stats:
+                self._show_memory_panel(h.last.get("memory_capacity"))
+            if "accuracy" in changed and h.has_accuracy:
+                self.figure.layout.yaxis4.visible = True
             if "lr" in changed:
                 stride = math.ceil(len(h.lr_steps) / self.max_points)
                 lr.x, lr.y = arr(thin(h.lr_steps, stride)), arr(thin(h.lr, stride))
             if "resumed" in changed:
                 self._mark_resume(h.resumed_at)
-        _sync_figure_state(self.figure, layout="resumed" in changed)
+        _sync_figure_state(self.figure, layout=bool(changed & {"resumed", "panel", "accuracy"}))
         self._drawn.update(drawn)
+
+    def _show_memory_panel(self, capacity: int | None) -> None:
+        """Make room under the chart for the GPU memory panel; its axis runs up to the device's capacity."""
+        layout = self.figure.layout
+        layout.height = self._height + _MEMORY_PANEL
+        layout.yaxis.domain = _CHART_DOMAIN
+        layout.xaxis.showticklabels = False
+        layout.xaxis.title.text = None
+        layout.xaxis2.update(visible=True, title={"text": "step"})
+        layout.yaxis3.visible = True
+        if capacity:
+            layout.yaxis3.update(
+                range=[0, capacity / _GIB], title={"text": f"GPU GiB (of {capacity / _GIB:.0f})"}
+            )
 
     def _mark_resume(self, step: int | None) -> None:
         """A dotted line at the step a resumed run continued from (none for a fresh run)."""
