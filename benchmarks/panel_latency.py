@@ -53,7 +53,7 @@ def main() -> None:
     results += measure("variant", [lambda v=variants[i % 3]: setattr(panel.variant, "value", v) for i in range(args.repeats)])  # fmt: skip
     specs = ["attention", "mlp", "qv", "all-linear", "q_proj, v_proj", "re:.*\\.o_proj"]
     results += measure("targets (new spec)", [lambda v=specs[i % 6]: setattr(panel.tree, "targets", v) for i in range(args.repeats)])  # fmt: skip
-    results += measure("seq (memory bar)", [lambda v=i: setattr(panel.seq, "value", 512 + 64 * v) for i in range(args.repeats)])  # fmt: skip
+    results += measure("seq (memory bar)", [lambda v=i: setattr(panel.seq, "value", str(512 + 64 * v)) for i in range(args.repeats)])  # fmt: skip
     worst = max(results)
     print(f"worst {worst:.1f} ms, median {statistics.median(results):.1f} ms — goal ≤ 50 ms: "
           f"{'met' if worst <= 50 else 'NOT met'}")  # fmt: skip

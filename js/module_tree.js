@@ -142,9 +142,8 @@ function render({ model, el }) {
     for (const p of selectedSet) params += (byPath.get(p) || {}).params || 0;
     const n = selectedSet.size;
     countLine.dataset.count = String(n);
-    countLine.textContent =
-      `${n} of ${adaptable.length} adaptable module${adaptable.length === 1 ? "" : "s"} selected` +
-      (n ? ` · ${formatCount(params)} parameters` : "");
+    countLine.textContent = footerText(n, adaptable.length, params);
+    countLine.title = n ? `${params.toLocaleString("en-US")} parameters in the base weights of the selected modules` : "";
   }
 
   // ------------------------------------------------------------------ spec feedback

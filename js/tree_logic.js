@@ -59,6 +59,16 @@ export function formatBytes(n) {
   return String(n); // not reached
 }
 
+/**
+ * The tree's footer: how many adaptable modules the spec selects and how many parameters their base weights hold.
+ * Those are the frozen weights LoRA adapts, not the trainable count (the panel's summary shows that), so the
+ * text says so: "4 of 16 adaptable modules selected, holding 3.07K frozen base parameters".
+ */
+export function footerText(selected, adaptable, baseParams) {
+  const modules = `${selected} of ${adaptable} adaptable module${adaptable === 1 ? "" : "s"} selected`;
+  return selected ? `${modules}, holding ${formatCount(baseParams)} frozen base parameters` : modules;
+}
+
 // ------------------------------------------------------------------------------------------------- spec text
 
 /** "q_proj, re:x{1,2}" -> ["q_proj", "re:x{1,2}"]: split on commas outside ([{ }]), trimmed, empties dropped. */

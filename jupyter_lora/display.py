@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "RENDERINGS",
     "InjectSummary",
+    "adapter_size",
     "comparison_html",
     "comparison_text",
     "estimate_html",
@@ -36,6 +37,7 @@ __all__ = [
     "fmt_bytes",
     "fmt_count",
     "load_code",
+    "memory_parts",
     "plan_html",
     "plan_text",
     "register_formatters",
@@ -92,6 +94,13 @@ def _table_html(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Se
 # ------------------------------------------------------------------------------------------------ plan
 
 
+def adapter_size(p: Plan) -> str:
+    """The adapter's size as every summary shows it (the ``%%lora`` summary, the plan, the panel): the size of the
+    ``adapter_model.safetensors`` that saving it writes — its tensors in the dtype they are saved in, plus the file's
+    header (``Plan.adapter_bytes``, equal to the file's size byte for byte)."""
+    return fmt_bytes(p.adapter_bytes)
+
+
 def _plan_rows(p: Plan) -> list[list[str]]:
     rows = []
     for g in p.groups():
@@ -110,7 +119,7 @@ def _plan_headline(p: Plan) -> str:
     return (
         f"LoRA{variant} '{p.name}': r={spec.r}, alpha={spec.lora_alpha:g}, dropout={spec.dropout:g} on {n} "
         f"modules — trainable {p.trainable_params:,} of {p.total_params:,} ({100 * p.trainable_fraction:.3g}%), "
-        f"adapter {fmt_bytes(p.adapter_bytes)} on disk"
+        f"adapter {adapter_size(p)} on disk"
     )
 
 
@@ -320,19 +329,36 @@ class InjectSummary:
         return summary_text(self)
 
 
-_MEMORY_KEYS = ("weights", "adapter", "gradients", "optimizer", "activations")
+# The parts of a training estimate as the summaries show them (the %%lora summary's table, the panel's bar and
+# legend): (key, label, the breakdown's components it adds up). Every component is in exactly one part.
+_MEMORY_PARTS = (
+    ("weights", "base weights", ("weights", "quant_constants")),
+    ("adapter", "adapter weights", ("adapter",)),
+    ("gradients", "adapter gradients", ("gradients",)),
+    ("optimizer", "optimizer states", ("optimizer",)),
+    ("activations", "activations", ("activations",)),
+    ("logits", "logits", ("logits",)),
+    ("other", "workspace/overhead", ("overhead", "cuda_context")),
+)
+
+
+def memory_parts(m: MemoryEstimate) -> list[tuple[str, str, int]]:
+    """``(key, label, bytes)`` of the training memory by part, as both the ``%%lora`` summary and the panel show
+    it; the parts add up to ``m.total_bytes``. "adapter weights" is the adapter in GPU memory (fp32 LoRA weights,
+    no file header), not its size on disk (``adapter_size``)."""
+    parts = [
+        (key, label, sum(m.breakdown.get(c, 0) for c in components))
+        for key, label, components in _MEMORY_PARTS
+    ]
+    rest = m.total_bytes - sum(b for _, _, b in parts)  # a component this table does not know yet
+    if rest:
+        key, label, value = parts[-1]
+        parts[-1] = (key, label, value + rest)
+    return parts
 
 
 def _memory_line(m: MemoryEstimate) -> list[list[str]]:
-    rows = [
-        [
-            _COMPONENT_LABELS[k],
-            fmt_bytes(m.breakdown[k] + (m.breakdown["quant_constants"] if k == "weights" else 0)),
-        ]
-        for k in _MEMORY_KEYS
-    ]
-    other = m.total_bytes - sum(m.breakdown[k] for k in _MEMORY_KEYS) - m.breakdown["quant_constants"]
-    rows.append(["logits + overhead", fmt_bytes(other)])
+    rows = [[label, fmt_bytes(value)] for _, label, value in memory_parts(m)]
     total = fmt_bytes(m.total_bytes)
     if m.gpu_capacity_bytes is not None:
         total += f" of {fmt_bytes(m.gpu_capacity_bytes)} ({m.gpu_name})"

@@ -28,6 +28,7 @@ from typing import Any
 from .core.errors import UsageError, did_you_mean
 
 __all__ = [
+    "FORM_SECTIONS",
     "INITS",
     "OPTIMIZERS",
     "SETTINGS",
@@ -41,6 +42,7 @@ __all__ = [
     "TrainSettings",
     "canonical",
     "defaults",
+    "form_sections",
     "keys",
     "name_of",
     "normalize_task_type",
@@ -60,6 +62,16 @@ BIASES = ("none", "all", "lora_only")
 PROGRESS = ("auto", "widget", "text")
 CHAT_ADAPTER = ("on", "off", "side_by_side")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
+# The panel's training form, in this order: (section, title, advanced). A training setting names its section with
+# ``form=``; one that names none is under "more". Advanced sections start collapsed.
+FORM_SECTIONS = (
+    ("basic", "training", False),
+    ("schedule", "schedule and optimizer", True),
+    ("eval", "evaluation and early stopping", True),
+    ("speed", "memory and speed", True),
+    ("output", "checkpoints, logging and tracking", True),
+    ("more", "more", True),
+)
 
 # PEFT's task types, with the spellings people type.
 TASK_TYPES = {
@@ -90,8 +102,10 @@ _NEEDS_EXTRA = {
 class Setting:
     """One setting's declaration. ``kind``: int | float | bool | choice | auto_bool (auto, true, false) | text |
     spec (a target/layer spec: text or a list) | prompts (text or a list of texts) | eval | object.
-    ``panel``: the panel shows a control for it (``panel_range`` narrows a slider to the useful part of
-    ``minimum..maximum``). ``trait``: the ``LoraMagics`` option that changes its default (None: not one)."""
+    ``panel``: the panel shows a control for it beside the module tree (``panel_range`` narrows a slider to the
+    useful part of ``minimum..maximum``). ``form``: the section of the panel's training form that shows a training
+    setting (see ``FORM_SECTIONS``; "" puts it under "more", None leaves it out). ``trait``: the ``LoraMagics``
+    option that changes its default (None: not one)."""
 
     name: str
     default: Any
@@ -109,6 +123,7 @@ class Setting:
     label: str = ""
     panel: bool = False
     panel_range: tuple[float, float, float] | None = None  # (min, max, step) of a slider (panel, chat)
+    form: str | None = ""
     trait: str | None = None
     check: Callable[[Any, Setting], Any] | None = None  # extra normalisation after the generic checks
 
@@ -412,8 +427,8 @@ class TrainSettings:
         nullable=True,
         example="200",
         aliases=("max_steps",),
-        panel=True,
         trait="default_steps",
+        form="basic",
     )
     epochs: float = _setting(
         1.0,
@@ -425,6 +440,7 @@ class TrainSettings:
         example="1",
         aliases=("num_epochs", "num_train_epochs"),
         trait="default_epochs",
+        form="basic",
     )
     lr: float = _setting(
         2e-4,
@@ -439,6 +455,7 @@ class TrainSettings:
         aliases=("learning_rate",),
         trait="default_lr",
         check=_check_lr,
+        form="basic",
     )
     batch: int = _setting(
         8,
@@ -448,9 +465,8 @@ class TrainSettings:
         minimum=1,
         example="8",
         aliases=("batch_size", "per_device_train_batch_size"),
-        panel=True,
-        panel_range=(1, 4096, 1),
         trait="default_batch",
+        form="basic",
     )
     grad_accum: int = _setting(
         1,
@@ -461,6 +477,7 @@ class TrainSettings:
         example="1",
         aliases=("gradient_accumulation_steps",),
         trait="default_grad_accum",
+        form="basic",
     )
     seq: int = _setting(
         512,
@@ -470,9 +487,8 @@ class TrainSettings:
         minimum=1,
         example="512",
         aliases=("max_seq_len", "seq_len", "max_length"),
-        panel=True,
-        panel_range=(1, 1 << 20, 1),
         trait="default_seq",
+        form="basic",
     )
     warmup: float = _setting(
         0.03,
@@ -483,6 +499,7 @@ class TrainSettings:
         example="0.03",
         aliases=("warmup_ratio",),
         trait="default_warmup",
+        form="schedule",
     )
     scheduler: str = _setting(
         "cosine",
@@ -493,9 +510,17 @@ class TrainSettings:
         example="cosine",
         aliases=("lr_scheduler", "lr_scheduler_type"),
         trait="default_scheduler",
+        form="schedule",
     )
     weight_decay: float = _setting(
-        0.0, "AdamW weight decay", "float", "train", minimum=0, example="0", trait="default_weight_decay"
+        0.0,
+        "AdamW weight decay",
+        "float",
+        "train",
+        minimum=0,
+        example="0",
+        trait="default_weight_decay",
+        form="schedule",
     )
     max_grad_norm: float | None = _setting(
         1.0,
@@ -507,6 +532,7 @@ class TrainSettings:
         nullable=True,
         example="1.0",
         trait="default_max_grad_norm",
+        form="schedule",
     )
     optim: str = _setting(
         "adamw",
@@ -516,8 +542,8 @@ class TrainSettings:
         choices=OPTIMIZERS,
         example="adamw",
         aliases=("optimizer",),
-        panel=True,
         trait="default_optim",
+        form="schedule",
     )
     eval: Any = _setting(
         "auto",
@@ -527,6 +553,7 @@ class TrainSettings:
         example="auto",
         trait="default_eval",
         check=_check_eval,
+        form="eval",
     )
     eval_every: int | None = _setting(
         None,
@@ -537,6 +564,7 @@ class TrainSettings:
         nullable=True,
         example="50",
         aliases=("eval_steps",),
+        form="eval",
     )
     save_every: int | None = _setting(
         None,
@@ -547,6 +575,7 @@ class TrainSettings:
         nullable=True,
         example="100",
         aliases=("save_steps",),
+        form="output",
     )
     output_dir: str | None = _setting(
         None,
@@ -555,6 +584,7 @@ class TrainSettings:
         "train",
         nullable=True,
         example="lora_runs/x",
+        form="basic",
     )
     keep_checkpoints: int = _setting(
         2,
@@ -565,6 +595,7 @@ class TrainSettings:
         example="2",
         aliases=("save_total_limit",),
         trait="default_keep_checkpoints",
+        form="output",
     )
     packing: bool = _setting(
         False,
@@ -573,6 +604,7 @@ class TrainSettings:
         "train",
         example="false",
         trait="default_packing",
+        form="speed",
     )
     ckpt: Any = _setting(
         "auto",
@@ -583,8 +615,8 @@ class TrainSettings:
         example="auto",
         aliases=("gradient_checkpointing",),
         label="grad. checkpointing",
-        panel=True,
         trait="default_ckpt",
+        form="basic",
     )
     samples: tuple[str, ...] = _setting(
         (), "prompts generated from during training", "prompts", "train", example='["Once upon a time"]'
@@ -611,6 +643,7 @@ class TrainSettings:
         minimum=0,
         example="0",
         trait="default_seed",
+        form="schedule",
     )
     early_stop: int | None = _setting(
         None,
@@ -621,6 +654,7 @@ class TrainSettings:
         nullable=True,
         example="3",
         aliases=("patience",),
+        form="eval",
     )
     keep_best: bool | None = _setting(
         None,
@@ -630,6 +664,7 @@ class TrainSettings:
         nullable=True,
         example="true",
         aliases=("load_best_model_at_end",),
+        form="eval",
     )
     log_every: int | None = _setting(
         None,
@@ -640,6 +675,7 @@ class TrainSettings:
         nullable=True,
         example="10",
         aliases=("logging_steps",),
+        form="output",
     )
     precision: str = _setting(
         "auto",
@@ -649,6 +685,7 @@ class TrainSettings:
         choices=PRECISIONS,
         example="auto",
         trait="default_precision",
+        form="speed",
     )
     task: str = _setting(
         "auto",
@@ -700,9 +737,16 @@ class TrainSettings:
         choices=TRACKERS,
         example="tensorboard",
         trait="default_report_to",
+        form="output",
     )
     run_name: str | None = _setting(
-        None, "the run's name in the tracker", "text", "train", nullable=True, example="lora-r16"
+        None,
+        "the run's name in the tracker",
+        "text",
+        "train",
+        nullable=True,
+        example="lora-r16",
+        form="output",
     )
     kernels: str = _setting(
         "auto",
@@ -713,6 +757,7 @@ class TrainSettings:
         choices=("auto", "liger", "none"),
         example="auto",
         trait="default_kernels",
+        form="speed",
     )
     chunked_loss: Any = _setting(
         "auto",
@@ -722,6 +767,7 @@ class TrainSettings:
         choices=("auto", True, False),
         example="auto",
         trait="default_chunked_loss",
+        form="speed",
     )
 
 
@@ -817,7 +863,7 @@ class InputSettings:
         "object",
         "train",
         example="texts",
-        panel=True,
+        form="basic",
     )
     tokenizer: Any = _setting(
         None,
@@ -825,9 +871,15 @@ class InputSettings:
         "object",
         "train",
         example="tok",
+        form="basic",
     )
     eval_data: Any = _setting(
-        None, "held-out data instead of a split of `data`", "object", "train", example="val_texts"
+        None,
+        "held-out data instead of a split of `data`",
+        "object",
+        "train",
+        example="val_texts",
+        form="eval",
     )
     trainer_args: Any = _setting(
         None,
@@ -837,7 +889,14 @@ class InputSettings:
         example="{dataloader_num_workers: 2}",
     )
     progress: str = _setting(
-        "auto", "progress display", "choice", "train", choices=PROGRESS, example="auto", trait="progress"
+        "auto",
+        "progress display",
+        "choice",
+        "train",
+        choices=PROGRESS,
+        example="auto",
+        trait="progress",
+        form=None,
     )
 
 
@@ -914,8 +973,27 @@ def canonical(
 
 
 def panel_keys() -> tuple[str, ...]:
-    """The settings the panel shows a control for."""
+    """The settings the panel shows a control for beside the module tree."""
     return tuple(name for name, s in SETTINGS.items() if s.panel)
+
+
+def form_sections() -> list[tuple[str, str, bool, tuple[str, ...]]]:
+    """The panel's training form: ``(section, title, advanced, setting names)`` for each section of
+    ``FORM_SECTIONS`` that holds a setting. Every training setting is in one, unless it declares ``form=None``;
+    within a section the notebook inputs (data, tokenizer: variables) come first, then declaration order."""
+    known = {name for name, _, _ in FORM_SECTIONS}
+    placed: dict[str, list[str]] = {name: [] for name in known}
+    for name in keys("train"):
+        section = SETTINGS[name].form
+        if section is None:
+            continue
+        assert not section or section in known, f"setting {name}: unknown form section {section!r}"
+        placed[section or "more"].append(name)
+    return [
+        (section, title, advanced, tuple(sorted(placed[section], key=lambda n: SETTINGS[n].kind != "object")))
+        for section, title, advanced in FORM_SECTIONS
+        if placed[section]
+    ]
 
 
 def validate(given: Mapping[str, Any], scope: str | tuple[str, ...], what: str = "setting") -> dict[str, Any]:

@@ -210,8 +210,8 @@ def test_sgd_keeps_a_momentum_buffer_in_the_estimate(model):
 def test_the_panel_keeps_values_beyond_its_usual_ranges(model):
     panel = jl.Panel(model, r=512, init="pissa_niter_4", train_settings={"lr": 1e-4})
     assert panel.plan.spec.r == 512 and panel.plan.spec.init == "pissa_niter_4"
-    assert panel.controls["steps"].value == 0  # not set: train by epochs
-    assert panel.train_settings == {"lr": 1e-4}
+    assert panel.form["steps"].value == ""  # not set: train by epochs
+    assert panel.form["lr"].value == "0.0001" and panel.training_settings() == {"lr": 1e-4}
     with pytest.raises(jl.UsageError, match="`lr`"):
         jl.Panel(model, train_settings={"lr": "fast"})
 

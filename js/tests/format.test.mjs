@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { formatBytes, formatCount } from "../tree_logic.js";
+import { footerText, formatBytes, formatCount } from "../tree_logic.js";
 
 test("formatCount: three significant digits, K/M/B/T", () => {
   const cases = [
@@ -39,3 +39,10 @@ test("formatBytes: binary units like display.fmt_bytes", () => {
 });
 
 // parseLayers is checked against Python's parse_layers by the shared table (targets.test.mjs).
+
+test("footerText: the selected modules' base parameters are labelled as frozen base weights", () => {
+  assert.equal(footerText(4, 16, 3072), "4 of 16 adaptable modules selected, holding 3.07K frozen base parameters");
+  assert.equal(footerText(1, 1, 64), "1 of 1 adaptable module selected, holding 64 frozen base parameters");
+  assert.equal(footerText(0, 16, 0), "0 of 16 adaptable modules selected");
+  assert.doesNotMatch(footerText(4, 16, 3072), /· [\d.]+K parameters/);
+});

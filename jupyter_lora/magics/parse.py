@@ -40,7 +40,11 @@ __all__ = [
     "Status",
     "Stop",
     "Train",
+    "inject_cell",
     "parse",
+    "read_value",
+    "train_cell",
+    "write_value",
 ]
 
 # Where each kind of setting is written.
@@ -358,6 +362,56 @@ def yaml_loader():
         list("-+0123456789."),
     )
     return Loader
+
+
+def read_value(text: str, name: str = "value") -> Any:
+    """One value read as a cell body reads it (``2e-4`` a number, ``[a, b]`` a list, ``true`` a flag, ``texts``
+    text); a YAML error is a UsageError naming ``name``."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=yaml_loader())
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        example = f" E.g. {name}: {SETTINGS[name].example}." if name in SETTINGS else ""
+        raise UsageError(f"`{name}`: {text!r} cannot be read as a value ({problem}).{example}") from None
+
+
+def write_value(value: Any) -> str:
+    """``value`` as one line of YAML that ``read_value`` (and a cell body) reads back as the same value: lists and
+    mappings in flow style, text quoted only where YAML would read it as something else."""
+    import json
+
+    import yaml
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    text = yaml.safe_dump(plain(value), default_flow_style=True, allow_unicode=True, width=1 << 20)
+    text = text.removesuffix("\n...\n").rstrip("\n")
+    if "\n" in text:  # a text with line breaks: JSON's escapes keep it on one line (YAML reads JSON)
+        text = json.dumps(plain(value), ensure_ascii=False)
+    return text
+
+
+def _cell(line: str, settings: Mapping[str, Any]) -> str:
+    return "\n".join([line, *(f"{k}: {write_value(v)}" for k, v in settings.items())])
+
+
+def inject_cell(model: str, settings: Mapping[str, Any], name: str = "default") -> str:
+    """The ``%%lora MODEL`` cell that injects with ``settings`` (canonical names); ``parse`` reads it back as an
+    ``Inject`` with these settings."""
+    return _cell(f"%%lora {model}" + (f" --name {shlex.quote(name)}" if name != "default" else ""), settings)
+
+
+def train_cell(model: str, settings: Mapping[str, Any]) -> str:
+    """The ``%%lora train MODEL`` cell that trains with ``settings`` (canonical names; ``data`` and the other
+    notebook inputs as variable names or paths); ``parse`` reads it back as a ``Train`` with these settings."""
+    return _cell(f"%%lora train {model}", settings)
 
 
 def _positive(value: str) -> int:

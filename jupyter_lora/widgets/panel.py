@@ -1,6 +1,8 @@
 """The LoRA panel: module tree, rank/alpha/dropout sliders, variant and init, a live summary (trainable params,
-adapter size, GPU memory by component) and buttons for inject / train / merge / save / unload — all calling the
-public API on the model the panel is bound to. ``%lora panel model`` or ``jupyter_lora.Panel(model)``.
+adapter size, GPU memory by part), the training form (every training setting, built from the settings schema) and
+buttons for inject / train / merge / save / unload — all calling the public API on the model the panel is bound to.
+``%lora panel model`` or ``jupyter_lora.Panel(model)``. "Show as code" gives the same as Python calls and as
+``%%lora`` cells.
 """
 
 from __future__ import annotations
@@ -8,28 +10,32 @@ from __future__ import annotations
 import contextlib
 import html
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
 
-from ..core.errors import UsageError
-from ..display import fmt_bytes, fmt_count
-from ..settings import SETTINGS, Setting, canonical, panel_keys, validate, validate_one
-from .tree import ModuleTree
+from ..core.errors import UsageError, did_you_mean
+from ..display import adapter_size, fmt_bytes, fmt_count, memory_parts
+from ..settings import SETTINGS, Setting, canonical, form_sections, keys, panel_keys, validate_one
+from .tree import ModuleTree, front_end_source, panel_stylesheet
 
 __all__ = ["Panel"]
 
-_MEMORY_PARTS = (
-    ("weights", "base weights", "#90a4ae"),
-    ("adapter", "adapter", "#42a5f5"),
-    ("gradients", "gradients", "#7e57c2"),
-    ("optimizer", "optimizer", "#ab47bc"),
-    ("activations", "activations", "#ffa726"),
-    ("logits", "logits", "#ef5350"),
-    ("other", "overhead", "#bdbdbd"),
-)
+_PART_COLORS = {
+    "weights": "#90a4ae",
+    "adapter": "#42a5f5",
+    "gradients": "#7e57c2",
+    "optimizer": "#ab47bc",
+    "activations": "#ffa726",
+    "logits": "#ef5350",
+    "other": "#bdbdbd",
+}
+_FORM_LABEL_WIDTH = "140px"  # the longest label ("grad. checkpointing") whole
+_FORM_COLUMNS = "repeat(auto-fill, minmax(270px, 1fr))"
 
 
 def _spec_text(value: Any) -> str:
@@ -91,10 +97,11 @@ def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
 
 
 def _control(setting: Setting, value: Any) -> w.Widget:
-    """The control for one setting, from its declaration: choices -> a dropdown, a number with a panel range ->
-    a slider (or a bounded box when the range is wide), a flag -> a checkbox, an object -> a text box."""
+    """The control beside the tree for one setting, from its declaration: choices -> a dropdown, a number with a
+    panel range -> a slider, a flag -> a checkbox, anything else -> a text box. Each grows with the column and wraps
+    to the next line rather than shrink below a usable width."""
     label = setting.label or setting.name.replace("_", " ")
-    common = {"description": label, "tooltip": setting.help, "style": {"description_width": "70px"}}
+    common = {"description": label, "tooltip": _tooltip(setting), "style": {"description_width": "70px"}}
     if setting.kind in ("choice", "auto_bool"):
         words = {"auto": "auto", True: "on", False: "off", None: "as loaded"}
         options = [(words.get(c, str(c)), c) for c in setting.choices]
@@ -104,30 +111,110 @@ def _control(setting: Setting, value: Any) -> w.Widget:
             options.append((str(value), value))
         if setting.nullable and None not in setting.choices:
             options.insert(0, (words[None], None))
-        return w.Dropdown(options=options, value=value, **common)
+        return _dropdown(options, value, layout=_grow("150px"), **common)
     if setting.kind == "bool":
-        return w.Checkbox(value=bool(value), description=label, indent=False)
-    if setting.kind in ("int", "float"):
-        lo, hi, step = setting.panel_range or (setting.minimum or 0, 10**7, 1)
+        return w.Checkbox(value=bool(value), description=label, indent=False, layout=_fixed())
+    if setting.kind in ("int", "float") and setting.panel_range:
+        lo, hi, step = setting.panel_range
         if value is not None:  # a value the settings allow but the usual range does not show
             lo, hi = min(lo, value), max(hi, value)
-        if setting.kind == "int" and (hi - lo) / step > 1000:
-            if setting.nullable:  # 0 stands for "not set" (e.g. steps: train by epochs)
-                lo, common["tooltip"] = 0, f"{setting.help} (0: not set)"
-            return w.BoundedIntText(value=value if value is not None else 0, min=int(lo), max=int(hi),
-                                    layout=w.Layout(width="170px"), **common)  # fmt: skip
-        if setting.kind == "int":
-            return w.IntSlider(
-                value=value, min=int(lo), max=int(hi), step=int(step), continuous_update=True, **common
-            )
-        return w.FloatSlider(value=value if value is not None else lo, min=lo, max=hi, step=step, **common)
-    return w.Text(value="" if value is None else str(value), placeholder=setting.help,
-                  layout=w.Layout(width="240px"), **common)  # fmt: skip
+        slider = w.IntSlider if setting.kind == "int" else w.FloatSlider
+        return slider(value=value if value is not None else lo, min=lo, max=hi, step=step,
+                      continuous_update=True, layout=_grow("260px"), **common)  # fmt: skip
+    return w.Text(value="" if value is None else str(value), placeholder=setting.help, layout=_grow("240px"),
+                  **common)  # fmt: skip
+
+
+def _dropdown(options: list[tuple[str, Any]], value: Any, **kwargs: Any) -> w.Dropdown:
+    # by index: a Dropdown given value=None shows no selection, even with an option whose value is None
+    return w.Dropdown(options=options, index=[v for _, v in options].index(value), **kwargs)
+
+
+def _grow(basis: str) -> w.Layout:
+    """A control that takes the room its row has, and no less than ``basis`` (its row wraps instead)."""
+    return w.Layout(flex=f"1 1 {basis}", min_width=basis, width="auto")
+
+
+def _fixed() -> w.Layout:
+    return w.Layout(flex="0 0 auto", width="auto")
+
+
+def _row(children: list[w.Widget]) -> w.HBox:
+    row = w.HBox(children, layout=w.Layout(align_items="center", width="100%"))
+    row.add_class("jl-wrap")
+    return row
+
+
+def _tooltip(setting: Setting) -> str:
+    """A control's tooltip, from its declaration: the help, the values allowed, the default, the other names."""
+    from ..magics.parse import write_value
+
+    default = setting.default
+    shown = (
+        "not set"
+        if default is None
+        else write_value(list(default) if isinstance(default, tuple) else default)
+    )
+    also = f" Also spelled {', '.join(setting.aliases)}." if setting.aliases else ""
+    return f"{setting.help}. Allowed: {setting.describe()}. Default: {shown}.{also}"
+
+
+def _form_control(setting: Setting, value: Any) -> w.Widget:
+    """The training form's control for one setting, from its declaration: choices -> a dropdown, a flag -> a
+    checkbox (a dropdown with "default" when it may be unset), anything else -> a text box read as a cell body
+    reads the value (``2e-4``, ``[a, b]``, ``true``), empty for the default, so that a wrong value can be typed and
+    is marked with the schema's own message."""
+    label = setting.label or setting.name.replace("_", " ")
+    common = {
+        "description": label,
+        "tooltip": _tooltip(setting),
+        "style": {"description_width": _FORM_LABEL_WIDTH},
+        "layout": w.Layout(width="auto", min_width="0"),
+    }
+    if setting.kind in ("choice", "auto_bool") or (setting.kind == "bool" and setting.nullable):
+        words = {"auto": "auto", True: "on", False: "off", None: "default"}
+        choices = setting.choices or (True, False)
+        options = [(words.get(c, str(c)), c) for c in choices]
+        if setting.nullable and None not in choices:
+            options.insert(0, (words[None], None))
+        if value not in [v for _, v in options]:
+            options.append((str(value), value))
+        return _dropdown(options, value, **common)
+    if setting.kind == "bool":
+        return w.Checkbox(value=bool(value), indent=False, **common)
+    return w.Text(value=_form_text(setting, value), placeholder=_placeholder(setting), continuous_update=True,
+                  **common)  # fmt: skip
+
+
+def _form_text(setting: Setting, value: Any) -> str:
+    """What a text box shows for ``value``: nothing for the default, else the value as a cell body writes it."""
+    from ..magics.parse import write_value
+
+    if value is None or value == setting.default:
+        return ""
+    if setting.kind == "text" or (setting.kind == "object" and isinstance(value, str)):
+        return str(value)
+    return write_value(list(value) if isinstance(value, tuple) else value)
+
+
+def _placeholder(setting: Setting) -> str:
+    from ..magics.parse import write_value
+
+    if setting.kind == "object" or setting.default is None or setting.default == ():
+        return f"e.g. {setting.example}"
+    return f"{write_value(setting.default)} (default)"
 
 
 def _pow2(value: int) -> int:
     """The power of two nearest to ``value`` (1..256)."""
     return min((1 << k for k in range(9)), key=lambda p: (abs(p - value), -p))  # ties round up
+
+
+def _python_value(setting: Setting, value: Any) -> str:
+    """A setting's value as Python source: a notebook variable by its name, anything else as a literal."""
+    if setting.kind == "object" and isinstance(value, str) and value.isidentifier():
+        return value
+    return repr(list(value) if isinstance(value, tuple) else value)
 
 
 class Panel:
@@ -147,26 +234,30 @@ class Panel:
         train_settings: Mapping[str, Any] | None = None,
         **settings: Any,
     ):
-        """``settings``: starting values of the panel's controls (r, alpha, targets, seq, batch, ...; see
-        ``jupyter_lora.settings``); the rest start at their defaults. ``train_settings``: the other training
-        settings the Train button uses (lr, epochs, ...; what ``%config LoraMagics.default_*`` changed)."""
+        """``settings``: starting values of the controls — the adapter's (r, alpha, targets, ...) and the training
+        form's (lr, steps, batch, seq, data as a variable name, ...; see ``jupyter_lora.settings``); the rest start
+        at their defaults. ``train_settings``: more starting values of the training form (what
+        ``%config LoraMagics.default_*`` changed)."""
         from jupyter_lora.core.modelinfo import require_module
         from jupyter_lora.core.targets import index_model
 
         from .. import api as jl
         from .tree import tree_rows
 
-        given = {k: validate_one(k, v) for k, v in canonical(settings, panel_keys(), "panel setting").items()}
+        in_form = tuple(n for _, _, _, names in form_sections() for n in names)
+        given = canonical(settings, panel_keys() + in_form, "panel setting")
+        column = {k: validate_one(k, v) for k, v in given.items() if k in panel_keys()}
+        trained = {**canonical(train_settings or {}, keys("train"), "training setting")}
+        trained.update({k: v for k, v in given.items() if k not in panel_keys()})
         # a model that already holds the adapter opens on that adapter's settings: Re-inject then changes it
         held = _adapter_settings(require_module(model), name)
-        given.update(held)
-        values = {name: given.get(name, SETTINGS[name].default) for name in panel_keys()}
+        column.update(held)
+        values = {name: column.get(name, SETTINGS[name].default) for name in panel_keys()}
         self.model = require_module(model)
         self.variable = variable
         self.namespace = namespace
         self.on_change = on_change
         self.adapter_name = name
-        self.train_settings = dict(validate(train_settings or {}, "train"))
         self.tokenizer = tokenizer
         self.run = None
         self.last_update_ms = 0.0
@@ -180,7 +271,10 @@ class Panel:
         self.tree = ModuleTree(
             nodes=tree_rows(self.model), block_lists=list(index.layer_lists), num_layers=index.num_layers,
             targets=_spec_text(values["targets"]) or "qv", layers=_spec_text(values["layers"]),
+            _css=front_end_source()[1] + "\n" + panel_stylesheet(),
+            layout=w.Layout(flex="1 1 430px", min_width="0", max_width="100%"),
         )  # fmt: skip
+        self.tree.add_class("jl-panel-tree")
         # One control per setting the panel shows, built from its declaration (the tree holds targets/layers).
         self.controls: dict[str, w.Widget] = {
             name: _control(SETTINGS[name], values[name])
@@ -188,24 +282,43 @@ class Panel:
             if name not in ("targets", "layers")
         }
         self.controls["targets"], self.controls["layers"] = self.tree, self.tree
-        self.r, self.dropout, self.variant, self.init = (
-            self.controls[k] for k in ("r", "dropout", "variant", "init")
+        self.r, self.dropout, self.variant, self.init, self.quant = (
+            self.controls[k] for k in ("r", "dropout", "variant", "init", "quant")
         )
-        self.batch, self.seq, self.ckpt, self.optim, self.quant = (
-            self.controls[k] for k in ("batch", "seq", "ckpt", "optim", "quant")
-        )
-        self.steps, self.data = self.controls["steps"], self.controls["data"]
         alpha = values["alpha"]
         self.alpha = self.controls["alpha"]
         self.alpha.value = alpha if alpha is not None else 2 * self.r.value
         self.alpha.disabled = alpha is None
-        self.pow2 = w.Checkbox(
-            value=False, description="powers of 2", indent=False, layout=w.Layout(width="110px")
+        self.pow2 = w.Checkbox(value=False, description="powers of 2", indent=False, layout=_fixed())
+        self.alpha_lock = w.Checkbox(
+            value=alpha is None, description="alpha = 2r", indent=False, layout=_fixed()
         )
-        self.alpha_lock = w.Checkbox(value=alpha is None, description="alpha = 2r", indent=False,
-                                     layout=w.Layout(width="110px"))  # fmt: skip
         self.summary = w.HTML(layout=w.Layout(min_height="120px"))
+        self.summary.add_class("jl-message")
         self.error = w.HTML()
+        self.error.add_class("jl-message")
+
+        # The training form: one control per training setting, in the schema's sections.
+        self.form: dict[str, w.Widget] = {}
+        self.form_errors: dict[str, str] = {}  # setting -> the schema's message for what its box holds
+        self._form_values: dict[str, Any] = {}  # setting -> its last valid value
+        self._form_messages: dict[str, w.HTML] = {}
+        self._form_items: dict[str, w.VBox] = {}
+        basic, advanced, titles = None, [], []
+        for section, title, is_advanced, names in form_sections():
+            grid = self._form_grid(section, names, trained)
+            if is_advanced:
+                advanced.append(grid)
+                titles.append(title)
+            else:
+                basic = w.VBox([w.HTML(f"<div class='jl-section-title'>{html.escape(title)}</div>"), grid])
+        self.advanced = w.Accordion(children=advanced, titles=tuple(titles), selected_index=None)
+        self.advanced.add_class("jl-advanced")
+        self.batch, self.seq, self.ckpt, self.optim = (
+            self.form[k] for k in ("batch", "seq", "ckpt", "optim")
+        )
+        self.steps, self.data = self.form["steps"], self.form["data"]
+
         self.inject_button = w.Button(description="Inject", button_style="primary", icon="plus")
         self.train_button = w.Button(description="Train", icon="play")
         self.merge_button = w.Button(description="Merge", icon="compress")
@@ -213,13 +326,24 @@ class Panel:
         self.unload_button = w.Button(description="Unload", icon="trash")
         self.code_button = w.ToggleButton(description="Show as code", icon="code")
         self.save_path = w.Text(value="adapters/run1", description="path", style={"description_width": "35px"},
-                                layout=w.Layout(width="240px"))  # fmt: skip
-        self.code = w.Textarea(layout=w.Layout(width="100%", height="170px", display="none"))
+                                layout=_grow("200px"))  # fmt: skip
+        self.output_line = w.HTML(layout=w.Layout(flex="1 1 300px", min_width="0"))
+        self.output_line.add_class("jl-message")
+        self.code_python = w.Textarea(layout=w.Layout(width="auto", height="120px"))
+        self.code_inject = w.Textarea(layout=w.Layout(width="auto", height="120px"))
+        self.code_train = w.Textarea(layout=w.Layout(width="auto", height="170px"))
+        self.code = w.VBox(
+            [w.HTML("<b>Python</b>"), self.code_python, w.HTML("<b>the same as %%lora cells</b>"), self.code_inject,
+             self.code_train],
+            layout=w.Layout(width="100%", display="none"),
+        )  # fmt: skip
         self.progress_area = w.VBox()
 
-        for key, widget in self.controls.items():
-            if widget is not self.tree and key not in ("data", "steps"):
+        for widget in self.controls.values():
+            if widget is not self.tree:
                 widget.observe(self._on_control, names="value")
+        for key, widget in self.form.items():
+            widget.observe(lambda change, key=key: self._on_form(key), names="value")
         self.pow2.observe(self._on_pow2, names="value")
         self.alpha_lock.observe(self._on_lock, names="value")
         self.tree.observe(self._on_control, names=["targets", "layers"])
@@ -230,22 +354,21 @@ class Panel:
         self.save_button.on_click(self._guard(self._save))
         self.unload_button.on_click(self._guard(self._unload))
 
-        controls = w.VBox([
-            w.HBox([self.r, self.pow2]), w.HBox([self.alpha, self.alpha_lock]), self.dropout,
-            w.HBox([self.variant, self.init]),
-            w.HTML("<b>memory for training with</b>"), w.HBox([self.batch, self.seq]),
-            w.HBox([self.ckpt, self.quant]), self.optim,
-            self.summary,
-        ], layout=w.Layout(width="460px"))  # fmt: skip
-        actions = w.VBox([
-            w.HBox([self.inject_button, self.merge_button, self.unload_button, self.code_button]),
-            w.HBox([self.save_path, self.save_button]),
-            w.HBox([self.data, self.steps, self.train_button]),
-        ])  # fmt: skip
+        side = w.VBox([
+            _row([self.r, self.pow2]), _row([self.alpha, self.alpha_lock]), _row([self.dropout]),
+            _row([self.variant, self.init]), _row([self.quant]), self.summary,
+        ], layout=w.Layout(flex="1 1 360px", min_width="0", max_width="620px"))  # fmt: skip
+        top = w.HBox([self.tree, side], layout=w.Layout(align_items="flex-start", width="100%"))
+        top.add_class("jl-wrap")
+        top.add_class("jl-panel-top")
+        actions = _row([self.inject_button, self.merge_button, self.unload_button, self.save_path,
+                        self.save_button, self.code_button])  # fmt: skip
+        training = w.VBox([*([basic] if basic else []), self.advanced, _row([self.train_button, self.output_line])],
+                          layout=w.Layout(width="100%"))  # fmt: skip
+        training.add_class("jl-training")
         self.box = w.VBox(
-            [w.HBox([self.tree, controls], layout=w.Layout(align_items="flex-start")), self.error, actions,
-             self.code, self.progress_area],
-            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
+            [top, self.error, actions, training, self.code, self.progress_area],
+            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px", max_width="100%"),
         )  # fmt: skip
         self.box.add_class("jl-panel")
         self.plan = None
@@ -254,7 +377,37 @@ class Panel:
         if held and self.plan is not None:  # opened on the adapter the model holds
             self._held = self._plan_key(self.plan)
             self.summary.value = self._summary_html(self.plan, self.estimate)
+        self._refresh_output()
         _follow_after_cells(self)
+
+    def _form_grid(self, section: str, names: tuple[str, ...], given: Mapping[str, Any]) -> w.GridBox:
+        items = []
+        for name in names:
+            setting = SETTINGS[name]
+            value = given.get(name, setting.default)
+            if setting.kind == "object" and value is not None and not isinstance(value, str):
+                raise UsageError(
+                    f"`{name}` in the panel names a notebook variable (or a path), e.g. {name}={setting.example!r}; "
+                    f"got a {type(value).__name__}."
+                )
+            if setting.kind != "object":
+                with warnings.catch_warnings():  # an unusual value's warning is the field's note (below)
+                    warnings.simplefilter("ignore")
+                    value = validate_one(name, value)
+            control = _form_control(setting, value)
+            message = w.HTML(layout=w.Layout(display="none"))
+            message.add_class("jl-message")
+            item = w.VBox([control, message], layout=w.Layout(min_width="0"))
+            item.add_class("jl-form-item")
+            item.add_class(f"jl-form-{name}")
+            self.form[name], self._form_messages[name], self._form_items[name] = control, message, item
+            self._check_field(name)
+            items.append(item)
+        grid = w.GridBox(items, layout=w.Layout(grid_template_columns=_FORM_COLUMNS, grid_gap="2px 16px",
+                                                width="100%"))  # fmt: skip
+        grid.add_class("jl-form-grid")
+        grid.add_class(f"jl-form-{section}")
+        return grid
 
     # --------------------------------------------------------------------------------------- state
 
@@ -274,8 +427,27 @@ class Panel:
         return out
 
     def estimate_settings(self) -> dict[str, Any]:
-        """What the memory figure assumes: the training settings (batch, seq, ckpt, optim) and the base."""
-        return {k: self.controls[k].value for k in ("seq", "batch", "ckpt", "optim", "quant")}
+        """What the memory figure assumes beyond the adapter: the training form's batch, seq, ckpt, optim (their
+        last valid values) and the base (4/8-bit) beside the tree."""
+        out = {}
+        for name in keys("estimate"):
+            if name in self._form_values:
+                out[name] = self._form_values[name]
+            elif name in self.controls and name not in keys("inject"):
+                out[name] = self.controls[name].value
+        return out
+
+    def training_settings(self) -> dict[str, Any]:
+        """The training settings the form holds that differ from their defaults — what Train passes (the notebook
+        inputs as the names typed). A UsageError names the first field whose value is wrong."""
+        if self.form_errors:
+            message = next(iter(self.form_errors.values()))
+            more = f" (and {len(self.form_errors) - 1} more marked)" if len(self.form_errors) > 1 else ""
+            raise UsageError(f"Fix the training settings first: {message}{more}")
+        return self._changed_training_settings()
+
+    def _changed_training_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self._form_values.items() if v is not None and v != SETTINGS[k].default}
 
     def update(self) -> None:
         """Re-plan and re-estimate from the controls; show the numbers (or the error) in the panel."""
@@ -288,13 +460,7 @@ class Panel:
             with self.tree.hold_sync():
                 self.tree.error = str(exc)
             self.error.value = ""
-            if not self._stale and self.plan is not None:  # the numbers shown are no longer the settings'
-                self._stale = True
-                self.summary.value = (
-                    f"<div class='jl-stale' style='opacity:.45'>{self.summary.value}</div>"
-                    "<div class='jl-stale-note' style='color:#666;font-size:90%'>these figures are for the last "
-                    "valid settings</div>"
-                )
+            self._mark_stale()
             self.last_update_ms = 1000 * (time.perf_counter() - start)
             return
         self._stale = False
@@ -303,43 +469,157 @@ class Panel:
             self.tree.error = ""
             self.tree.selected = list(plan.targets)
         self.summary.value = self._summary_html(plan, estimate)
-        if self.code_button.value:
-            self.code.value = self.as_code()
+        if any(
+            name in self.form_errors for name in keys("estimate")
+        ):  # figures of the last valid batch, seq...
+            self._mark_stale()
+        self._refresh_code()
         self._refresh_buttons()
         self.last_update_ms = 1000 * (time.perf_counter() - start)
 
+    def _mark_stale(self) -> None:
+        if not self._stale and self.plan is not None:  # the numbers shown are no longer the settings'
+            self._stale = True
+            self.summary.value = (
+                f"<div class='jl-stale' style='opacity:.45'>{self.summary.value}</div>"
+                "<div class='jl-stale-note' style='color:#666;font-size:90%'>these figures are for the last "
+                "valid settings</div>"
+            )
+
+    # --------------------------------------------------------------------------------------- the training form
+
+    def _read_field(self, name: str) -> tuple[Any, str]:
+        """(value, note) of a form field, checked by the schema (a UsageError says what is wrong); the note is
+        the schema's warning about an unusual value (lr outside the usual range)."""
+        from ..magics.parse import read_value
+
+        setting, control = SETTINGS[name], self.form[name]
+        value = control.value
+        if isinstance(control, w.Text):
+            text = value.strip()
+            if not text:
+                return setting.default, ""
+            value = text if setting.kind == "text" else read_value(text, name)
+        if setting.kind == "object":
+            self._resolve(name, value)  # a variable that does not exist is marked at once
+            return value, ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = validate_one(name, value)
+        return value, " ".join(str(c.message) for c in caught)
+
+    def _check_field(self, name: str) -> None:
+        message, item = self._form_messages[name], self._form_items[name]
+        try:
+            value, note = self._read_field(name)
+        except UsageError as exc:
+            self.form_errors[name] = str(exc)
+            item.add_class("jl-invalid")
+            message.value = f"<div class='jl-form-message jl-form-error'>{html.escape(str(exc))}</div>"
+            message.layout.display = ""
+            return
+        self.form_errors.pop(name, None)
+        self._form_values[name] = value
+        item.remove_class("jl-invalid")
+        message.value = f"<div class='jl-form-message jl-form-note'>{html.escape(note)}</div>" if note else ""
+        message.layout.display = "" if note else "none"
+
+    def _on_form(self, name: str) -> None:
+        self._check_field(name)
+        if name in keys("estimate"):
+            self.update()  # the memory figure follows batch, seq, ckpt, optim
+        else:
+            self._refresh_code()
+        if name == "output_dir":
+            self._refresh_output()
+
+    def _resolve(self, name: str, value: Any) -> Any:
+        """A notebook input as the magic reads it: a variable name gives the object it holds; anything else (a
+        path, a literal) is itself."""
+        if not (isinstance(value, str) and value.isidentifier()) or self.namespace is None:
+            return value
+        if value not in self.namespace:
+            raise UsageError(
+                f"`{name}`: no variable `{value}` in the notebook ({SETTINGS[name].help})."
+                f"{did_you_mean(value, [k for k in self.namespace if not k.startswith('_')])}"
+            )
+        return self.namespace[value]
+
+    def _recheck_inputs(self) -> None:
+        """The notebook's variables changed (a cell ran): check the fields that name one again."""
+        for name in self.form:
+            if SETTINGS[name].kind == "object":
+                self._check_field(name)
+
+    # --------------------------------------------------------------------------------------- code
+
     def as_code(self) -> str:
-        """The ``%%lora`` cell that injects what the panel shows."""
+        """The Python calls that inject and train as the panel shows (only the values that differ from the
+        defaults); ``inject_cell`` / ``train_cell`` are the same as ``%%lora`` cells."""
+        inject = self._changed_inject_settings()
+        args = [f"{k}={v!r}" for k, v in inject.items()]
+        if self.adapter_name != "default":
+            args.append(f"name={self.adapter_name!r}")
+        var = self.variable
+        train = self._changed_training_settings()
+        data = train.pop("data", None)
+        extra = {k: _python_value(SETTINGS[k], v) for k, v in train.items()}
+        if "tokenizer" not in extra and self.tokenizer is None and self._tokenizer_name():
+            extra = {"tokenizer": self._tokenizer_name(), **extra}  # the one the panel finds, by name
+        data_text = _python_value(SETTINGS["data"], data) if data is not None else "data"
         lines = [
-            f"%%lora {self.variable}"
-            + (f" --name {self.adapter_name}" if self.adapter_name != "default" else "")
+            "import jupyter_lora as jl",
+            "",
+            f"{var} = jl.inject({', '.join([var, *args])})",
+            f"run = jl.train({', '.join([var, data_text, *(f'{k}={v}' for k, v in extra.items())])})",
         ]
-        for key, value in self.settings().items():
-            if value is None or value == SETTINGS[key].default:
-                continue
-            lines.append(f"{key}: {value:g}" if isinstance(value, float) else f"{key}: {value}")
+        if data is None:
+            lines[-1] += "  # data: the training texts or records (the panel's data field is empty)"
         return "\n".join(lines)
+
+    def inject_cell(self) -> str:
+        """The ``%%lora MODEL`` cell that injects what the panel shows (only the values that differ from the
+        defaults)."""
+        from ..magics.parse import inject_cell
+
+        return inject_cell(self.variable, self._changed_inject_settings(), self.adapter_name)
+
+    def train_cell(self) -> str:
+        """The ``%%lora train MODEL`` cell that trains as the form says (only the values that differ from the
+        defaults)."""
+        from ..magics.parse import train_cell
+
+        train = self._changed_training_settings()
+        if "data" not in train:  # the cell needs the key; the field is empty
+            return train_cell(self.variable, {"data": None, **train}).replace(
+                "data: null", "data: null  # the variable holding the training data", 1
+            )
+        return train_cell(self.variable, {"data": train.pop("data"), **train})
+
+    def _changed_inject_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.settings().items() if v is not None and v != SETTINGS[k].default}
+
+    def _refresh_code(self) -> None:
+        if self.code_button.value:
+            self.code_python.value = self.as_code()
+            self.code_inject.value = self.inject_cell()
+            self.code_train.value = self.train_cell()
 
     # --------------------------------------------------------------------------------------- rendering
 
     def _summary_html(self, plan, estimate) -> str:
-        b = estimate.breakdown
-        parts = {
-            "weights": b["weights"] + b["quant_constants"], "adapter": b["adapter"], "gradients": b["gradients"],
-            "optimizer": b["optimizer"], "activations": b["activations"], "logits": b["logits"],
-            "other": b["overhead"] + b["cuda_context"],
-        }  # fmt: skip
-        total = sum(parts.values())
+        parts = memory_parts(estimate)
+        total = estimate.total_bytes
         scale = max(total, estimate.gpu_capacity_bytes or 0) or 1
         bar = "".join(
-            f"<div title='{label}: {fmt_bytes(parts[key])}' style='width:{100 * parts[key] / scale:.2f}%;"
-            f"background:{color};height:14px'></div>"
-            for key, label, color in _MEMORY_PARTS if parts[key]
+            f"<div title='{label}: {fmt_bytes(value)}' style='width:{100 * value / scale:.2f}%;"
+            f"background:{_PART_COLORS[key]};height:14px'></div>"
+            for key, label, value in parts if value
         )  # fmt: skip
         legend = " ".join(
-            f"<span style='white-space:nowrap'><span style='display:inline-block;width:9px;height:9px;"
-            f"background:{color}'></span> {label} {fmt_bytes(parts[key])}</span>"
-            for key, label, color in _MEMORY_PARTS if parts[key]
+            f"<span class='jl-legend-{key}' style='white-space:nowrap'><span style='display:inline-block;width:9px;"
+            f"height:9px;background:{_PART_COLORS[key]}'></span> {label} {fmt_bytes(value)}</span>"
+            for key, label, value in parts if value
         )  # fmt: skip
         capacity = ""
         if estimate.gpu_capacity_bytes:
@@ -356,13 +636,41 @@ class Panel:
             f"<div class='jl-summary'><div><b class='jl-trainable'>{plan.trainable_params:,}</b> trainable of "
             f"{plan.total_params:,} (<span class='jl-percent'>{100 * plan.trainable_fraction:.3g}%</span>) · "
             f"{sum(1 for r in plan.modules if r.role == 'lora')} modules · adapter "
-            f"<span class='jl-adapter-bytes'>{fmt_bytes(plan.adapter_bytes)}</span> · {state}</div>"
+            f"<span class='jl-adapter-bytes'>{adapter_size(plan)}</span> on disk · {state}</div>"
             f"<div style='margin-top:4px'>training ≈ <b class='jl-memory'>{fmt_bytes(total)}</b>{capacity}</div>"
             f"<div class='jl-membar' style='display:flex;width:100%;background:#eee;margin:3px 0'>{bar}</div>"
-            f"<div style='font-size:90%'>{legend}</div>"
+            f"<div class='jl-legend' style='font-size:90%'>{legend}</div>"
             f"<div style='font-size:90%;color:#666'>{fmt_count(plan.adapter_params)} LoRA params, "
             f"r={plan.spec.r}, alpha={plan.spec.lora_alpha:g}</div></div>"
         )
+
+    def output_dir(self) -> Path | None:
+        """Where Train writes (the running or last run's folder once there is one); None when the panel cannot
+        know it yet (no output_dir set: the folder is named by the start time)."""
+        if self.run is not None and self.run.running:
+            return self.run.output_dir
+        given = self._form_values.get("output_dir")
+        return Path(given) if given else None
+
+    def _refresh_output(self) -> None:
+        from jupyter_lora.core.train import default_output_dir
+
+        def where(path: Path) -> str:
+            shown = path if path.is_absolute() else Path.cwd() / path
+            return f"<code>{html.escape(str(shown))}</code>"
+
+        if self.run is not None and self.run.running:
+            text = f"training: checkpoints go to {where(self.run.output_dir)}"
+        else:
+            given = self._form_values.get("output_dir")
+            if given:
+                text = f"Train writes its checkpoints to {where(Path(given))}"
+            else:
+                text = (f"Train writes its checkpoints to {where(default_output_dir(self.model, '<start time>'))}"
+                        " (set output_dir to choose)")  # fmt: skip
+            if self.run is not None:
+                text += f"; the last run wrote to {where(self.run.output_dir)}"
+        self.output_line.value = f"<div class='jl-output-dir'>{text}</div>"
 
     def _refresh_buttons(self) -> None:
         from jupyter_lora.core.modelinfo import is_peft_model
@@ -409,8 +717,7 @@ class Panel:
 
     def _on_code(self, change: dict) -> None:
         self.code.layout.display = "" if change["new"] else "none"
-        if change["new"]:
-            self.code.value = self.as_code()
+        self._refresh_code()
 
     def _guard(self, action: Callable[[], None]) -> Callable[[Any], None]:
         """Button callbacks: errors appear in the panel, in words, never as a lost exception."""
@@ -470,6 +777,8 @@ class Panel:
     def _after_cell(self, *_: Any) -> None:
         with contextlib.suppress(Exception):  # never break the user's cell
             self.follow()
+            self._recheck_inputs()
+            self._refresh_output()
 
     def _rebind(self, model: Any) -> None:
         self.model = model
@@ -484,6 +793,10 @@ class Panel:
     def inject(self) -> None:
         """Inject (or re-inject) the adapter the controls describe."""
         self._guard(self._inject)()
+
+    def train(self) -> None:
+        """Train the adapter the model holds with the form's settings (what the Train button does)."""
+        self._guard(self._train)()
 
     def _inject(self) -> None:
         self.update()
@@ -520,40 +833,49 @@ class Panel:
     def _train(self) -> None:
         from .progress import progress_observer
 
-        name = self.data.value.strip()
-        if not name:
+        self._recheck_inputs()
+        settings = self.training_settings()
+        data = settings.pop("data", None)
+        if data is None:
             raise UsageError(
-                "Name the training data: a variable holding texts or records (the `data` field)."
+                "Name the training data in the `data` field: a variable holding texts or records, or a "
+                ".jsonl/.json/.csv/.txt path."
             )
-        if self.namespace is None or name not in self.namespace:
-            raise UsageError(f"No variable `{name}` for the training data.")
+        inputs = {
+            k: self._resolve(k, settings.pop(k)) for k in list(settings) if SETTINGS[k].kind == "object"
+        }
+        if inputs.get("tokenizer") is None:
+            inputs["tokenizer"] = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
         holder: dict[str, Any] = {}
         observer = progress_observer(stop=lambda: holder["run"].stop(wait=False), mode="widget")
-        tokenizer = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
-        settings = {k: self.controls[k].value for k in ("steps", "batch", "seq", "ckpt", "optim")}
-        settings["steps"] = settings["steps"] or None  # 0: train by epochs
-        run = self._jl.train(self.model, self.namespace[name], tokenizer=tokenizer,
-                             **{**self.train_settings, **settings},
+        run = self._jl.train(self.model, self._resolve("data", data), **inputs, **settings,
                              observers=[observer, self._on_training_event])  # fmt: skip
         holder["run"] = self.run = run
         self.progress_area.children = [getattr(observer, "box", w.HTML(repr(observer)))]
+        self._refresh_output()
 
     def _on_training_event(self, event) -> None:
         if event.kind == "end":
             self._refresh_buttons()
+            self._refresh_output()
 
-    def _find_tokenizer(self) -> Any:
+    def _tokenizer_name(self) -> str | None:
+        """The one notebook variable holding a tokenizer (None: none, or several)."""
         import sys
 
         base = sys.modules.get("transformers.tokenization_utils_base")
         if base is None or self.namespace is None:
             return None
         found = [
-            v
+            k
             for k, v in self.namespace.items()
             if not k.startswith("_") and isinstance(v, base.PreTrainedTokenizerBase)
         ]
         return found[0] if len(found) == 1 else None
+
+    def _find_tokenizer(self) -> Any:
+        name = self._tokenizer_name()
+        return self.namespace[name] if name is not None and self.namespace is not None else None
 
     # --------------------------------------------------------------------------------------- display
 

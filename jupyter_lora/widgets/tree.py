@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from jupyter_lora.core.targets import ModelIndex
 
-__all__ = ["ModuleTree", "front_end_source", "tree_rows"]
+__all__ = ["ModuleTree", "front_end_source", "panel_stylesheet", "tree_rows"]
 
 # Rows are built once per model index: the entry dies with the model and is rebuilt when the index is.
 _ROWS: weakref.WeakKeyDictionary[nn.Module, tuple[ModelIndex, list[dict]]] = weakref.WeakKeyDictionary()
@@ -87,6 +87,13 @@ def front_end_source() -> tuple[str, str]:
     if _MARKER not in entry:
         raise RuntimeError(f"{root / 'module_tree.js'} lacks the line {_MARKER!r}")
     return entry.replace(_MARKER, logic, 1), (root / "module_tree.css").read_text()
+
+
+@lru_cache(maxsize=1)
+def panel_stylesheet() -> str:
+    """The panel's CSS (``js/panel.css``): the layout rules that ipywidgets' layout traits cannot say (gaps,
+    wrapping of long messages, the mark on an invalid field). The panel sends it with its module tree."""
+    return (_js_dir() / "panel.css").read_text()
 
 
 class ModuleTree(anywidget.AnyWidget):

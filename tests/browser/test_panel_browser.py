@@ -59,6 +59,8 @@ def test_panel_live_counts_highlight_and_inject(page, notebook_dir, tmp_path, ke
     assert kernel_eval(page, "model.peft_config['default'].r") == 17
 
     shot = tmp_path / "panel.png"
+    page.set_viewport_size({"width": 1400, "height": 1700})  # the whole panel, its training form too
+    page.wait_for_timeout(300)
     panel.screenshot(path=str(shot))
     keep_screenshot(shot)
 

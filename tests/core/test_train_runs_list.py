@@ -78,7 +78,9 @@ def test_another_models_runs_are_not_listed_for_it(in_tmp):
     gpt2 = jl.inject(tiny_model("gpt2"), r=4, targets="c_attn")
     assert jl.runs(gpt2).rows == ()
     # everything in lora_runs/ (the listing also holds the runs of this session's other models, elsewhere)
-    here = [c for c in jl.runs().checkpoints if (in_tmp.resolve() / "lora_runs") in c.checkpoint.resolve().parents]
+    here = [
+        c for c in jl.runs().checkpoints if (in_tmp.resolve() / "lora_runs") in c.checkpoint.resolve().parents
+    ]
     assert len(here) == 2
 
 

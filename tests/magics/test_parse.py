@@ -399,3 +399,55 @@ def test_a_model_named_exactly_like_a_subcommand_is_told_how_to_inject_into_it()
     with pytest.raises(UsageError) as info:
         parse("base --dry-run", "r: 8", models={"model"})
     assert "model variable" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- cells written back
+
+WRITTEN = [
+    ("numbers", {"data": "texts", "lr": 2e-05, "steps": 200, "warmup": 0.0, "eval": 0.1, "epochs": 1.5}),
+    (
+        "flags-and-choices",
+        {"data": "texts", "ckpt": True, "packing": False, "keep_best": None, "optim": "sgd"},
+    ),
+    ("texts-yaml-would-misread", {"data": "d/x.jsonl", "output_dir": "runs/a #1", "run_name": "123"}),
+    (
+        "text-with-colon-and-newline",
+        {"data": "texts", "samples": ["Once upon: a time", "line\nbreak", "true"]},
+    ),
+    ("mapping", {"data": "texts", "trainer_args": {"logging_first_step": True, "adam_beta2": 0.99}}),
+]
+
+
+@pytest.mark.parametrize(("case", "settings"), WRITTEN, ids=[c for c, _ in WRITTEN])
+def test_a_written_train_cell_parses_back_to_its_settings(case, settings):
+    from jupyter_lora.magics.parse import Train, read_value, train_cell, write_value
+
+    text = train_cell("model", settings)
+    line, _, body = text.partition("\n")
+    assert line == "%%lora train model" and len(body.splitlines()) == len(settings)  # one line per setting
+    assert parse(line.removeprefix("%%lora "), body) == Train(model="model", settings=settings)
+    for value in settings.values():
+        assert read_value(write_value(value)) == value
+
+
+def test_a_written_inject_cell_parses_back_with_its_name():
+    from jupyter_lora.magics.parse import inject_cell
+
+    settings = {"r": 8, "alpha": 12.5, "targets": "q_proj, v_proj", "layers": [0, 2]}
+    text = inject_cell("model", settings, name="my adapter")
+    line, _, body = text.partition("\n")
+    assert parse(line.removeprefix("%%lora "), body) == Inject(
+        model="model", name="my adapter", settings=settings
+    )
+
+
+def test_a_value_that_is_not_yaml_is_a_usage_error_with_an_example():
+    from jupyter_lora.magics.parse import read_value
+
+    with pytest.raises(UsageError, match=r"`samples`: '\[a' cannot be read as a value .* E.g. samples: \["):
+        read_value("[a", "samples")
+    assert (
+        read_value("2e-4") == 2e-4
+        and read_value("") is None
+        and read_value("q_proj, v_proj") == "q_proj, v_proj"
+    )

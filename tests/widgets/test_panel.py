@@ -66,8 +66,8 @@ def test_a_bad_spec_shows_an_error_and_keeps_the_last_plan(ns):
 def test_memory_bar_follows_batch_seq_and_4bit(ns):
     panel = _panel(ns)
     small = panel.estimate.total_bytes
-    panel.seq.value = 4096
-    assert panel.estimate.total_bytes > small
+    panel.seq.value = "4096"  # the training form's box, read as a cell body reads it
+    assert panel.estimate.total_bytes > small and panel.estimate.seq == 4096
     full = panel.estimate.breakdown["weights"]
     panel.quant.value = "4bit"
     assert panel.estimate.breakdown["weights"] < full
@@ -104,8 +104,12 @@ def test_errors_appear_inside_the_panel(ns, tmp_path):
     panel.save_button.click()  # must not raise
     assert "jl-panel-error" in panel.error.value and "is an existing file" in panel.error.value
     panel.data.value = "missing"
+    assert "no variable `missing`" in panel.form_errors["data"]  # marked at once, under the field
     panel.train_button.click()
-    assert "No variable `missing`" in panel.error.value
+    assert (
+        "Fix the training settings first" in panel.error.value
+        and "no variable `missing`" in panel.error.value
+    )
 
 
 def test_show_as_code_round_trips_through_the_magic_grammar(ns):
@@ -114,7 +118,7 @@ def test_show_as_code_round_trips_through_the_magic_grammar(ns):
     panel.alpha.value = 12
     panel.variant.value = "dora"
     panel.code_button.value = True
-    text = panel.code.value
+    text = panel.code_inject.value
     command = parse(text.splitlines()[0][2 + len("lora") :].strip(), "\n".join(text.splitlines()[1:]))
     assert isinstance(command, Inject) and command.model == "model"
     again = jl.plan(ns["model"], **command.settings)

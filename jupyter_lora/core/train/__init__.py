@@ -33,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "TrainingRun",
     "check_eval",
+    "default_output_dir",
     "last_run",
     "latest_checkpoint",
     "make_train_config",
@@ -73,8 +74,10 @@ def _task(peft_model: nn.Module, task: str) -> str:
     return detected
 
 
-def _default_output_dir(peft_model: nn.Module) -> Path:
-    return RUNS_DIR / f"{run_name_prefix(peft_model)}{time.strftime('%Y%m%d-%H%M%S')}"
+def default_output_dir(model: nn.Module, stamp: str | None = None) -> Path:
+    """Where a run of ``model`` writes its checkpoints when no ``output_dir`` is given, relative to the working
+    directory: ``lora_runs/<model type>-<stamp>``, the stamp being the start time (``20250131-142500``)."""
+    return RUNS_DIR / f"{run_name_prefix(model)}{stamp or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _check_output_dir(path: Path) -> Path:
@@ -211,7 +214,7 @@ def train(
     if config.samples and tokenizer is None:
         raise UsageError("`samples` need a tokenizer to generate with; pass tokenizer=.")
     output_dir = _check_output_dir(
-        Path(config.output_dir) if config.output_dir else _default_output_dir(peft_model)
+        Path(config.output_dir) if config.output_dir else default_output_dir(peft_model)
     )
     trainer_args = _trainer_args(trainer_args)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)

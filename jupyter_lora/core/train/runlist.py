@@ -106,7 +106,9 @@ def runs(path_or_model: Any = None, *, variable: str = "model") -> RunList:
     if path_or_model is None:
         dirs = [(RUNS_DIR, "root", None)]
         for run in run_registry.recent_runs():
-            if getattr(run, "output_dir", None):  # a run registered without one (not the engine's) has no files
+            if getattr(
+                run, "output_dir", None
+            ):  # a run registered without one (not the engine's) has no files
                 dirs.append((Path(run.output_dir), "run", None))
         return _collect(dirs, variable)
     if not isinstance(path_or_model, (str, os.PathLike)):
