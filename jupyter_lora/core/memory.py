@@ -24,7 +24,7 @@ from .modelinfo import base_model_of, is_peft_model, param_count
 from .plan import Plan, PlanRow
 from .plan import plan as make_plan
 from .sources import loaded_quantization, model_dims, resolve_source, resolve_weight_dtype
-from .targets import index_is_current, index_model
+from .targets import index_is_current, index_model, selection_key
 from .units import fmt_bytes
 
 __all__ = ["Calibration", "MemoryEstimate", "estimate"]
@@ -181,8 +181,10 @@ def _lora_inputs(the_plan: Plan, d: dict[str, Any]) -> tuple[int, int]:
     if the_plan.index is None:
         saved, read = _lora_input_widths(the_plan.modules)
     else:  # the same for every r, alpha and dropout of these targets: worked out once per target set
+        spec = the_plan.spec
         saved, read = the_plan.index.remember(
-            ("lora inputs", the_plan.targets), lambda: _lora_input_widths(the_plan.modules)
+            ("lora inputs", selection_key(spec.targets, spec.layers, spec.exclude)),
+            lambda: _lora_input_widths(the_plan.modules),
         )
     return saved // layers, (read if the_plan.spec.dropout > 0 else 0) // layers
 

@@ -22,7 +22,7 @@ from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, regi
 from .errors import UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
 from .spec import LoraSpec, spec_with
-from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets, spec_key
+from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets, selection_key, spec_key
 
 __all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "check_adapter_name", "plan"]
 
@@ -287,10 +287,6 @@ def _row(fixed: dict[str, Any], params: int, magnitude: int) -> PlanRow:
     return row
 
 
-def _target_set(index: ModelIndex, paths: tuple[str, ...]) -> _Targets:
-    return index.remember(("plan-targets", paths), lambda: _Targets(index, paths))
-
-
 def _resolve_modules_to_save(
     index: ModelIndex, spec: LoraSpec, task_type: str | None
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -458,13 +454,15 @@ def plan(
             "is either adapted with LoRA or trained fully. Remove it from one of them (e.g. `exclude`)."
         )
 
-    targets = _target_set(index, paths)
+    # What is kept per selection is keyed by the spec that selected it (the key of the resolution cache).
+    selection = selection_key(spec.targets, spec.layers, spec.exclude)
+    targets = index.remember(("plan targets", selection), lambda: _Targets(index, paths))
     targets.check(spec)
     rows = targets.plan_rows(spec)
     adapter_params = targets.lora_params(spec)
     base = base_model_of(model)
     layout, bias_trainable = index.remember(
-        ("layout", paths, spec.variant == "dora", save_paths, spec.bias),
+        ("layout", selection, spec.variant == "dora", save_paths, spec.bias),
         lambda: _layout(index, base, targets, spec, save_paths),
     )
 
@@ -499,7 +497,7 @@ def plan(
         modules=tuple(rows),
         modules_to_save=save_names,
         target_modules=tuple(
-            index.remember(("compact", paths), lambda: compact_target_modules(index, paths))
+            index.remember(("compact", selection), lambda: compact_target_modules(index, paths))
         ),
         trainable_params=trainable,
         total_params=total,

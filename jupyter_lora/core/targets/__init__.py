@@ -29,7 +29,15 @@ from .index import (
     layer_of,
     unwrapped_modules,
 )
-from .resolver import compact_target_modules, preset_paths, resolve, resolve_targets, spec_key, suffix_summary
+from .resolver import (
+    compact_target_modules,
+    preset_paths,
+    resolve,
+    resolve_targets,
+    selection_key,
+    spec_key,
+    suffix_summary,
+)
 
 __all__ = [
     "PRESETS",
@@ -45,6 +53,7 @@ __all__ = [
     "preset_paths",
     "resolve",
     "resolve_targets",
+    "selection_key",
     "spec_key",
     "split_spec",
     "suffix_summary",

@@ -128,7 +128,7 @@ def resolve_targets(
 ) -> tuple[str, ...]:
     """The adaptable module paths a spec selects, in model order. Raises ``TargetError`` for any item that
     selects nothing, instead of ignoring it. Cached per (targets, layers, exclude) on the index."""
-    key = (spec_key(targets), spec_key(layers), spec_key(exclude))
+    key = selection_key(targets, layers, exclude)
     if key in index.resolved:
         return index.resolved[key]
     items = split_spec(targets, "targets")
@@ -190,6 +190,12 @@ def resolve_targets(
     result = tuple(sorted(selected, key=order.__getitem__))
     index.resolved[key] = result
     return result
+
+
+def selection_key(targets: Any = None, layers: Any = None, exclude: Any = None) -> tuple[Any, Any, Any]:
+    """The key ``resolve_targets`` caches a selection under: small and hashable, so that what is kept per selection
+    is found without hashing its (maybe hundreds of) module paths."""
+    return (spec_key(targets), spec_key(layers), spec_key(exclude))
 
 
 def spec_key(value: Any) -> Any:
