@@ -456,12 +456,13 @@ def plan(
 
     # What is kept per selection is keyed by the spec that selected it (the key of the resolution cache).
     selection = selection_key(spec.targets, spec.layers, spec.exclude)
-    targets = index.remember(("plan targets", selection), lambda: _Targets(index, paths))
+    targets = _per_selection(index, ("targets", selection), lambda: _Targets(index, paths))
     targets.check(spec)
     rows = targets.plan_rows(spec)
     adapter_params = targets.lora_params(spec)
     base = base_model_of(model)
-    layout, bias_trainable = index.remember(
+    layout, bias_trainable = _per_selection(
+        index,
         ("layout", selection, spec.variant == "dora", save_paths, spec.bias),
         lambda: _layout(index, base, targets, spec, save_paths),
     )
@@ -497,7 +498,7 @@ def plan(
         modules=tuple(rows),
         modules_to_save=save_names,
         target_modules=tuple(
-            index.remember(("compact", selection), lambda: compact_target_modules(index, paths))
+            _per_selection(index, ("compact", selection), lambda: compact_target_modules(index, paths))
         ),
         trainable_params=trainable,
         total_params=total,
@@ -517,6 +518,22 @@ def plan(
         base_ref=weakref.ref(base),
         index=index,
     )
+
+
+_SELECTIONS_KEPT = 64  # per index: a few hundred KB each on a 405B-shaped model, for the specs used last
+
+
+def _per_selection(index: ModelIndex, key: Any, compute: Callable[[], Any]) -> Any:
+    """``index.remember`` for what is kept per target selection, the least recently used dropped beyond a bound
+    (each spec typed into the panel is a selection)."""
+    kept: OrderedDict[Any, Any] = index.remember("per selection", OrderedDict)
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    value = kept[key] = compute()
+    if len(kept) > _SELECTIONS_KEPT:
+        kept.popitem(last=False)
+    return value
 
 
 def _adapter_names(model: nn.Module) -> tuple[str, ...]:

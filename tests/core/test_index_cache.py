@@ -243,3 +243,18 @@ def test_the_file_size_for_any_rank_equals_writing_the_header():
     for r in (1, 4, 9, 10, 99, 100, 128, 1000, 4096):
         filled = [(k, d, tuple(r // -n if n < 0 else n for n in shape)) for k, d, shape in entries]
         assert layout.size(r) == _safetensors_size(filled), r
+
+
+def test_what_is_kept_per_target_spec_is_bounded():
+    """Each spec typed into the panel is a selection; what is kept for them does not grow without end, and a spec
+    dropped from the cache plans the same when it comes back."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    first = jl.plan(model, r=4, targets="q_proj", layers="0")
+    for k in range(100):
+        exclude = (
+            f"re:x{k}|model\\.layers\\.0\\.mlp\\.down_proj"  # a new spec each time, excluding one module
+        )
+        jl.plan(model, r=4, targets="all-linear", layers=f"0-{k % 4}", exclude=exclude)
+    kept = index_model(model).memo["per selection"]
+    assert len(kept) <= 64
+    assert jl.plan(model, r=4, targets="q_proj", layers="0") == first
