@@ -1,29 +1,37 @@
-"""Latency of ``jupyter_lora.plan`` on meta-device Llama-2 models, against PEFT's own way of getting the counts.
+"""Latency of ``jupyter_lora.plan`` on meta-device Llama models, against the calls PEFT offers to learn the same
+counts — first call against first call, repeat against repeat.
 
-For a Llama-2-70B-shaped and a Llama-2-7B-shaped model built on the meta device (``accelerate.init_empty_weights``,
-no weights allocated) this measures, with ``time.perf_counter``:
+For Llama-2-7B-, Llama-2-70B- and Llama-3.1-405B-shaped models built on the meta device (``torch.device("meta")``,
+no weights allocated), LoRA on all linear layers, this measures with ``time.perf_counter``:
 
-(a) cold   - the first ``plan(model, r=16, targets="all-linear")`` on a freshly built model: module discovery
-             (one walk over the model), target resolution and the counts;
-(b) warm   - re-plans where only r / alpha / dropout / variant change (what a slider does): the cached module
-             index and target resolution are reused;
-(c) retarget - a re-plan with a targets/layers spec not seen before: a new resolution on the cached index;
-(d) PEFT   - ``get_peft_model(fresh_meta_model, LoraConfig(r=16, target_modules="all-linear"))`` followed by
-             ``get_nb_trainable_parameters()``, i.e. what one would otherwise run to learn the same numbers.
+first call — on a freshly built model (built outside the timed region), r=16:
+  ours       ``plan(model, r=16, targets="all-linear")``: one walk over the model (the module index), target
+             resolution and the counts;
+  PEFT       ``get_peft_model(model, config)`` + ``get_nb_trainable_parameters()``;
+  PEFT low   the same with ``low_cpu_mem_usage=True`` (the LoRA weights made on the meta device, not in memory
+             first: the fair baseline for counting);
+  inject low ``inject_adapter_in_model(config, model, low_cpu_mem_usage=True)`` + counting the trainable and all
+             parameters.
+repeat — the counts for another r on the same model (each r new):
+  ours       ``plan`` again: the cached index and resolution are reused;
+  PEFT       ``add_adapter(name, config)`` on the PeftModel of the first call + counting the new adapter's
+             parameters (the adapter is deleted again outside the timed region);
+  PEFT low   the same with ``low_cpu_mem_usage=True``;
+  inject low ``inject_adapter_in_model(config, model, adapter_name=name, low_cpu_mem_usage=True)`` on the model of
+             the first call + counting (deleted again, untimed).
+and (c) re-plans with a targets/layers spec not seen before (a new resolution on the cached index).
 
-Each fresh model is built outside the timed region, and the cyclic garbage collector is run before and paused
-during each timed call (as ``timeit`` does). It prints best / median / max per measurement, PEFT's median
-divided by the warm median, whether plan's trainable/total parameter counts equal PEFT's, and whether the warm
-median meets the 50 ms interactive target. ``--quick`` skips the 7B model.
+The cyclic garbage collector is run before and paused during each timed call (as ``timeit`` does). It prints
+best / median / p95 / max per measurement, the side-by-side medians with PEFT/ours for first and repeat calls, and whether
+the counts equal PEFT's. ``--quick``: only the 70B shape; ``--models``: the shapes to run.
 
-    python benchmarks/plan_latency.py [--quick] [--repeats N]
+    python benchmarks/plan_latency.py [--quick] [--models llama-2-7b,...] [--repeats N] [--peft-repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import logging
 import statistics
 import sys
@@ -33,20 +41,23 @@ from functools import partial
 
 from jupyter_lora.testing import LLAMA_SHAPES as SHAPES
 
-TARGET_S = 0.050  # a re-plan must keep up with a slider
+TARGET_S = 0.010  # a re-plan must keep up with a slider
+PEFT_PATHS = ("PEFT", "PEFT low", "inject low")
 
 
-def meta_model(shape: dict):
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+def meta_model(shape: str, **overrides):
+    import torch
+    from transformers import LlamaForCausalLM
 
-    with init_empty_weights():
-        return LlamaForCausalLM(LlamaConfig(**shape))
+    from jupyter_lora.testing import llama_config
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(llama_config(shape, **overrides))
 
 
 def timed(fn) -> tuple[float, object]:
     """Seconds ``fn()`` took, with Python's cyclic GC collected before and paused during the call (as
-    ``timeit`` does): a full collection of the earlier 70B meta models costs ~0.3 s and would otherwise land
+    ``timeit`` does): a full collection of the earlier meta models costs ~0.3 s and would otherwise land
     in whichever call happens to trigger it."""
     gc.collect()
     gc.disable()
@@ -59,70 +70,122 @@ def timed(fn) -> tuple[float, object]:
 
 
 def stats(times: list[float]) -> dict[str, float]:
-    return {"best": min(times), "median": statistics.median(times), "max": max(times), "n": len(times)}
+    ordered = sorted(times)
+    k = (len(ordered) - 1) * 0.95  # the 95th percentile, linear between the nearest ranks
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    p95 = ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    return {
+        "best": min(times),
+        "median": statistics.median(times),
+        "p95": p95,
+        "max": max(times),
+        "n": len(times),
+    }
 
 
-def peft_counts_of(model) -> tuple[int, int]:
-    """What PEFT reports: wrap with LoRA on all linear layers and count."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(r: int):
+    from peft import LoraConfig
 
-    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
-    return peft_model.get_nb_trainable_parameters()
+    return LoraConfig(r=r, target_modules="all-linear")
 
 
-def bench_model(name: str, shape: dict, repeats: int, peft_repeats: int) -> dict:
+def adapter_params(model, name: str) -> int:
+    """Parameters of adapter ``name`` (PEFT names them ``<module>.lora_A.<name>.weight``, ...)."""
+    return sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n)
+
+
+def peft_first(path: str, model):
+    """(the adapted model, (trainable, total)) from PEFT's ``path`` on a fresh model."""
+    from peft import get_peft_model, inject_adapter_in_model
+
+    if path == "inject low":
+        adapted = inject_adapter_in_model(lora_config(16), model, low_cpu_mem_usage=True)
+        params = list(adapted.parameters())
+        return adapted, (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    adapted = get_peft_model(model, lora_config(16), low_cpu_mem_usage=path == "PEFT low")
+    return adapted, adapted.get_nb_trainable_parameters()
+
+
+def peft_repeat(path: str, adapted, name: str, r: int) -> int:
+    """Add adapter ``name`` with rank ``r`` to the model of the first call and count its parameters."""
+    from peft import inject_adapter_in_model
+
+    if path == "inject low":
+        inject_adapter_in_model(lora_config(r), adapted, adapter_name=name, low_cpu_mem_usage=True)
+    else:
+        adapted.add_adapter(name, lora_config(r), low_cpu_mem_usage=path == "PEFT low")
+    return adapter_params(adapted, name)
+
+
+def drop_adapter(path: str, adapted, name: str) -> None:
+    if path != "inject low":
+        adapted.delete_adapter(name)
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in adapted.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.delete_adapter(name)
+
+
+def bench_model(shape: str, repeats: int, peft_repeats: int) -> dict:
     import jupyter_lora as jl
 
-    out: dict = {"name": name}
+    out: dict = {"name": shape}
+    ranks = [r for r in range(2, 64, 2) if r != 16]  # 30 ranks, none of them the first call's
 
-    # (a) cold: a fresh model per repeat, so every call walks the model.
-    cold, first_plan, model = [], None, None
+    # ours, first call: a fresh model per repeat, so every call walks the model.
+    first, model = [], None
     for _ in range(repeats):
         model = meta_model(shape)
         t, p = timed(partial(jl.plan, model, r=16, targets="all-linear"))
-        cold.append(t)
-        first_plan = first_plan or p
-    out["cold"] = stats(cold)
-    out["plan"] = first_plan
+        first.append(t)
+        out["plan"] = p
+    out["ours first"] = stats(first)
 
-    # (b) warm: same model, only r / alpha / dropout / variant change.
-    settings = [
-        dict(r=r, variant=v, alpha=a, dropout=d)
-        for (r, v), (a, d) in zip(
-            itertools.product((4, 8, 16, 32, 64), ("lora", "dora", "rslora")),
-            itertools.cycle([(None, 0.0), (32.0, 0.05), (None, 0.1)]),
-        )
-    ]
-    settings = settings * 2  # 30 re-plans
-    warm = [timed(partial(jl.plan, model, targets="all-linear", **s))[0] for s in settings]
-    out["warm"] = stats(warm)
+    # ours, repeat: the same model, a new r each time (and for the counts check, each r's adapter size).
+    repeat, sizes = [], {}
+    for r in ranks:
+        t, p = timed(partial(jl.plan, model, r=r, targets="all-linear"))
+        repeat.append(t)
+        sizes[r] = p.adapter_params
+    out["ours repeat"] = stats(repeat)
 
-    # (c) new targets/layers spec each time (a resolution not cached yet), discovery cached.
-    layers = shape["num_hidden_layers"]
+    # (c) new targets/layers spec each time (a resolution not cached yet), the index cached.
+    layers = SHAPES[shape]["num_hidden_layers"]
     specs = [
         dict(targets="q_proj,v_proj", layers=f"0-{k}")
         if i % 3 == 0
         else dict(targets="attention", layers=f"{k}-{layers - 1}")
         if i % 3 == 1
         else dict(targets="mlp", layers=f"0-{k}", exclude="down_proj")
-        for i, k in enumerate(range(1, layers, max(1, layers // repeats)))
+        for i, k in enumerate(range(1, layers, max(1, layers // max(repeats, 3))))
     ][: max(repeats, 3)]
-    out["retarget"] = stats([timed(partial(jl.plan, model, r=16, **s))[0] for s in specs])
+    out["ours retarget"] = stats([timed(partial(jl.plan, model, r=16, **s))[0] for s in specs])
     model = None
     gc.collect()
 
-    # (d) PEFT on a fresh meta model per repeat (built outside the timed region).
-    peft_times, peft_counts = [], None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(peft_repeats):
-            fresh = meta_model(shape)
-            t, peft_counts = timed(partial(peft_counts_of, fresh))
-            peft_times.append(t)
-            fresh = None
+        for path in PEFT_PATHS:
+            first, repeat, adapted = [], [], None
+            for _ in range(peft_repeats):
+                adapted = None
+                gc.collect()
+                fresh = meta_model(shape)
+                t, (adapted, counts) = timed(partial(peft_first, path, fresh))
+                first.append(t)
+                out[f"{path} counts"] = counts
+            for r in ranks[:peft_repeats]:
+                name = f"r{r}"
+                t, n = timed(partial(peft_repeat, path, adapted, name, r))
+                repeat.append(t)
+                out.setdefault(f"{path} repeat counts", []).append((sizes.get(r), n))
+                drop_adapter(path, adapted, name)
+            out[f"{path} first"] = stats(first)
+            out[f"{path} repeat"] = stats(repeat)
+            adapted = None
             gc.collect()
-    out["peft"] = stats(peft_times)
-    out["peft_counts"] = peft_counts
     return out
 
 
@@ -131,50 +194,58 @@ def fmt_ms(seconds: float) -> str:
 
 
 def report(results: list[dict]) -> bool:
-    rows = [("model", "measurement", "n", "best ms", "median ms", "max ms")]
+    rows = [("model", "measurement", "n", "best ms", "median ms", "p95 ms", "max ms")]
+    labels = [
+        ("ours first", "ours: first plan (walks the model)"),
+        ("ours repeat", "ours: repeat plan, new r"),
+        ("ours retarget", "ours: re-plan, new targets/layers"),
+        ("PEFT first", "PEFT: get_peft_model + count"),
+        ("PEFT repeat", "PEFT: add_adapter new r + count"),
+        ("PEFT low first", "PEFT low_cpu_mem_usage: get_peft_model"),
+        ("PEFT low repeat", "PEFT low_cpu_mem_usage: add_adapter"),
+        ("inject low first", "PEFT low_cpu_mem_usage: inject_adapter"),
+        ("inject low repeat", "PEFT low_cpu_mem_usage: inject again"),
+    ]
     for r in results:
-        for key, label in (
-            ("cold", "(a) cold plan (discovery)"),
-            ("warm", "(b) warm re-plan r/alpha/variant"),
-            ("retarget", "(c) re-plan, new targets/layers"),
-            ("peft", "(d) PEFT get_peft_model+count"),
-        ):
+        for key, label in labels:
             s = r[key]
+            rows.append((r["name"], label, str(s["n"]), fmt_ms(s["best"]), fmt_ms(s["median"]), fmt_ms(s["p95"]),
+                         fmt_ms(s["max"])))  # fmt: skip
+    print_table(rows)
+    print()
+
+    rows = [("model", "PEFT path", "first: ours ms", "PEFT ms", "PEFT/ours", "repeat: ours ms", "PEFT ms",
+             "PEFT/ours")]  # fmt: skip
+    for r in results:
+        ours_first, ours_repeat = r["ours first"]["median"], r["ours repeat"]["median"]
+        for path, label in zip(
+            PEFT_PATHS,
+            ("get_peft_model", "get_peft_model, low_cpu_mem_usage", "inject_adapter, low_cpu_mem_usage"),
+            strict=True,
+        ):
+            first, repeat = r[f"{path} first"]["median"], r[f"{path} repeat"]["median"]
             rows.append(
-                (r["name"], label, str(s["n"]), fmt_ms(s["best"]), fmt_ms(s["median"]), fmt_ms(s["max"]))
-            )
+                (r["name"], label, fmt_ms(ours_first), fmt_ms(first), f"{first / ours_first:.1f}x",
+                 fmt_ms(ours_repeat), fmt_ms(repeat), f"{repeat / ours_repeat:.0f}x")
+            )  # fmt: skip
     print_table(rows)
     print()
 
     ok_all = True
-    rows = [
-        ("model", "ours warm med ms", "PEFT med ms", "PEFT/ours", "counts", f"warm < {TARGET_S * 1e3:.0f} ms")
-    ]
-    details = []
     for r in results:
         p = r["plan"]
-        trainable, total = r["peft_counts"]
-        match = (p.trainable_params, p.total_params) == (trainable, total)
-        meets = r["warm"]["median"] < TARGET_S
-        ok_all &= match
-        rows.append(
-            (
-                r["name"],
-                fmt_ms(r["warm"]["median"]),
-                fmt_ms(r["peft"]["median"]),
-                f"{r['peft']['median'] / r['warm']['median']:.0f}x",
-                "OK" if match else "MISMATCH",
-                "yes" if meets else "NO",
-            )
+        lines = []
+        for path in PEFT_PATHS:
+            match = (p.trainable_params, p.total_params) == tuple(r[f"{path} counts"])
+            match &= all(ours == theirs for ours, theirs in r[f"{path} repeat counts"])
+            ok_all &= match
+            lines.append(f"{path} {'OK' if match else 'MISMATCH'}")
+        meets = r["ours repeat"]["p95"] <= TARGET_S
+        print(
+            f"{r['name']}: plan trainable {p.trainable_params:,} / total {p.total_params:,}; counts equal PEFT's "
+            f"(first and repeat): {', '.join(lines)}; repeat plan p95 ≤ {TARGET_S * 1e3:.0f} ms: "
+            f"{'yes' if meets else 'NO'}"
         )
-        details.append(
-            f"{r['name']}: plan trainable {p.trainable_params:,} / total {p.total_params:,}; "
-            f"PEFT trainable {trainable:,} / total {total:,}"
-        )
-    print_table(rows)
-    print()
-    for line in details:
-        print(line)
     return ok_all
 
 
@@ -193,8 +264,11 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the 70B-shaped model")
-    parser.add_argument("--repeats", type=int, default=5, help="repeats of the cold and retarget timings")
-    parser.add_argument("--peft-repeats", type=int, default=3, help="repeats of the PEFT timing")
+    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated model shapes")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="repeats of our first-call and retarget timings"
+    )
+    parser.add_argument("--peft-repeats", type=int, default=3, help="repeats of each PEFT timing")
     args = parser.parse_args(argv)
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice at peft import
@@ -204,20 +278,24 @@ def main(argv: list[str] | None = None) -> int:
 
     import jupyter_lora as jl
 
-    # Imports and first-use initialisation outside every timed region.
-    jl.plan(meta_model(dict(SHAPES["llama-2-7b"], num_hidden_layers=1)), r=8, targets="all-linear")
+    # Imports and first-use initialisation outside every timed region, for both sides.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jl.plan(meta_model("llama-2-7b", num_hidden_layers=1), r=8, targets="all-linear")
+        for path in PEFT_PATHS:
+            peft_repeat(path, peft_first(path, meta_model("llama-2-7b", num_hidden_layers=1))[0], "warm", 8)
 
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"{torch.get_num_threads()} threads; meta-device models, times in ms"
     )
     print()
-    names = ["llama-2-70b"] if args.quick else list(SHAPES)
+    names = ["llama-2-70b"] if args.quick else [s.strip() for s in args.models.split(",") if s.strip()]
     start = time.perf_counter()
-    results = [bench_model(n, SHAPES[n], args.repeats, args.peft_repeats) for n in names]
-    report(results)
+    results = [bench_model(n, args.repeats, args.peft_repeats) for n in names]
+    ok = report(results)
     print(f"\nbenchmark took {time.perf_counter() - start:.1f} s")
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ compute, 4 for fp32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,10 +21,10 @@ from torch import nn
 from ..settings import SETTINGS, canonical, keys, validate_one
 from .errors import UsageError
 from .modelinfo import base_model_of, is_peft_model, param_count
-from .plan import Plan
+from .plan import Plan, PlanRow
 from .plan import plan as make_plan
 from .sources import loaded_quantization, model_dims, resolve_source, resolve_weight_dtype
-from .targets import index_model
+from .targets import index_is_current, index_model, selection_key
 from .units import fmt_bytes
 
 __all__ = ["Calibration", "MemoryEstimate", "estimate"]
@@ -177,9 +178,22 @@ def _layer_activations(
 def _lora_inputs(the_plan: Plan, d: dict[str, Any]) -> tuple[int, int]:
     """(distinct lora_A input elements per token and layer, dropout-copied elements per token and layer)."""
     layers = max(1, d["layers"])
+    if the_plan.index is None:
+        saved, read = _lora_input_widths(the_plan.modules)
+    else:  # the same for every r, alpha and dropout of these targets: worked out once per target set
+        spec = the_plan.spec
+        saved, read = the_plan.index.remember(
+            ("lora inputs", selection_key(spec.targets, spec.layers, spec.exclude)),
+            lambda: _lora_input_widths(the_plan.modules),
+        )
+    return saved // layers, (read if the_plan.spec.dropout > 0 else 0) // layers
+
+
+def _lora_input_widths(rows: Sequence[PlanRow]) -> tuple[int, int]:
+    """(input widths the adapted modules save for backward, counted once per shared input; all their widths)."""
     groups = {}
-    dropout = 0
-    for row in the_plan.modules:
+    read = 0
+    for row in rows:
         if row.role != "lora" or row.kind == "embedding":
             continue
         # q/k/v (and gate/up) read the same tensor: one saved input per (parent module, input width).
@@ -199,9 +213,8 @@ def _lora_inputs(the_plan: Plan, d: dict[str, Any]) -> tuple[int, int]:
         ):
             parent = row.path
         groups[(parent, row.in_features)] = row.in_features
-        if the_plan.spec.dropout > 0:
-            dropout += row.in_features
-    return sum(groups.values()) // layers, dropout // layers
+        read += row.in_features
+    return sum(groups.values()), read
 
 
 def _gpu() -> tuple[str | None, int | None]:
@@ -255,7 +268,12 @@ def estimate(
     if attention not in ("sdpa", "eager", "flash"):
         raise UsageError(f"`attention` must be sdpa, flash or eager, got {attention!r}.")
     model = resolve_source(source, "estimate")
-    index = index_model(model)
+    # The index the plan was just made from serves when nothing was registered since (one check per re-plan and
+    # estimate); otherwise the model's own index, checked.
+    if isinstance(plan, Plan) and plan.index is not None and index_is_current(model, plan.index):
+        index = plan.index
+    else:
+        index = index_model(model)
     notes: list[str] = []
     loaded_quant, loaded_double = loaded_quantization(model, index)
     if quant is None:
@@ -267,7 +285,7 @@ def estimate(
         if ckpt:
             notes.append("gradient checkpointing on: training turns it on for 4/8-bit bases (ckpt: auto)")
 
-    weight_dtype = resolve_weight_dtype(model, dtype, notes)
+    weight_dtype = resolve_weight_dtype(model, dtype, notes, index)
     e = 4 if weight_dtype == torch.float32 else 2
     if quant_key is not None:
         e = 2  # QLoRA computes in bf16
@@ -281,7 +299,7 @@ def estimate(
             if not settings:
                 shown = ", ".join(plan.target_modules[:4])
                 notes.append(f"no adapter given: estimated for r={plan.spec.r} on {shown}")
-    d = model_dims(model)
+    d = model_dims(model, index)
     tokens = seq * batch
     weights, constants = _weights_bytes(model, weight_dtype, quant_key, index, bool(double_quant))
     lora_params = plan.adapter_params

@@ -1,25 +1,28 @@
 """What an injection would do, without doing it: the modules, the parameter counts PEFT will report, the bytes the
-saved adapter will take. Works on meta-device models; re-planning with new r/alpha/dropout/variant reuses the
-cached module index and target resolution, so it is fast enough to follow a slider.
+saved adapter will take. Works on meta-device models. Re-planning with new r/alpha/dropout/variant reuses the cached
+module index, the target resolution and, per resolved target set, the shapes the counts and the file size need
+(``_Targets``, ``_Layout``), so it follows a slider on a 405B-shaped model without walking it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, registered_wrapper
 from .errors import UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
 from .spec import LoraSpec, spec_with
-from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets
+from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets, selection_key, spec_key
 
 __all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "check_adapter_name", "plan"]
 
@@ -96,12 +99,14 @@ class Plan:
     removes_others: bool = False
     fingerprint: int = field(default=0, compare=False, repr=False)
     base_ref: Callable[[], nn.Module | None] | None = field(default=None, compare=False, repr=False)
+    # The module index the plan was made from (an estimate of the plan reuses it while it is current).
+    index: ModelIndex | None = field(default=None, compare=False, repr=False)
 
     @property
     def trainable_fraction(self) -> float:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
-    @property
+    @functools.cached_property
     def targets(self) -> tuple[str, ...]:
         """Paths of the modules that receive LoRA."""
         return tuple(r.path for r in self.modules if r.role == "lora")
@@ -212,37 +217,88 @@ def _adapter_dtype(dtype: str) -> str:
     return dtype if dtype in ("float32", "float64") else "float32"
 
 
-def _lora_row(info, spec: LoraSpec) -> PlanRow:
-    r = spec.r
-    smallest = min(info.in_features, info.out_features)
-    if spec.init == "mica" and r > smallest:
+class _Targets:
+    """The modules a target spec selected, with what a plan for any r or variant needs from them: the row of each
+    module less its r-dependent counts, and the sums those counts come from. Kept on the index per selection."""
+
+    def __init__(self, index: ModelIndex, paths: tuple[str, ...]):
+        infos = [index.by_path[p] for p in paths]
+        self.paths = paths
+        self.infos = infos
+        self.rows = [
+            {"path": i.path, "kind": i.kind, "in_features": i.in_features, "out_features": i.out_features,
+             "role": "lora", "layer": i.layer, "dtype": _adapter_dtype(i.dtype)}
+            for i in infos
+        ]  # fmt: skip
+        # A module's LoRA parameters: r·per_r + out·(r // groups) for a conv (lora_B is grouped), + out for DoRA.
+        conv = [i.kind in ("conv1d", "conv2d", "conv3d") for i in infos]
+        self.per_r = [
+            i.in_features * i.kernel if c else i.in_features + i.out_features
+            for i, c in zip(infos, conv, strict=True)
+        ]
+        self.groups = [i.groups if c else 0 for i, c in zip(infos, conv, strict=True)]
+        self.outs = [i.out_features for i in infos]
+        self.per_r_total = sum(self.per_r)
+        self.out_total = sum(self.outs)
+        self.grouped_outs: dict[int, int] = {}  # groups -> the out_features of the convs with those groups
+        for g, o in zip(self.groups, self.outs, strict=True):
+            if g:
+                self.grouped_outs[g] = self.grouped_outs.get(g, 0) + o
+        self.smallest = min((min(i.in_features, i.out_features) for i in infos), default=0)
+
+    def check(self, spec: LoraSpec) -> None:
+        if spec.init != "mica" or spec.r <= self.smallest:
+            return
+        info = next(i for i in self.infos if spec.r > min(i.in_features, i.out_features))
+        smallest = min(info.in_features, info.out_features)
         raise UsageError(
-            f"`r` {r} is larger than the smallest dimension of `{info.path}` ({info.in_features}→{info.out_features}); "
+            f"`r` {spec.r} is larger than the smallest dimension of `{info.path}` ({info.in_features}→{info.out_features}); "
             f"init: mica needs r ≤ {smallest} there. Use r: {smallest} or less, or another init."
         )
-    if info.kind in ("conv1d", "conv2d", "conv3d"):
-        # lora_A: Conv(in -> r, kernel); lora_B: Conv(r -> out, 1x..x1, groups=groups)
-        params = r * info.in_features * info.kernel + info.out_features * (r // info.groups)
-    else:
-        params = r * (info.in_features + info.out_features)
-    magnitude = info.out_features if spec.variant == "dora" else 0
-    return PlanRow(
-        path=info.path,
-        kind=info.kind,
-        in_features=info.in_features,
-        out_features=info.out_features,
-        params=params + magnitude,
-        layer=info.layer,
-        magnitude=magnitude,
-        dtype=_adapter_dtype(info.dtype),
-    )
+
+    def lora_params(self, spec: LoraSpec) -> int:
+        """The LoRA parameters of all the modules (A, B, DoRA magnitudes), from the sums: no loop over modules."""
+        r = spec.r
+        total = r * self.per_r_total + sum((r // g) * outs for g, outs in self.grouped_outs.items())
+        return total + (self.out_total if spec.variant == "dora" else 0)
+
+    def plan_rows(self, spec: LoraSpec) -> list[PlanRow]:
+        r, dora = spec.r, spec.variant == "dora"
+        rows = []
+        for fixed, per_r, groups, out in zip(self.rows, self.per_r, self.groups, self.outs, strict=True):
+            magnitude = out if dora else 0
+            params = r * per_r + (out * (r // groups) if groups else 0) + magnitude
+            rows.append(_row(fixed, params, magnitude))
+        return rows
+
+
+_new = object.__new__
+
+
+def _row(fixed: dict[str, Any], params: int, magnitude: int) -> PlanRow:
+    # Filled the way copy and pickle fill an instance: PlanRow's generated __init__ sets each of its nine fields
+    # through object.__setattr__ (it is frozen), which made this loop 4-6× slower — over 1 ms of each re-plan of a
+    # 405B-shaped model's 882 targets.
+    row = _new(PlanRow)
+    values = row.__dict__
+    values.update(fixed)
+    values["params"] = params
+    values["magnitude"] = magnitude
+    return row
 
 
 def _resolve_modules_to_save(
     index: ModelIndex, spec: LoraSpec, task_type: str | None
-) -> tuple[list[str], list[str]]:
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(names for PEFT's modules_to_save, module paths they wrap) — matched the way PEFT matches them
-    (``path.endswith(name)``), outermost module only."""
+    (``path.endswith(name)``), outermost module only. Kept on the index per setting."""
+    key = ("modules_to_save", spec_key(spec.modules_to_save), spec.task_type, task_type)
+    return index.remember(key, lambda: _match_modules_to_save(index, spec, task_type))
+
+
+def _match_modules_to_save(
+    index: ModelIndex, spec: LoraSpec, task_type: str | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     names: list[str] = []
     user = []
     if spec.modules_to_save is not None:
@@ -271,7 +327,7 @@ def _resolve_modules_to_save(
                 wrapped.append(p)
     order = {p: i for i, p in enumerate(paths)}
     wrapped.sort(key=order.__getitem__)
-    return names, wrapped
+    return tuple(names), tuple(wrapped)
 
 
 def _safetensors_size(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
@@ -294,6 +350,73 @@ def _safetensors_size(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
     length = len(text.encode())
     length += (8 - length % 8) % 8
     return 8 + length + offset
+
+
+_POWERS_OF_TEN = np.array([10**k for k in range(1, 19)], dtype=np.int64)
+
+
+def _digits(values: np.ndarray) -> int:
+    """The total number of decimal digits of non-negative integers."""
+    return int(np.searchsorted(_POWERS_OF_TEN, values, side="right").sum()) + len(values)
+
+
+class _Layout:
+    """``_safetensors_size`` for entries whose shapes hold r, for any r, without writing the header. A dimension
+    ``-g`` in a shape stands for ``r // g`` (``-1``: r). The order of the tensors does not depend on r, so the
+    header is the same text but for the digits of r and of the data offsets; those are counted with numpy."""
+
+    def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]]):
+        ordered = sorted(entries, key=lambda e: (-_DTYPE_BYTES[e[1]], e[0]))
+        coef, div = [], []
+        fixed = len('{"__metadata__":{"format":"pt"}}')
+        for key, dtype, shape in ordered:
+            held = [-d for d in shape if d < 0]
+            assert len(held) <= 1, shape
+            n = _DTYPE_BYTES[dtype]
+            for d in shape:
+                n *= d if d >= 0 else 1
+            coef.append(n)
+            div.append(held[0] if held else 0)
+            dims = ",".join(str(d) if d >= 0 else "" for d in shape)  # r's digits are added per r
+            st = _SAFETENSORS_DTYPE.get(dtype, dtype.upper())
+            fixed += len(f',{json.dumps(key)}:{{"dtype":"{st}","shape":[{dims}],"data_offsets":[,]}}')
+        self.fixed = fixed
+        self.coef = np.array(coef, dtype=np.int64)
+        self.div = np.array(div, dtype=np.int64)
+        self.holds_r = self.div > 0
+
+    def size(self, r: int) -> int:
+        """Bytes of the file for rank ``r``: equal to ``_safetensors_size`` of the entries with r filled in."""
+        if not len(self.coef):
+            return _safetensors_size([])
+        dims = np.where(self.holds_r, r // np.maximum(self.div, 1), 1)
+        sizes = self.coef * dims
+        ends = np.cumsum(sizes)
+        length = self.fixed + _digits(ends - sizes) + _digits(ends) + _digits(dims[self.holds_r])
+        length += (8 - length % 8) % 8
+        return 8 + length + int(ends[-1])
+
+
+def _adapter_entries(targets: _Targets, dora: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The LoRA tensors of the saved adapter, with -1 / -groups standing for r / r // groups in their shapes."""
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    for info, row in zip(targets.infos, targets.rows, strict=True):
+        prefix, dtype = f"base_model.model.{info.path}.", row["dtype"]
+        conv = info.kind in ("conv1d", "conv2d", "conv3d")
+        if info.kind == "embedding":
+            entries.append((prefix + "lora_embedding_A", dtype, (-1, info.in_features)))
+            entries.append((prefix + "lora_embedding_B", dtype, (info.out_features, -1)))
+        elif conv:
+            ones = (1,) * len(info.kernel_size)
+            entries.append((prefix + "lora_A.weight", dtype, (-1, info.in_features, *info.kernel_size)))
+            entries.append((prefix + "lora_B.weight", dtype, (info.out_features, -info.groups, *ones)))
+        else:
+            entries.append((prefix + "lora_A.weight", dtype, (-1, info.in_features)))
+            entries.append((prefix + "lora_B.weight", dtype, (info.out_features, -1)))
+        if dora:
+            shape = (1, info.out_features, *(1,) * len(info.kernel_size)) if conv else (info.out_features,)
+            entries.append((prefix + "lora_magnitude_vector", dtype, shape))
+    return entries
 
 
 def plan(
@@ -322,38 +445,27 @@ def plan(
     task_type = index.task.task_type if spec.task_type == "auto" else spec.task_type
     paths = resolve_targets(index, spec.targets, spec.layers, spec.exclude)
     save_names, save_paths = _resolve_modules_to_save(index, spec, task_type)
-    conflict = [p for p in paths if any(p == s or p.startswith(s + ".") for s in save_paths)]
+    conflict = (
+        [p for p in paths if any(p == s or p.startswith(s + ".") for s in save_paths)] if save_paths else []
+    )
     if conflict:
         raise UsageError(
             f"`{conflict[0]}` is both a LoRA target and inside `modules_to_save` ({', '.join(save_paths)}); a module "
             "is either adapted with LoRA or trained fully. Remove it from one of them (e.g. `exclude`)."
         )
 
-    rows = [_lora_row(index.by_path[p], spec) for p in paths]
+    # What is kept per selection is keyed by the spec that selected it (the key of the resolution cache).
+    selection = selection_key(spec.targets, spec.layers, spec.exclude)
+    targets = _per_selection(index, ("targets", selection), lambda: _Targets(index, paths))
+    targets.check(spec)
+    rows = targets.plan_rows(spec)
+    adapter_params = targets.lora_params(spec)
     base = base_model_of(model)
-    entries: list[tuple[str, str, tuple[int, ...]]] = []
-    for row, info in zip(rows, (index.by_path[p] for p in paths), strict=True):
-        prefix = f"base_model.model.{row.path}."
-        if info.kind == "embedding":
-            entries.append((prefix + "lora_embedding_A", row.dtype, (spec.r, info.in_features)))
-            entries.append((prefix + "lora_embedding_B", row.dtype, (info.out_features, spec.r)))
-        elif info.kind in ("conv1d", "conv2d", "conv3d"):
-            ones = (1,) * len(info.kernel_size)
-            entries.append(
-                (prefix + "lora_A.weight", row.dtype, (spec.r, info.in_features, *info.kernel_size))
-            )
-            entries.append(
-                (prefix + "lora_B.weight", row.dtype, (info.out_features, spec.r // info.groups, *ones))
-            )
-        else:
-            entries.append((prefix + "lora_A.weight", row.dtype, (spec.r, info.in_features)))
-            entries.append((prefix + "lora_B.weight", row.dtype, (info.out_features, spec.r)))
-        if row.magnitude:
-            conv = info.kind in ("conv1d", "conv2d", "conv3d")
-            shape = (1, row.magnitude, *(1,) * len(info.kernel_size)) if conv else (row.magnitude,)
-            entries.append((prefix + "lora_magnitude_vector", row.dtype, shape))
-    adapter_params = sum(r.params for r in rows)
-    entries.extend(_saved_embedding_entries(base, paths))
+    layout, bias_trainable = _per_selection(
+        index,
+        ("layout", selection, spec.variant == "dora", save_paths, spec.bias),
+        lambda: _layout(index, base, targets, spec, save_paths),
+    )
 
     trainable = adapter_params
     extra_total = adapter_params
@@ -373,28 +485,26 @@ def plan(
         )
         trainable += n
         extra_total += n
-        for pname, p in _module_params(base, path):
-            entries.append(
-                (f"base_model.model.{path}.{pname}", str(p.dtype).replace("torch.", ""), tuple(p.shape))
-            )
-    bias_trainable, bias_entries = _bias_params(base, spec, paths, save_paths)
     trainable += bias_trainable
-    entries.extend(bias_entries)
 
-    other_names, others, replaces = _other_adapters(model, name)
+    other_names, others, replaces = index.remember(
+        ("other adapters", id(model), _adapter_names(model), name), lambda: _other_adapters(model, name)
+    )
     total = index.base_params + (0 if replace else others) + extra_total
     return Plan(
         spec=spec,
         name=name,
         task_type=task_type,
         modules=tuple(rows),
-        modules_to_save=tuple(save_names),
-        target_modules=tuple(compact_target_modules(index, paths)),
+        modules_to_save=save_names,
+        target_modules=tuple(
+            _per_selection(index, ("compact", selection), lambda: compact_target_modules(index, paths))
+        ),
         trainable_params=trainable,
         total_params=total,
         base_params=index.base_params,
         adapter_params=adapter_params,
-        adapter_bytes=_safetensors_size(entries),
+        adapter_bytes=layout.size(spec.r),
         model_type=index.model_type,
         is_meta=index.is_meta,
         replaces=replaces,
@@ -402,9 +512,49 @@ def plan(
         other_adapters=other_names,
         other_adapter_params=others,
         removes_others=replace and bool(other_names),
-        fingerprint=fingerprint(model),
+        fingerprint=index.remember(
+            ("fingerprint", id(model), _adapter_names(model)), lambda: fingerprint(model)
+        ),
         base_ref=weakref.ref(base),
+        index=index,
     )
+
+
+_SELECTIONS_KEPT = 64  # per index: a few hundred KB each on a 405B-shaped model, for the specs used last
+
+
+def _per_selection(index: ModelIndex, key: Any, compute: Callable[[], Any]) -> Any:
+    """``index.remember`` for what is kept per target selection, the least recently used dropped beyond a bound
+    (each spec typed into the panel is a selection)."""
+    kept: OrderedDict[Any, Any] = index.remember("per selection", OrderedDict)
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    value = kept[key] = compute()
+    if len(kept) > _SELECTIONS_KEPT:
+        kept.popitem(last=False)
+    return value
+
+
+def _adapter_names(model: nn.Module) -> tuple[str, ...]:
+    """The adapters a PeftModel is configured with (they are part of what a plan of it depends on)."""
+    return tuple(getattr(model, "peft_config", None) or ()) if is_peft_model(model) else ()
+
+
+def _layout(
+    index: ModelIndex, base: nn.Module, targets: _Targets, spec: LoraSpec, save_paths: tuple[str, ...]
+) -> tuple[_Layout, int]:
+    """The saved file's layout for these targets (any r), and the bias parameters that become trainable."""
+    entries = _adapter_entries(targets, spec.variant == "dora")
+    entries.extend(_saved_embedding_entries(base, targets.paths))
+    for path in save_paths:
+        for pname, p in _module_params(base, path):
+            entries.append(
+                (f"base_model.model.{path}.{pname}", str(p.dtype).replace("torch.", ""), tuple(p.shape))
+            )
+    bias_trainable, bias_entries = _bias_params(base, spec, targets.paths, save_paths)
+    entries.extend(bias_entries)
+    return _Layout(entries), bias_trainable
 
 
 def check_adapter_name(name: Any) -> None:

@@ -153,15 +153,16 @@ def _first(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def model_dims(model: nn.Module) -> dict[str, Any]:
-    """The sizes the memory formulas read, from the (text) config and the module index: hidden, intermediate,
-    layers, heads, kv_heads, head_dim, vocab, whether the MLP is gated and the norms are RMSNorm, model_type."""
+def model_dims(model: nn.Module, index: ModelIndex | None = None) -> dict[str, Any]:
+    """The sizes the memory formulas read, from the (text) config and the module index (``index``: the one of
+    ``model`` just checked, if the caller holds it): hidden, intermediate, layers, heads, kv_heads, head_dim, vocab,
+    whether the MLP is gated and the norms are RMSNorm, model_type."""
     base = base_model_of(model)
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    index = index_model(model)
-    suffixes = {m.suffix for m in index.modules}
+    index = index if index is not None else index_model(model)
+    suffixes = index.remember("suffixes", lambda: {m.suffix for m in index.modules})
     h = int(_first(config, "hidden_size", "n_embd", "d_model", "dim", default=0) or 0)
     heads = int(_first(config, "num_attention_heads", "n_head", "num_heads", "n_heads", default=1) or 1)
     kv_heads = _first(config, "num_key_value_heads", "num_kv_heads", default=None)
@@ -176,7 +177,7 @@ def model_dims(model: nn.Module) -> dict[str, Any]:
     inter = _first(config, "intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
     inter = int(inter) if inter else 4 * h
     gated = bool(suffixes & {"gate_proj", "gate_up_proj", "w3", "wi_0", "gate"})
-    rms = "rms" in " ".join(index.module_types.values()).lower()
+    rms = index.remember("rms", lambda: "rms" in " ".join(index.module_types.values()).lower())
     return {
         "hidden": h,
         "intermediate": inter,
@@ -211,9 +212,11 @@ def loaded_quantization(model: nn.Module, index: ModelIndex) -> tuple[str | None
     return None, True
 
 
-def resolve_weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torch.dtype:
+def resolve_weight_dtype(
+    model: nn.Module, dtype: Any, notes: list[str], index: ModelIndex | None = None
+) -> torch.dtype:
     """The weight dtype to estimate for: ``dtype`` as given (bf16, fp16, fp32 or a torch dtype), else the model's;
-    a meta model's from its config, else bf16 (which it adds to ``notes``)."""
+    a meta model's from its config, else bf16 (which it adds to ``notes``). ``index``: as for ``model_dims``."""
     if dtype is not None:
         if isinstance(dtype, torch.dtype):
             return dtype
@@ -223,7 +226,7 @@ def resolve_weight_dtype(model: nn.Module, dtype: Any, notes: list[str]) -> torc
                 f"`dtype` must be bf16, fp16 or fp32, got {dtype!r}.{did_you_mean(key, _DTYPES)}"
             )
         return _DTYPES[key]
-    index = index_model(model)
+    index = index if index is not None else index_model(model)
     if index.weight_dtype is None:
         return torch.bfloat16
     if index.is_meta:

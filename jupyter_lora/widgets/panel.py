@@ -635,7 +635,7 @@ class Panel:
         return (
             f"<div class='jl-summary'><div><b class='jl-trainable'>{plan.trainable_params:,}</b> trainable of "
             f"{plan.total_params:,} (<span class='jl-percent'>{100 * plan.trainable_fraction:.3g}%</span>) · "
-            f"{sum(1 for r in plan.modules if r.role == 'lora')} modules · adapter "
+            f"{len(plan.targets)} modules · adapter "
             f"<span class='jl-adapter-bytes'>{adapter_size(plan)}</span> on disk · {state}</div>"
             f"<div style='margin-top:4px'>training ≈ <b class='jl-memory'>{fmt_bytes(total)}</b>{capacity}</div>"
             f"<div class='jl-membar' style='display:flex;width:100%;background:#eee;margin:3px 0'>{bar}</div>"
@@ -807,7 +807,7 @@ class Panel:
         self._rebind(self._jl.inject(self.model, plan=plan))
         self._held = self._plan_key(plan)
         self.summary.value = self._summary_html(self.plan, self.estimate)
-        modules = sum(1 for r in plan.modules if r.role == "lora")
+        modules = len(plan.targets)
         self.error.value = (
             f"<div class='jl-panel-note' style='color:#2e7d32'>{'Re-injected' if replaced else 'Injected'} "
             f"adapter '{html.escape(self.adapter_name)}' into `{html.escape(self.variable)}`: r={plan.spec.r}, "

@@ -20,14 +20,31 @@ spellings. A spec item that selects nothing, or only modules that cannot take Lo
 from __future__ import annotations
 
 from .grammar import PRESETS, parse_layers, preset_name, split_spec
-from .index import ModelIndex, ModuleInfo, index_model, invalidate, layer_of, unwrapped_modules
-from .resolver import compact_target_modules, preset_paths, resolve, resolve_targets, suffix_summary
+from .index import (
+    ModelIndex,
+    ModuleInfo,
+    index_is_current,
+    index_model,
+    invalidate,
+    layer_of,
+    unwrapped_modules,
+)
+from .resolver import (
+    compact_target_modules,
+    preset_paths,
+    resolve,
+    resolve_targets,
+    selection_key,
+    spec_key,
+    suffix_summary,
+)
 
 __all__ = [
     "PRESETS",
     "ModelIndex",
     "ModuleInfo",
     "compact_target_modules",
+    "index_is_current",
     "index_model",
     "invalidate",
     "layer_of",
@@ -36,6 +53,8 @@ __all__ = [
     "preset_paths",
     "resolve",
     "resolve_targets",
+    "selection_key",
+    "spec_key",
     "split_spec",
     "suffix_summary",
     "unwrapped_modules",

@@ -15,7 +15,14 @@ from ..modelinfo import require_module
 from .grammar import PRESETS, compile_regex, match_paths, parse_layers, preset_name, split_spec
 from .index import ModelIndex, index_model
 
-__all__ = ["compact_target_modules", "preset_paths", "resolve", "resolve_targets", "suffix_summary"]
+__all__ = [
+    "compact_target_modules",
+    "preset_paths",
+    "resolve",
+    "resolve_targets",
+    "spec_key",
+    "suffix_summary",
+]
 
 # Query/value projections (or fused qkv) by the names architectures give them, for models PEFT has no default for.
 _QV_NAMES = (
@@ -121,7 +128,7 @@ def resolve_targets(
 ) -> tuple[str, ...]:
     """The adaptable module paths a spec selects, in model order. Raises ``TargetError`` for any item that
     selects nothing, instead of ignoring it. Cached per (targets, layers, exclude) on the index."""
-    key = (_freeze(targets), _freeze(layers), _freeze(exclude))
+    key = selection_key(targets, layers, exclude)
     if key in index.resolved:
         return index.resolved[key]
     items = split_spec(targets, "targets")
@@ -185,9 +192,16 @@ def resolve_targets(
     return result
 
 
-def _freeze(value: Any) -> Any:
+def selection_key(targets: Any = None, layers: Any = None, exclude: Any = None) -> tuple[Any, Any, Any]:
+    """The key ``resolve_targets`` caches a selection under: small and hashable, so that what is kept per selection
+    is found without hashing its (maybe hundreds of) module paths."""
+    return (spec_key(targets), spec_key(layers), spec_key(exclude))
+
+
+def spec_key(value: Any) -> Any:
+    """A spec value (text, or a list of items) as a hashable key for caches."""
     if isinstance(value, (list, tuple, set, frozenset, range)):
-        return ("__seq__", *(_freeze(v) for v in value))
+        return ("__seq__", *(spec_key(v) for v in value))
     return value
 
 
