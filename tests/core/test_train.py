@@ -123,6 +123,26 @@ def test_bad_labels_setting(tmp_path, labels, match):
     assert model.base_model.model.config.id2label[0] == "LABEL_0"
 
 
+def test_more_classes_than_the_head_holds_are_refused_before_the_run(tmp_path):
+    """A class id beyond the classifier head failed at the first step ("Target 7 is out of bounds"), and the data
+    preview showed the classes without a word; both now refuse with the head's size."""
+    model = jl.inject(tiny_model("bert"), r=4, targets="all-linear")  # 3 classes
+    data = [{"text": "x", "label": 7}, {"text": "y", "label": 0}]
+    for call in (jl.train, jl.preview_data):
+        with pytest.raises(
+            UsageError, match=r"8 classes .* classifier head has 3 \(LABEL_0, LABEL_1, LABEL_2\)"
+        ):
+            call(model, data, tokenizer=tiny_tokenizer(), steps=2, output_dir=str(tmp_path))
+    assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_labels_mixing_ids_and_names_are_refused(tmp_path):
+    model = jl.inject(tiny_model("bert"), r=4, targets="all-linear")
+    data = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}, {"text": "c", "label": 5}]
+    with pytest.raises(UsageError, match=r"labels mix class ids \(5\) and names \('neg', 'pos'\)"):
+        jl.train(model, data, tokenizer=tiny_tokenizer(), steps=2, output_dir=str(tmp_path))
+
+
 def test_labels_setting_is_for_classifiers(tmp_path):
     with pytest.raises(UsageError, match="names the classes of a classifier"):
         jl.train(_lm(), TEXT, tokenizer=tiny_tokenizer(), labels=["a", "b"], steps=1, output_dir=str(tmp_path),

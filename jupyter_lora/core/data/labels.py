@@ -72,6 +72,13 @@ def label_ids(
         if class_names and len(class_names) >= count:
             return as_ints, tuple(class_names)
         return as_ints, tuple(str(i) for i in range(count))
+    mixed = sorted({str(label) for label, v in zip(labels, as_ints, strict=True) if v is not None})
+    if mixed:  # class ids beside names: a mistake in the data, or ids whose names were meant to be given
+        named = sorted({str(label) for label, v in zip(labels, as_ints, strict=True) if v is None})
+        raise UsageError(
+            f"labels mix class ids ({', '.join(mixed[:5])}) and names ({', '.join(map(repr, named[:5]))}): use one "
+            "kind, or give the class names in id order with labels: [...] so both can be read."
+        )
     texts = [label.strip() if isinstance(label, str) else str(label) for label in labels]
     names = tuple(sorted(set(texts)))
     index = {name: i for i, name in enumerate(names)}

@@ -155,11 +155,32 @@ def prepare_for(
     elif config.labels:
         raise UsageError("`labels` names the classes of a classifier (task seq_cls); drop it for this model.")
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
-    return prepare_data(
+    prepared = prepare_data(
         data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
         seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model), text_column=config.text_column,
         label_column=config.label_column, chat_template=config.chat_template, trace=trace,
     )  # fmt: skip
+    if task == "SEQ_CLS":
+        _check_classes(base.config, prepared.label_names)
+    return prepared
+
+
+def _check_classes(config: Any, label_names: tuple[str, ...]) -> None:
+    """The classifier head has a logit for every class the data uses (else the loss fails at the first step)."""
+    count = getattr(config, "num_labels", None)
+    if not count or len(label_names) <= count:
+        return
+    shown = ", ".join(label_names[:8]) + (", ..." if len(label_names) > 8 else "")
+    names = (
+        ", ".join(str(config.id2label.get(i, i)) for i in range(count))
+        if getattr(config, "id2label", None)
+        else ""
+    )
+    raise UsageError(
+        f"The data has {len(label_names)} classes ({shown}) but the model's classifier head has {count}"
+        f"{f' ({names})' if names else ''}. Load the model with num_labels={len(label_names)} (e.g. "
+        f"AutoModelForSequenceClassification.from_pretrained(..., num_labels={len(label_names)})) or fix the labels."
+    )
 
 
 def named_labels(config: Any) -> dict[str, int] | None:
