@@ -366,9 +366,14 @@ class LoraMagics(_SettingDefaults):
         return jl.runs(target, variable=self._code_variable())
 
     def _code_variable(self) -> str:
-        """The model the resume/load code names: the notebook's one model variable, else "model"."""
+        """The model the resume/load code of a listing names: the notebook's one model variable when it is the model
+        this session trained, else the placeholder MODEL (a run on disk may belong to any model)."""
+        from ..core import runs as run_registry
+
         modules = self._module_names()
-        return modules[0] if len(modules) == 1 else "model"
+        if len(modules) == 1 and run_registry.last_run(self.shell.user_ns[modules[0]]) is not None:
+            return modules[0]
+        return "MODEL"
 
     def _is_model(self, name: str) -> bool:
         torch_nn = sys.modules.get("torch.nn")

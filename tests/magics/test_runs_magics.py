@@ -113,6 +113,16 @@ def test_runs_of_a_directory_and_of_nothing(ip, trained):
     assert [r.step for r in _cell(ip, "%lora runs where").checkpoints] == [3, 6]
 
 
+def test_the_code_does_not_name_another_model(ip, trained):
+    """With the trained model gone and another model the notebook's only one, the listing's code used to name that
+    other model (a BERT offered a Llama's checkpoint); a model that trained nothing here gets the placeholder."""
+    _cell(ip, "clf = jl.inject(tiny_model('bert'), r=4)\ndel model")
+    listing = _cell(ip, f"%lora runs {trained.output_dir}")
+    assert listing.variable == "MODEL"
+    _, html = _shown(ip, listing)
+    assert "%lora resume clf" not in html and f"%lora resume MODEL {trained.output_dir}/checkpoint-3" in html
+
+
 def test_the_code_shown_runs_as_shown(ip, trained):
     listing = _cell(ip, "%lora runs model")
     row = listing.checkpoints[0]  # checkpoint-3
