@@ -193,6 +193,17 @@ def test_resume_from_a_checkpoint_into_a_fresh_model(tmp_path):
     assert part.step == 8
 
 
+def test_resume_into_a_model_without_an_adapter_says_to_load_the_checkpoints_first(tmp_path):
+    jl.train(
+        _lm(), TEXT, tokenizer=tiny_tokenizer(), steps=2, eval=0, output_dir=str(tmp_path), background=False
+    )
+    bare = tiny_model("llama")
+    with pytest.raises(
+        UsageError, match=r"holds no adapter yet; the checkpoint's adapter comes first: %lora load"
+    ):
+        jl.resume(bare, tmp_path / "checkpoint-2", data=TEXT)
+
+
 def test_simulated_out_of_memory_keeps_model_and_state(tmp_path, monkeypatch):
     model = _lm()
     rec = Recorder()

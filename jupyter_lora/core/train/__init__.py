@@ -266,6 +266,17 @@ def resume(
     checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
     from ..data import find_tokenizer
 
+    require_module(model)
+    if (
+        wrapper_for(model) is None
+        and checkpoint is not None
+        and (Path(checkpoint) / "adapter_config.json").exists()
+    ):
+        raise UsageError(
+            f"This model holds no adapter yet; the checkpoint's adapter comes first: %lora load model {checkpoint} "
+            "(jupyter_lora.load), then resume with the run's data: a %%lora resume cell with `data: VAR` "
+            "(resume(model, checkpoint, data=...))."
+        )
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
     _not_training(base, "resuming")
@@ -295,7 +306,8 @@ def resume(
     if data is None:
         if last is None or last.data is None:
             raise UsageError(
-                "`data` is needed to resume a run from another session: resume(model, ckpt, data=...)."
+                "`data` is needed to resume a run from another session: a %%lora resume MODEL CHECKPOINT cell with "
+                "`data: VAR` in its body, or resume(model, ckpt, data=...)."
             )
         prepared = last.data
         tokenizer = tokenizer if tokenizer is not None else last.tokenizer
