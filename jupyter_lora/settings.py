@@ -246,7 +246,11 @@ def _check_task(value: Any, s: Setting) -> str:
 
 
 def _check_labels(value: Any, s: Setting) -> tuple[str, ...]:
-    names = [x.strip() for x in value.split(",")] if isinstance(value, str) else value
+    if isinstance(value, str):  # "neg, pos" or "[neg, pos]" as typed on a line or in a form field
+        text = value.strip()
+        text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        value = [x.strip().strip("'\"") for x in text.split(",")]
+    names = value
     if not isinstance(names, (list, tuple)) or not names:
         raise UsageError(
             f"`labels` must be the class names in id order, e.g. [negative, positive], got {value!r}."

@@ -224,3 +224,10 @@ def test_estimate_refuses_a_plan_it_cannot_use(model):
         jl.estimate(model, jl.plan(other))
     with pytest.raises(jl.UsageError, match="either `plan` or adapter settings"):
         jl.estimate(model, jl.plan(model), r=64)
+
+
+def test_labels_read_as_typed_on_a_line_or_in_a_form_field():
+    from jupyter_lora.settings import validate_one
+
+    for typed in ("neg, pos", "[neg, pos]", "['neg', 'pos']", ["neg", "pos"]):
+        assert validate_one("labels", typed) == ("neg", "pos")

@@ -653,11 +653,16 @@ def _line_settings(words: list[str], prefix: str) -> tuple[list[str], dict[str, 
         key, text = match.groups()
         if key in given:
             raise UsageError(f"{prefix}: `{key}` is given twice on the line; keep one.")
+        setting = SETTINGS.get(name_of(key) or "")
+        if setting is not None and setting.kind == "text" and text.strip():
+            given[key] = text  # text as written: a Jinja template or a name is not YAML
+            continue
         try:
             given[key] = yaml.load(text, Loader=yaml_loader()) if text.strip() else None
         except yaml.YAMLError:
             raise UsageError(
-                f"{prefix}: the value of `{word}` cannot be read; quote it, e.g. {key}='{text}'."
+                f"{prefix}: the value of `{word}` cannot be read as YAML; quote it twice, e.g. {key}=\"'{text}'\", "
+                "or give it in a %%lora cell body."
             ) from None
     return rest, given
 

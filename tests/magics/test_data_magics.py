@@ -28,6 +28,21 @@ VALID = [
     ),
     ("alias", "data model texts max_seq_len=64", None, Data("model", {"data": "texts", "seq": 64})),
     ("path", "data model 'my data/train.jsonl'", None, Data("model", {"data": "my data/train.jsonl"})),
+    # a text setting is taken as written: Jinja is not YAML, a number-like run name stays text
+    (
+        "jinja-on-line",
+        "data model chat chat_template=\"{% for m in messages %}{{ m['content'] }}{% endfor %}\" "
+        "run_name=123",
+        None,
+        Data(
+            "model",
+            {
+                "data": "chat",
+                "run_name": "123",
+                "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            },
+        ),
+    ),
     (
         "cell-body",
         "data model texts",
