@@ -54,6 +54,7 @@ screenshots: setup browser-deps
 	HF_HUB_OFFLINE=1 JUPYTER_LORA_SCREENSHOTS=docs $(PY) -m pytest -q \
 	  tests/browser/test_widgets_smoke.py::test_training_progress_widget_and_stop \
 	  tests/browser/test_panel_browser.py::test_panel_live_counts_highlight_and_inject \
+	  tests/browser/test_panel_layout_browser.py::test_panel_tabs_preview_the_forms_data_and_open_the_chat \
 	  tests/browser/test_data_preview_browser.py::test_data_preview_greys_masked_tokens_and_draws_the_histogram \
 	  tests/browser/test_chat_browser.py::test_chat_streams_a_reply_and_stop_ends_it
 

@@ -49,6 +49,7 @@ __all__ = [
     "load_base",
     "make_spec",
     "merge",
+    "panel",
     "plan",
     "preview_data",
     "resume",
@@ -88,7 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.train.runlist import RunList, runs
     from .data_preview import DataPreview, preview_data
     from .widgets.chat import chat
-    from .widgets.panel import Panel
+    from .widgets.panel import Panel, panel
     from .widgets.progress import ProgressCallback
 
 

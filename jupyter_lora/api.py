@@ -42,6 +42,7 @@ _LAZY = {
     "TrainingEvent": "jupyter_lora.core.events",
     "ProgressCallback": "jupyter_lora.widgets.progress",
     "Panel": "jupyter_lora.widgets.panel",
+    "panel": "jupyter_lora.widgets.panel",
     "load_base": "jupyter_lora.core.quant",
     "export": "jupyter_lora.core.export",
     "preview_data": "jupyter_lora.data_preview",

@@ -27,6 +27,7 @@ _MASKED_STYLE = "color:#9e9e9e;background:#f3f3f3"
 _CUT_STYLE = "color:#c62828;font-weight:bold"
 _BAR = "█"
 _MASK_OPEN, _MASK_CLOSE = "⟦", "⟧"  # masked text in the text rendering
+_HIST_MAX_WIDTH = "560px"  # the histogram is as wide as its output, up to this (narrower in a narrow one)
 
 
 class DataPreview(DataReport):
@@ -214,9 +215,8 @@ def _plotly_histogram(r: DataReport, div_id: str) -> str | None:
                 hovertemplate="%{customdata} tokens: %{y} examples<extra></extra>",
             )
     fig.add_vline(x=r.seq + 0.5, line_dash="dash", line_color="#555", annotation_text=f"seq {r.seq}")
-    fig.update_layout(
+    fig.update_layout(  # no width: the chart fills its container, up to _HIST_MAX_WIDTH (see preview_html)
         height=220,
-        width=560,
         margin=dict(l=50, r=20, t=24, b=40),
         bargap=0.05,
         showlegend=bool(cut),
@@ -228,7 +228,11 @@ def _plotly_histogram(r: DataReport, div_id: str) -> str | None:
     # A Colab output is a page of its own: it always needs the library. Elsewhere the notebook's page keeps it.
     include = not _PLOTLY_JS_SENT or "google.colab" in sys.modules
     chart = fig.to_html(
-        full_html=False, include_plotlyjs=include, div_id=div_id, config={"displayModeBar": False}
+        full_html=False,
+        include_plotlyjs=include,
+        div_id=div_id,
+        default_width="100%",
+        config={"displayModeBar": False, "responsive": True},
     )
     _PLOTLY_JS_SENT = True
     return chart
@@ -330,7 +334,8 @@ def preview_html(r: DataReport) -> str:
     else:
         # the text histogram stays for viewers that run no script (a rendered notebook on a website)
         histogram = (
-            f"<div class='jl-hist'>{chart}<pre class='jl-hist-text' id='{div_id}-text'>{fallback}</pre>"
+            f"<div class='jl-hist' style='max-width:{_HIST_MAX_WIDTH}'>{chart}"
+            f"<pre class='jl-hist-text' id='{div_id}-text'>{fallback}</pre>"
             "<script>(function(){var chart=document.getElementById('" + div_id + "');"
             "if(window.Plotly&&chart){document.getElementById('" + div_id + "-text').style.display='none';}"
             "})();</script></div>"

@@ -298,7 +298,7 @@ class LoraMagics(_SettingDefaults):
         return _Note(f"`{command.variable}` = {repr(info)[0].lower()}{repr(info)[1:]}")
 
     def _do_panelcommand(self, command: p.PanelCommand) -> Any:
-        from jupyter_lora.widgets.panel import Panel
+        from .. import api as jl
 
         model = self._get_model(command.model)
         shown = [name for name, setting in SETTINGS.items() if setting.panel]
@@ -306,9 +306,8 @@ class LoraMagics(_SettingDefaults):
         trained = self._with_defaults("train", {})
         settings.update({k: v for k, v in trained.items() if k in shown})
         others = {k: v for k, v in trained.items() if k not in shown and k != "progress"}
-        return Panel(
-            model, variable=command.model, namespace=self.shell.user_ns, train_settings=others, **settings
-        )
+        return jl.panel(model, variable=command.model, namespace=self.shell.user_ns, train_settings=others,
+                        chat_settings=self._with_defaults("chat", {}), **settings)  # fmt: skip
 
     def _do_export(self, command: p.Export) -> Any:
         from .. import api as jl

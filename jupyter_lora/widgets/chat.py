@@ -29,6 +29,7 @@ __all__ = ["ChatWidget", "ClassifierWidget", "chat"]
 _SLIDERS = ("temperature", "top_p", "max_new_tokens")  # the chat settings shown as sliders
 _ADAPTER_WORDS = {"on": "adapter on", "off": "adapter off", "side_by_side": "side by side"}
 _MIN_INTERVAL = 0.1  # seconds between two redraws of a streaming reply
+_SLIDER_MIN_WIDTH = "320px"  # a slider's label, track and readout whole
 _CSS = """<style>
 .jl-chat-cols{display:flex;gap:10px;align-items:flex-start}
 .jl-chat-col{flex:1;min-width:0;border:1px solid var(--jp-border-color2,#ddd);border-radius:4px;padding:4px 6px}
@@ -58,12 +59,19 @@ def _slider(setting: Setting, value: Any) -> w.Widget:
         "tooltip": setting.help,
         "continuous_update": False,
         "style": {"description_width": "110px"},
+        # keeps a usable track: in a narrow output the row wraps instead of squeezing the sliders
+        "layout": w.Layout(min_width=_SLIDER_MIN_WIDTH),
     }
     if setting.kind == "int":
         return w.IntSlider(
             **{k: int(v) if k in ("value", "min", "max", "step") else v for k, v in common.items()}
         )
     return w.FloatSlider(readout_format=".2f", **common)
+
+
+def _wrapping(children: list[w.Widget]) -> w.HBox:
+    """A row of controls that wraps to the next line where the output is too narrow for all of them."""
+    return w.HBox(children, layout=w.Layout(flex_flow="row wrap", align_items="center"))
 
 
 def _escape(text: str) -> str:
@@ -95,6 +103,15 @@ class _ModelView:
                 "chat with %lora chat MODEL."
             )
         self.conversation.use_model(current)
+
+    def use_model(self, model: Any) -> None:
+        """Talk to ``model`` from now on (the conversation so far is kept): what following a variable does, for a
+        caller that holds the model itself (the panel's Chat tab)."""
+        self.conversation.use_model(model)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The controls, from the state (the chat's buttons and adapter switch; a classifier has none)."""
 
     def _show(self, message: str, kind: str = "note") -> None:
         color = {"error": "#c62828", "note": "#555", "ok": "#2e7d32"}[kind]
@@ -177,8 +194,8 @@ class ChatWidget(_ModelView):
         self.box = w.VBox(
             [
                 w.HTML(_CSS),
-                w.HBox([self.controls["temperature"], self.controls["top_p"]]),
-                w.HBox([self.controls["max_new_tokens"], self.adapter]),
+                _wrapping([self.controls["temperature"], self.controls["top_p"]]),
+                _wrapping([self.controls["max_new_tokens"], self.adapter]),
                 self.note,
                 self.transcript,
                 self.message,

@@ -1,14 +1,17 @@
-"""The LoRA panel: module tree, rank/alpha/dropout sliders, variant and init, a live summary (trainable params,
-adapter size, GPU memory by part), the training form (every training setting, built from the settings schema) and
-buttons for inject / train / merge / save / unload — all calling the public API on the model the panel is bound to.
-``%lora panel model`` or ``jupyter_lora.Panel(model)``. "Show as code" gives the same as Python calls and as
-``%%lora`` cells.
+"""The LoRA panel, in three tabs. "Adapter": module tree, rank/alpha/dropout sliders, variant and init, a live
+summary (trainable params, adapter size, GPU memory by part), the training form (every training setting, built from
+the settings schema) and buttons for inject / train / merge / save / unload — all calling the public API on the
+model the panel is bound to; "Show as code" gives the same as Python calls and as ``%%lora`` cells. "Data": the data
+preview (``jupyter_lora.preview_data``) of the data the form names, with the form's settings, on demand. "Chat": the
+chat widget (``jupyter_lora.chat``) for the panel's model, built when the tab is first opened.
+``%lora panel model``, ``jupyter_lora.panel(model)`` or ``jupyter_lora.Panel(model)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html
+import inspect
 import time
 import warnings
 import weakref
@@ -20,10 +23,10 @@ import ipywidgets as w
 
 from ..core.errors import UsageError, did_you_mean
 from ..display import adapter_size, fmt_bytes, fmt_count, memory_parts
-from ..settings import SETTINGS, Setting, canonical, form_sections, keys, panel_keys, validate_one
+from ..settings import SETTINGS, Setting, canonical, form_sections, keys, panel_keys, validate, validate_one
 from .tree import ModuleTree, front_end_source, panel_stylesheet
 
-__all__ = ["Panel"]
+__all__ = ["Panel", "panel"]
 
 _PART_COLORS = {
     "weights": "#90a4ae",
@@ -36,6 +39,8 @@ _PART_COLORS = {
 }
 _FORM_LABEL_WIDTH = "140px"  # the longest label ("grad. checkpointing") whole
 _FORM_COLUMNS = "repeat(auto-fill, minmax(270px, 1fr))"
+TABS = ("Adapter", "Data", "Chat")  # the panel's tabs, in order
+_PREVIEW_N = 3  # records the Data tab shows at first (preview_data's default)
 
 
 def _spec_text(value: Any) -> str:
@@ -218,9 +223,10 @@ def _python_value(setting: Setting, value: Any) -> str:
 
 
 class Panel:
-    """An interactive panel bound to a model. ``namespace``/``variable``: keep ``namespace[variable]`` pointing at
-    the current model after Inject, Merge, Load or Unload (what ``%lora panel`` passes); ``on_change(model)`` is
-    called then too. ``panel.model`` is always the current model."""
+    """An interactive panel bound to a model, in the tabs ``TABS``. ``namespace``/``variable``: keep
+    ``namespace[variable]`` pointing at the current model after Inject, Merge, Load or Unload (what ``%lora panel``
+    passes); ``on_change(model)`` is called then too. ``panel.model`` is always the current model; ``preview()``
+    does what the Data tab's Preview button does, ``open_chat()`` what opening the Chat tab does."""
 
     def __init__(
         self,
@@ -232,12 +238,14 @@ class Panel:
         tokenizer: Any = None,
         name: str = "default",
         train_settings: Mapping[str, Any] | None = None,
+        chat_settings: Mapping[str, Any] | None = None,
         **settings: Any,
     ):
         """``settings``: starting values of the controls — the adapter's (r, alpha, targets, ...) and the training
         form's (lr, steps, batch, seq, data as a variable name, ...; see ``jupyter_lora.settings``); the rest start
         at their defaults. ``train_settings``: more starting values of the training form (what
-        ``%config LoraMagics.default_*`` changed)."""
+        ``%config LoraMagics.default_*`` changed). ``chat_settings``: the Chat tab's starting settings
+        (temperature, top_p, max_new_tokens, adapter, ...; as ``jupyter_lora.chat`` takes them)."""
         from jupyter_lora.core.modelinfo import require_module
         from jupyter_lora.core.targets import index_model
 
@@ -249,6 +257,8 @@ class Panel:
         column = {k: validate_one(k, v) for k, v in given.items() if k in panel_keys()}
         trained = {**canonical(train_settings or {}, keys("train"), "training setting")}
         trained.update({k: v for k, v in given.items() if k not in panel_keys()})
+        # the Chat tab's settings: a wrong one is refused now, not when the tab opens
+        chatted = validate(chat_settings or {}, "chat", "chat setting")
         # a model that already holds the adapter opens on that adapter's settings: Re-inject then changes it
         held = _adapter_settings(require_module(model), name)
         column.update(held)
@@ -259,6 +269,7 @@ class Panel:
         self.on_change = on_change
         self.adapter_name = name
         self.tokenizer = tokenizer
+        self.chat_settings = chatted
         self.run = None
         self.last_update_ms = 0.0
         self._syncing = False
@@ -366,10 +377,44 @@ class Panel:
         training = w.VBox([*([basic] if basic else []), self.advanced, _row([self.train_button, self.output_line])],
                           layout=w.Layout(width="100%"))  # fmt: skip
         training.add_class("jl-training")
-        self.box = w.VBox(
-            [top, self.error, actions, training, self.code, self.progress_area],
-            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px", max_width="100%"),
-        )  # fmt: skip
+        self.adapter_tab = w.VBox([top, self.error, actions, training, self.code, self.progress_area],
+                                  layout=w.Layout(width="100%"))  # fmt: skip
+        self.adapter_tab.add_class("jl-tab-adapter")
+
+        # The Data tab: the preview of the data the form names, with the form's settings, when asked for.
+        self.preview_button = w.Button(description="Preview", button_style="primary", icon="eye",
+                                       tooltip="Preview the data the training form names, with its settings")  # fmt: skip
+        self.preview_button.add_class("jl-preview-button")
+        self.preview_n = w.BoundedIntText(value=_PREVIEW_N, min=0, max=100, description="records",
+                                          tooltip="how many of the first records to show",
+                                          style={"description_width": "55px"}, layout=w.Layout(width="130px"))  # fmt: skip
+        self.preview_message = w.HTML()
+        self.preview_message.add_class("jl-message")
+        self.preview_output = w.Output()
+        self.preview_output.add_class("jl-preview")
+        self.last_preview: Any = None  # the DataPreview shown
+        self._previewed: tuple | None = None  # what it was made from (to say when the form changed since)
+        self.preview_button.on_click(self._guard(self._preview, self.preview_message))
+        hint = w.HTML("<div class='jl-preview-hint' style='color:#666'>the data the training form (Adapter tab) "
+                      "names, as training would prepare it with the form's settings</div>",
+                      layout=w.Layout(flex="1 1 240px", min_width="0"))  # fmt: skip
+        hint.add_class("jl-message")
+        self.data_tab = w.VBox([_row([self.preview_button, self.preview_n, hint]), self.preview_message,
+                                self.preview_output], layout=w.Layout(width="100%"))  # fmt: skip
+        self.data_tab.add_class("jl-tab-data")
+
+        # The Chat tab: the chat widget, built when the tab is first opened.
+        self.chat: Any = None  # the ChatWidget (or ClassifierWidget) once built
+        self._chat_made_with: Any = None  # the tokenizer it was built with (None: the one beside the model)
+        self.chat_message = w.HTML()
+        self.chat_message.add_class("jl-message")
+        self.chat_tab = w.VBox([self.chat_message], layout=w.Layout(width="100%"))
+        self.chat_tab.add_class("jl-tab-chat")
+
+        self.tabs = w.Tab(children=[self.adapter_tab, self.data_tab, self.chat_tab], titles=TABS)
+        self.tabs.add_class("jl-tabs")
+        self.tabs.observe(self._on_tab, names="selected_index")
+        self.box = w.VBox([self.tabs], layout=w.Layout(max_width="100%"))
         self.box.add_class("jl-panel")
         self.plan = None
         self.estimate = None
@@ -526,6 +571,7 @@ class Panel:
 
     def _on_form(self, name: str) -> None:
         self._check_field(name)
+        self._mark_preview()
         if name in keys("estimate"):
             self.update()  # the memory figure follows batch, seq, ckpt, optim
         else:
@@ -689,8 +735,9 @@ class Panel:
         for button in (self.merge_button, self.save_button, self.unload_button, self.train_button):
             button.disabled = not has or training
 
-    def _show_error(self, message: str) -> None:
-        self.error.value = f"<div class='jl-panel-error' style='color:#c62828'>{html.escape(message)}</div>"
+    def _show_error(self, message: str, area: w.HTML | None = None) -> None:
+        shown = f"<div class='jl-panel-error' style='color:#c62828'>{html.escape(message)}</div>"
+        (area or self.error).value = shown
 
     # --------------------------------------------------------------------------------------- events
 
@@ -719,21 +766,23 @@ class Panel:
         self.code.layout.display = "" if change["new"] else "none"
         self._refresh_code()
 
-    def _guard(self, action: Callable[[], None]) -> Callable[[Any], None]:
-        """Button callbacks: errors appear in the panel, in words, never as a lost exception."""
+    def _guard(self, action: Callable[[], None], area: w.HTML | None = None) -> Callable[[Any], None]:
+        """Button callbacks: errors appear in the panel (in ``area``, default the Adapter tab's message line), in
+        words, never as a lost exception or a traceback."""
+        area = area or self.error
 
         def handler(_button=None) -> None:
-            self.error.value = ""
+            area.value = ""
             try:
                 self.follow()
                 if self.model_gone:  # the variable no longer holds a model: nothing to act on
-                    self._show_gone()
+                    self._show_gone(area)
                     return
                 action()
             except UsageError as exc:
-                self._show_error(str(exc))
+                self._show_error(str(exc), area)
             except Exception as exc:
-                self._show_error(f"{type(exc).__name__}: {exc}")
+                self._show_error(f"{type(exc).__name__}: {exc}", area)
             finally:
                 self._refresh_buttons()
 
@@ -758,6 +807,7 @@ class Panel:
         self.model = current
         self._held = None
         self.update()
+        self._chat_follows()
         held = _adapter_settings(current, self.adapter_name)
         if (
             held
@@ -769,9 +819,10 @@ class Panel:
         self._refresh_buttons()
         return True
 
-    def _show_gone(self) -> None:
+    def _show_gone(self, area: w.HTML | None = None) -> None:
         self._show_error(
-            f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with %lora panel."
+            f"`{self.variable}` no longer holds a model: the panel is off. Open a new one with %lora panel.",
+            area,
         )
 
     def _after_cell(self, *_: Any) -> None:
@@ -787,6 +838,7 @@ class Panel:
         if self.on_change is not None:
             self.on_change(model)
         self.update()
+        self._chat_follows()
 
     # --------------------------------------------------------------------------------------- actions
 
@@ -830,25 +882,37 @@ class Panel:
             f"<div class='jl-panel-note' style='color:#2e7d32'>saved to {html.escape(str(path))}</div>"
         )
 
-    def _train(self) -> None:
-        from .progress import progress_observer
-
+    def _form_inputs(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """What the form says to train on: (the data, the notebook inputs it names — resolved, and the tokenizer
+        found when it names none —, the other settings that differ from their defaults). Train and Preview both
+        use it. A UsageError names a wrong field or the missing data."""
         self._recheck_inputs()
         settings = self.training_settings()
         data = settings.pop("data", None)
         if data is None:
             raise UsageError(
-                "Name the training data in the `data` field: a variable holding texts or records, or a "
-                ".jsonl/.json/.csv/.txt path."
+                "Name the training data in the `data` field of the training form (Adapter tab): a variable holding "
+                "texts or records, or a .jsonl/.json/.csv/.txt path."
             )
         inputs = {
             k: self._resolve(k, settings.pop(k)) for k in list(settings) if SETTINGS[k].kind == "object"
         }
         if inputs.get("tokenizer") is None:
-            inputs["tokenizer"] = self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
+            inputs["tokenizer"] = self._default_tokenizer()
+        return self._resolve("data", data), inputs, settings
+
+    def _default_tokenizer(self) -> Any:
+        """The tokenizer when the form names none: the panel's own, else the one tokenizer in the notebook, else
+        None (the functions then take the one saved beside the model)."""
+        return self.tokenizer if self.tokenizer is not None else self._find_tokenizer()
+
+    def _train(self) -> None:
+        from .progress import progress_observer
+
+        data, inputs, settings = self._form_inputs()
         holder: dict[str, Any] = {}
         observer = progress_observer(stop=lambda: holder["run"].stop(wait=False), mode="widget")
-        run = self._jl.train(self.model, self._resolve("data", data), **inputs, **settings,
+        run = self._jl.train(self.model, data, **inputs, **settings,
                              observers=[observer, self._on_training_event])  # fmt: skip
         holder["run"] = self.run = run
         self.progress_area.children = [getattr(observer, "box", w.HTML(repr(observer)))]
@@ -858,6 +922,102 @@ class Panel:
         if event.kind == "end":
             self._refresh_buttons()
             self._refresh_output()
+
+    # --------------------------------------------------------------------------------------- the Data and Chat tabs
+
+    def preview(self) -> Any:
+        """Preview the data the training form names, with the form's settings, in the Data tab (what its Preview
+        button does): ``jupyter_lora.preview_data`` with what Train would pass. Returns the ``DataPreview`` shown;
+        None when refused (the one-line message is in the tab)."""
+        self._guard(self._preview, self.preview_message)()
+        return self.last_preview
+
+    def _preview(self) -> None:
+        self.preview_output.outputs = ()  # a failed preview leaves no older one that looks current
+        self.last_preview = self._previewed = None
+        data, inputs, settings = self._form_inputs()
+        # the inputs the preview takes (tokenizer, eval_data); trainer_args only tunes the Trainer, not the data
+        taken = inspect.signature(self._jl.preview_data).parameters
+        inputs = {k: v for k, v in inputs.items() if k in taken}
+        shown = self._jl.preview_data(self.model, data, n=int(self.preview_n.value), **inputs, **settings)
+        self.last_preview, self._previewed = shown, self._preview_state()
+        # an output (not an HTML widget) so that the histogram's script runs and plotly draws it
+        self.preview_output.outputs = (
+            {
+                "output_type": "display_data",
+                "data": {"text/html": shown._repr_html_(), "text/plain": repr(shown)},
+                "metadata": {},
+            },
+        )
+
+    def _preview_state(self) -> tuple[dict[str, Any], dict[str, str]]:
+        return dict(self._changed_training_settings()), dict(self.form_errors)
+
+    def _mark_preview(self) -> None:
+        """Say so when the form changed since the preview shown (it is made again on demand, not on every key)."""
+        if self.last_preview is None:
+            return
+        changed = self._preview_state() != self._previewed
+        self.preview_message.value = (
+            "<div class='jl-preview-stale' style='color:#8a6d00'>The training form changed since this preview: "
+            "Preview shows the data with the new settings.</div>"
+            if changed
+            else ""
+        )
+
+    def _on_tab(self, change: dict) -> None:
+        if change["new"] == TABS.index("Chat"):
+            self.open_chat()
+
+    def open_chat(self) -> Any:
+        """The Chat tab's chat (``jupyter_lora.chat``) for the panel's model, with the tokenizer the form names or
+        the one the panel finds: built the first time (what opening the tab does), and again when that tokenizer
+        changed since. None when refused (the one-line message is in the tab)."""
+        self.chat_message.value = ""
+        try:
+            self.follow()
+            if self.model_gone:
+                self._show_gone(self.chat_message)
+                return self.chat
+            tokenizer = self._chat_tokenizer()
+            if self.chat is not None and (
+                self._chat_made_with is tokenizer or getattr(self.chat, "generating", False)
+            ):
+                self._chat_follows()
+                return self.chat
+            chat = self._jl.chat(self.model, tokenizer, variable=self.variable if self.namespace is not None
+                                 else None, namespace=self.namespace, **self.chat_settings)  # fmt: skip
+        except UsageError as exc:
+            self._show_error(str(exc), self.chat_message)
+            return self.chat
+        except Exception as exc:
+            self._show_error(f"{type(exc).__name__}: {exc}", self.chat_message)
+            return self.chat
+        self.chat, self._chat_made_with = chat, tokenizer
+        self.chat_tab.children = [self.chat_message, chat.box]
+        return chat
+
+    def _chat_tokenizer(self) -> Any:
+        """The tokenizer the form names (a wrong name is the field's message), else the panel's default one."""
+        if "tokenizer" in self.form:
+            self._check_field("tokenizer")
+        if "tokenizer" in self.form_errors:
+            raise UsageError(self.form_errors["tokenizer"])
+        name = self._form_values.get("tokenizer")
+        return self._resolve("tokenizer", name) if name is not None else self._default_tokenizer()
+
+    def _chat_follows(self) -> None:
+        """Keep the chat on the panel's model (after Inject, Merge, Unload, or a cell that changed the variable)."""
+        if self.chat is None or self.chat.conversation.model is self.model:
+            return
+        try:
+            self.chat.use_model(self.model)
+        except UsageError as exc:
+            self._show_error(str(exc), self.chat_message)
+        else:
+            self.chat_message.value = ""
+
+    # --------------------------------------------------------------------------------------- notebook inputs
 
     def _tokenizer_name(self) -> str | None:
         """The one notebook variable holding a tokenizer (None: none, or several)."""
@@ -890,3 +1050,14 @@ class Panel:
     def __repr__(self) -> str:
         trainable = f"{self.plan.trainable_params:,} trainable" if self.plan else "no plan"
         return f"<jupyter_lora.Panel for `{self.variable}`: {trainable}, targets={self.tree.targets!r}>"
+
+
+def panel(model: Any, tokenizer: Any = None, **options: Any) -> Panel:
+    """The LoRA panel for ``model``: its tabs "Adapter" (module tree, rank/alpha/..., live counts and memory,
+    Inject/Merge/Save/Unload, the training form and Train), "Data" (the preview of the data the form names) and
+    "Chat" (a chat with the model). ``tokenizer``: the one Train, the preview and the chat use when the form names
+    none (default: the one tokenizer in ``namespace``, else the one saved beside the model). ``options``: what
+    ``Panel`` takes — ``variable``/``namespace`` (follow ``namespace[variable]``), ``name`` (the adapter),
+    ``train_settings``, ``chat_settings``, and starting values of the controls (r, alpha, targets, lr, steps, data
+    as a variable name, ...)."""
+    return Panel(model, tokenizer=tokenizer, **options)
