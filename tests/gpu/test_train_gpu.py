@@ -91,3 +91,18 @@ def test_offloaded_checkpoints_lower_peak_memory_and_train_the_same(tmp_path):
     # 8 layers × 4 × 2048 tokens × 1024 hidden × 2 bytes = 128 MiB of checkpoints, all but ~one layer's offloaded
     assert peaks["offload"] < peaks[True] - 64 * 2**20
     assert curves["offload"] == pytest.approx(curves[True], rel=2e-2)
+
+
+def test_step_events_carry_the_gpus_own_memory_figures(tmp_path):
+    """The progress widget's GPU panel reads torch.cuda's counters through the run's events (no fake source)."""
+    events = []
+    model = jl.inject(_model(128), r=8, targets="all-linear")
+    run = jl.train(model, ["the quick brown fox jumps over the lazy dog."] * 32, tokenizer=tiny_tokenizer(),
+                   steps=6, batch=8, eval=0, output_dir=str(tmp_path), background=False, observers=events.append)  # fmt: skip
+    assert run.state == "finished"
+    start = next(e.data for e in events if e.kind == "start")
+    capacity = torch.cuda.get_device_properties(0).total_memory
+    assert start["memory_capacity"] == capacity and 0 < start["memory_allocated"] < capacity
+    logged = [e.data for e in events if e.kind == "step" and e.data.get("memory_allocated") is not None]
+    assert logged and all(0 < d["memory_allocated"] <= d["memory_peak"] <= capacity for d in logged)
+    assert next(e.data for e in events if e.kind == "end")["memory_peak"] >= logged[-1]["memory_allocated"]
