@@ -88,3 +88,14 @@ def test_the_memory_panel_has_a_place_of_its_own(until):
     memory = {t.name: (t.xaxis, t.yaxis) for t in w.figure.data if t.name.startswith("GPU")}
     assert memory == {"GPU memory": ("x2", "y3"), "GPU peak": ("x2", "y3")}
     assert w.figure.layout.yaxis3.visible
+
+
+def test_the_chart_has_no_fixed_width_and_fits_the_output_area():
+    from jupyter_lora.widgets.progress.fit import ChartFit
+
+    w = ProgressWidget()
+    assert w.figure.layout.width is None and w.figure.layout.autosize is not False
+    children = list(w.box.children)
+    fit = children[children.index(w.figure) + 1]
+    assert isinstance(fit, ChartFit)  # beside the chart, in the same box: it sizes the chart to that box
+    assert "ResizeObserver" in fit._esm and "Plotly.relayout" in fit._esm

@@ -146,6 +146,8 @@ class ProgressWidget(ThrottledObserver):
         import ipywidgets as widgets
         import plotly.graph_objects as go
 
+        from .fit import ChartFit
+
         self._array = _array_maker()
         self.header = widgets.HTML()
         self.bar = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
@@ -242,6 +244,7 @@ class ProgressWidget(ThrottledObserver):
                 widgets.HBox([self.bar, self.stop_button]),
                 self.stats,
                 self.figure,
+                ChartFit(),  # the chart as wide as the output area
                 self.errors,
                 self.samples,
                 self.summary,
