@@ -71,6 +71,7 @@ _TRACE_NAMES = (
     "GPU memory",
     "GPU peak",
 )
+_MEMORY_TRACES = _TRACE_NAMES[5:]  # drawn in the GPU memory panel
 _LOSS_COLOR = "#1f77b4"
 _RAW_LOSS_COLOR = "#9cc3e4"  # the loss's blue, lightened: drawn under the EMA, visible but quieter
 _LR_FORMAT = ".2~e"  # 2e-4, 8.82e-4: learning rates in exponent notation, on the axis and in hover labels
@@ -145,6 +146,8 @@ class ProgressWidget(ThrottledObserver):
         import ipywidgets as widgets
         import plotly.graph_objects as go
 
+        from .fit import ChartFit
+
         self._array = _array_maker()
         self.header = widgets.HTML()
         self.bar = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
@@ -175,19 +178,18 @@ class ProgressWidget(ThrottledObserver):
                     marker={"size": 7, "symbol": "diamond", "color": "#ff7f0e"},
                     line={"width": 1, "color": "#ff7f0e"},
                 ),
+                # the GPU memory traces join the panel's axes (x2, y3) when the panel is shown: a trace on
+                # them makes plotly draw that subplot, and the hidden panel's background, whose domain lies
+                # inside the loss chart's, would cover the bottom quarter of the loss curves
                 go.Scatter(
                     name=_TRACE_NAMES[5],
                     mode="lines",
-                    xaxis="x2",
-                    yaxis="y3",
                     line={"width": 1.5, "color": _MEMORY_COLOR},
                     fill="tozeroy",
                 ),
                 go.Scatter(
                     name=_TRACE_NAMES[6],
                     mode="lines",
-                    xaxis="x2",
-                    yaxis="y3",
                     line={"width": 1, "dash": "dot", "color": _MEMORY_COLOR},
                 ),
             ],
@@ -242,6 +244,7 @@ class ProgressWidget(ThrottledObserver):
                 widgets.HBox([self.bar, self.stop_button]),
                 self.stats,
                 self.figure,
+                ChartFit(),  # the chart as wide as the output area
                 self.errors,
                 self.samples,
                 self.summary,
@@ -388,6 +391,9 @@ class ProgressWidget(ThrottledObserver):
         layout.xaxis.title.text = None
         layout.xaxis2.update(visible=True, title={"text": "step"})
         layout.yaxis3.visible = True
+        for trace in self.figure.data:
+            if trace.name in _MEMORY_TRACES:
+                trace.update(xaxis="x2", yaxis="y3")
         if capacity:
             layout.yaxis3.update(
                 range=[0, capacity / _GIB], title={"text": f"GPU GiB (of {capacity / _GIB:.0f})"}
