@@ -204,6 +204,24 @@ def test_resume_into_a_model_without_an_adapter_says_to_load_the_checkpoints_fir
         jl.resume(bare, tmp_path / "checkpoint-2", data=TEXT)
 
 
+def test_a_refusal_during_a_runs_start_does_not_read_step_0_of_0():
+    from jupyter_lora.core import runs
+
+    model = _lm()
+
+    class Starting:  # registered, steps not yet counted
+        done, step, total_steps = False, 0, 0
+
+    assert runs.register(model, Starting())
+    try:
+        with pytest.raises(
+            UsageError, match=r"while this model is training \(starting\)\. Stop the run first"
+        ):
+            jl.merge(model)
+    finally:
+        runs.finish(model)
+
+
 def test_simulated_out_of_memory_keeps_model_and_state(tmp_path, monkeypatch):
     model = _lm()
     rec = Recorder()

@@ -23,8 +23,10 @@ def check_not_training(model: nn.Module, action: str) -> None:
     """Refuse to change (or read half-updated weights of) a model that a background run is training."""
     run = runs.active_run(model)
     if run is not None:
+        # a run that has not counted its steps yet (it is preparing its first step) says so instead of "step 0/0"
+        where = f"step {run.step}/{run.total_steps}" if run.total_steps else "starting"
         raise UsageError(
-            f"Cannot {action} while this model is training (step {run.step}/{run.total_steps}). Stop the run first: "
+            f"Cannot {action} while this model is training ({where}). Stop the run first: "
             "run.stop() or %lora stop model — it saves a checkpoint."
         )
 
