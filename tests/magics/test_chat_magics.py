@@ -7,8 +7,8 @@ import re
 
 import pytest
 from chat_models import adapted_lm, chat_tokenizer
-from IPython.core.error import UsageError as IPythonUsageError
 from model_state import assert_model_unchanged, model_snapshot
+from shell_cells import run, usage_error
 
 import jupyter_lora as jl
 from jupyter_lora.core import runs
@@ -118,29 +118,6 @@ def test_every_chat_setting_can_be_given_on_the_line():
 
 
 # ----------------------------------------------------------------------------------------------- in a shell
-
-
-def run(ip, source: str):
-    result = ip.run_cell(source)
-    error = result.error_before_exec or result.error_in_exec
-    if error is not None:
-        raise error
-    return result.result
-
-
-def usage_error(ip, capsys, source: str) -> str:
-    """Run a failing cell: IPython's UsageError, shown as one line without a traceback."""
-    capsys.readouterr()
-    result = ip.run_cell(source)
-    captured = capsys.readouterr()
-    assert isinstance(result.error_in_exec, IPythonUsageError), repr(
-        result.error_in_exec or result.error_before_exec
-    )
-    shown = captured.out + captured.err
-    assert "Traceback" not in shown, shown
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("UsageError: "), shown
-    return str(result.error_in_exec)
 
 
 @pytest.fixture

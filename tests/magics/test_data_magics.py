@@ -8,7 +8,7 @@ import dataclasses
 import json
 
 import pytest
-from IPython.core.error import UsageError as IPythonUsageError
+from shell_cells import run, usage_error
 
 import jupyter_lora as jl
 from jupyter_lora.core.errors import UsageError
@@ -114,14 +114,6 @@ SETUP = (
 )
 
 
-def run(ip, source):
-    result = ip.run_cell(source)
-    error = result.error_before_exec or result.error_in_exec
-    if error is not None:
-        raise error
-    return result.result
-
-
 def test_the_magic_returns_the_api_preview(ip, monkeypatch):
     run(ip, SETUP)
     shown = run(ip, "%lora data model records --n 2 seq=40 eval=0.2")
@@ -152,19 +144,6 @@ def test_data_from_a_file_path(ip, tmp_path):
     run(ip, SETUP)
     shown = run(ip, f"%lora data model '{path}'")
     assert shown.n_records == 4 and shown.train == 4
-
-
-def usage_error(ip, capsys, source: str) -> str:
-    capsys.readouterr()
-    result = ip.run_cell(source)
-    captured = capsys.readouterr()
-    assert isinstance(result.error_in_exec, IPythonUsageError), repr(
-        result.error_in_exec or result.error_before_exec
-    )
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("UsageError: "), captured.err
-    assert "Traceback" not in captured.out + captured.err
-    return str(result.error_in_exec)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from IPython.core.error import UsageError
 from IPython.display import Pretty
 from model_state import assert_model_unchanged, model_snapshot
 from peft import PeftModel  # imported up front: its first import may print backend notices
+from shell_cells import run, usage_error
 from torch import nn
 
 import jupyter_lora as jl
@@ -25,31 +26,6 @@ from jupyter_lora.magics.lora import LoraMagics
 from jupyter_lora.testing import tiny_config, tiny_inputs, tiny_model, tiny_tokenizer
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def run(ip, source: str) -> Any:
-    """Run one cell as a notebook does; re-raise what it raised, else return the cell's value."""
-    result = ip.run_cell(source)
-    error = result.error_before_exec or result.error_in_exec
-    if error is not None:
-        raise error
-    return result.result
-
-
-def usage_error(ip, capsys, source: str) -> str:
-    """Run a failing cell; it must fail with IPython's UsageError shown as one line, no traceback."""
-    capsys.readouterr()
-    result = ip.run_cell(source)
-    captured = capsys.readouterr()
-    assert isinstance(result.error_in_exec, UsageError), repr(
-        result.error_in_exec or result.error_before_exec
-    )
-    shown = captured.out + captured.err
-    assert "Traceback" not in shown, shown
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1, shown
-    assert lines[0].startswith("UsageError: "), shown
-    return str(result.error_in_exec)
 
 
 def call_magic(ip, source: str) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError as IPythonUsageError
+from shell_cells import run as _cell
 
 import jupyter_lora as jl
 from jupyter_lora.core.errors import UsageError
@@ -58,14 +59,6 @@ def test_help_describes_it():
 
 
 # ----------------------------------------------------------------------------------------------- in a shell
-
-
-def _cell(ip, source):
-    result = ip.run_cell(source)
-    error = result.error_before_exec or result.error_in_exec
-    if error is not None:
-        raise error
-    return result.result
 
 
 def _shown(ip, obj) -> tuple[str, str]:

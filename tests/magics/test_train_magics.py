@@ -7,6 +7,7 @@ import time
 
 import pytest
 from IPython.core.error import UsageError
+from shell_cells import run as _cell
 
 import jupyter_lora as jl
 from jupyter_lora.magics import parse as p
@@ -20,14 +21,6 @@ SETUP = (
     "tok = tiny_tokenizer()\n"
     "texts = ['the quick brown fox jumps over the lazy dog.'] * 16\n"
 )
-
-
-def _cell(ip, source):
-    result = ip.run_cell(source)
-    error = result.error_before_exec or result.error_in_exec
-    if error is not None:
-        raise error
-    return result.result
 
 
 def test_parse_keys_follow_the_engine_settings():
