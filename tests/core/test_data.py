@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from chat_templates import GEN_TEMPLATE, PLAIN_TEMPLATE
 
 from jupyter_lora.core.data import PreparedData, find_tokenizer, prepare_data
 from jupyter_lora.core.errors import UsageError
@@ -17,18 +18,6 @@ from jupyter_lora.testing import tiny_model, tiny_tokenizer
 
 EOS = 1
 
-# A chat template with {% generation %} blocks (assistant masks from transformers), and one without (assistant
-# spans found by templating prefixes). "|" ends a turn: the char tokenizer has no newline.
-GEN_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}A:{% generation %}{{ m['content'] }}{{ eos_token }}"
-    "{% endgeneration %}|{% else %}{{ m['role'][0]|upper }}:{{ m['content'] }}|{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}A:{% endif %}"
-)
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'][0]|upper }}:{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}|{% endfor %}"
-    "{% if add_generation_prompt %}A:{% endif %}"
-)
 CHAT = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "hi"},

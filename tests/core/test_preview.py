@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from chat_templates import GEN_TEMPLATE, PLAIN_TEMPLATE
 from model_state import assert_model_unchanged, model_snapshot
 
 import jupyter_lora as jl
@@ -21,17 +22,6 @@ from jupyter_lora.core.train import make_train_config, prepare_for
 from jupyter_lora.testing import tiny_model, tiny_tokenizer
 
 EOS = 1
-# "|" ends a turn (the character tokenizer has no newline). With {% generation %}: transformers' assistant mask.
-GEN_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}A:{% generation %}{{ m['content'] }}{{ eos_token }}"
-    "{% endgeneration %}|{% else %}{{ m['role'][0]|upper }}:{{ m['content'] }}|{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}A:{% endif %}"
-)
-PLAIN_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'][0]|upper }}:{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}|{% endfor %}"
-    "{% if add_generation_prompt %}A:{% endif %}"
-)
 
 
 def chat(i: int) -> dict:
