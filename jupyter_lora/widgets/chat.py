@@ -156,6 +156,9 @@ class ChatWidget(_ModelView):
         self._clock = clock
         self._last_draw = -float("inf")
         self._draw_lock = threading.Lock()
+        # Held while send() sets up the view of a new reply, and by _on_done (on the reply's thread): a reply that
+        # ends at once (a failure, one token) must not have its final state overwritten by "generating …".
+        self._state_lock = threading.Lock()
         self.reply: Any = None
         self._reverting = False
         settings = conversation.settings
@@ -255,17 +258,18 @@ class ChatWidget(_ModelView):
         when the message was refused: the reason is in the status line)."""
         text = self.message.value if text is None else text
         self._show("")
-        try:
-            self.follow()
-            reply = self.conversation.start(text, on_text=self._on_text, on_done=self._on_done)
-        except UsageError as exc:
-            self._error(exc)
+        with self._state_lock:
+            try:
+                self.follow()
+                reply = self.conversation.start(text, on_text=self._on_text, on_done=self._on_done)
+            except UsageError as exc:
+                self._error(exc)
+                self._refresh()
+                return None
+            self.reply = reply
+            self.message.value = ""
+            self._show(f"generating ({', '.join(self._side_label(s) for s in reply.sides)}) …")
             self._refresh()
-            return None
-        self.reply = reply
-        self.message.value = ""
-        self._show(f"generating ({', '.join(self._side_label(s) for s in reply.sides)}) …")
-        self._refresh()
         return reply
 
     def stop(self, wait: bool = True) -> None:
@@ -287,6 +291,10 @@ class ChatWidget(_ModelView):
             self._draw()
 
     def _on_done(self, reply: Any) -> None:
+        with self._state_lock:
+            self._finish(reply)
+
+    def _finish(self, reply: Any) -> None:
         if reply.error is not None:
             self._error(reply.error)
         elif reply.stopped:

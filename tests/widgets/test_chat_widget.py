@@ -208,6 +208,28 @@ def test_a_failure_in_generation_is_shown(ns, monkeypatch):
     assert not widget.send_button.disabled and widget.conversation.turns == []
 
 
+def test_a_reply_that_ends_before_send_returns_keeps_its_final_state(ns, monkeypatch):
+    """A failure (or a one-token reply) can end on the reply's thread before ``send`` has drawn "generating …":
+    the view must end showing the failure with Send enabled, whichever thread gets there first."""
+    widget = _chat(ns, max_new_tokens=4)
+
+    def broken(**kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(ns["model"], "generate", broken)
+    start = widget.conversation.start
+
+    def start_and_let_the_thread_win(*args, **kwargs):
+        reply = start(*args, **kwargs)
+        reply._done.wait(1.0)  # the reply's thread ends first (or, holding for the view, cannot)
+        return reply
+
+    monkeypatch.setattr(widget.conversation, "start", start_and_let_the_thread_win)
+    _send(widget, "Hi")
+    assert "RuntimeError: simulated failure" in widget.status.value
+    assert not widget.send_button.disabled and widget.stop_button.disabled
+
+
 def test_clear_starts_afresh(ns):
     widget = _chat(ns, temperature=0, max_new_tokens=4)
     _send(widget, "Hi")
