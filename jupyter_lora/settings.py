@@ -235,14 +235,33 @@ def _check_task_type(value: Any, s: Setting) -> str | None:
     return normalize_task_type(value)
 
 
+# What a training run can train, with the spellings people type: text (causal LM, classifier), image and audio
+# classification, speech recognition (Whisper-style encoder-decoders and CTC models).
+TRAIN_TASKS = {
+    "AUTO": "auto",
+    "CAUSAL_LM": "CAUSAL_LM",
+    "CAUSAL": "CAUSAL_LM",
+    "SEQ_CLS": "SEQ_CLS",
+    "CLASSIFICATION": "SEQ_CLS",
+    "SEQ_CLASSIFICATION": "SEQ_CLS",
+    "IMAGE_CLS": "IMAGE_CLS",
+    "IMAGE_CLASSIFICATION": "IMAGE_CLS",
+    "AUDIO_CLS": "AUDIO_CLS",
+    "AUDIO_CLASSIFICATION": "AUDIO_CLS",
+    "ASR": "ASR",
+    "SPEECH_RECOGNITION": "ASR",
+    "SPEECH_TO_TEXT": "ASR",
+}
+
+
 def _check_task(value: Any, s: Setting) -> str:
     key = str(value).strip().upper().replace("-", "_")
-    key = {"CAUSAL": "CAUSAL_LM", "CLASSIFICATION": "SEQ_CLS", "SEQ_CLASSIFICATION": "SEQ_CLS"}.get(key, key)
-    if key == "AUTO":
-        return "auto"
-    if key not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise UsageError(f"`task` must be auto, causal_lm or seq_cls, got {value!r}.")
-    return key
+    if key not in TRAIN_TASKS:
+        names = ", ".join(str(c) for c in s.choices)
+        raise UsageError(
+            f"`task` must be one of {names}; got {value!r}.{did_you_mean(key.lower(), s.choices)}"
+        )
+    return TRAIN_TASKS[key]
 
 
 def _check_labels(value: Any, s: Setting) -> tuple[str, ...]:
@@ -693,10 +712,10 @@ class TrainSettings:
     )
     task: str = _setting(
         "auto",
-        "what to train: auto (from the model), causal_lm or seq_cls",
+        "what to train: auto (from the model), causal_lm, seq_cls, image_cls, audio_cls or asr (speech to text)",
         "choice",
         "train",
-        choices=("auto", "causal_lm", "seq_cls"),
+        choices=("auto", "causal_lm", "seq_cls", "image_cls", "audio_cls", "asr"),
         example="auto",
         check=_check_task,
     )
@@ -875,6 +894,14 @@ class InputSettings:
         "object",
         "train",
         example="tok",
+        form="basic",
+    )
+    processor: Any = _setting(
+        None,
+        "the model's processor for images or audio (default: the one in the notebook, or the model's own)",
+        "object",
+        "train",
+        example="processor",
         form="basic",
     )
     eval_data: Any = _setting(

@@ -238,7 +238,10 @@ class LoraMagics(_SettingDefaults):
                     )
                 objects[key] = value
         name = settings.pop("tokenizer", None)
-        if name is not None or "data" in objects:
+        processor = self._find_processor(settings.pop("processor", None))
+        if processor is not None:
+            objects["processor"] = processor  # it holds the tokenizer the model needs (if any)
+        if name is not None or ("data" in objects and processor is None):
             objects["tokenizer"] = self._find_tokenizer(name, model, required=False)
         return objects, settings
 
@@ -377,6 +380,22 @@ class LoraMagics(_SettingDefaults):
     def _is_model(self, name: str) -> bool:
         torch_nn = sys.modules.get("torch.nn")
         return torch_nn is not None and isinstance(self.shell.user_ns.get(name), torch_nn.Module)
+
+    def _find_processor(self, name: str | None) -> Any:
+        """The processor variable named (``processor: VAR``), else the only processor in the notebook, else None
+        (training then finds the model's own)."""
+        if name is not None:
+            return self._get(name, "processor")
+        if "transformers" not in sys.modules:
+            return None
+        from ..core.data.processors import is_processor
+
+        found = [k for k, v in self.shell.user_ns.items() if not k.startswith("_") and is_processor(v)]
+        if len(found) > 1:
+            raise UsageError(
+                f"%lora: several processors ({', '.join(sorted(found))}); pick one with processor: VAR."
+            )
+        return self.shell.user_ns[found[0]] if found else None
 
     def _find_tokenizer(self, name: str | None, model: Any, required: bool = True) -> Any:
         if name is not None:

@@ -718,7 +718,12 @@ ERROR_CASES: list[tuple[str, Any, dict, str]] = [
         {"task": "SEQ_CLS", "packing": True},
         r"`packing=True`",
     ),
-    ("unknown-task", lambda p: ["a"], {"task": "SEQ_2_SEQ_LM"}, r"CAUSAL_LM or SEQ_CLS only"),
+    (
+        "unknown-task",
+        lambda p: ["a"],
+        {"task": "SEQ_2_SEQ_LM"},
+        r"prepared for CAUSAL_LM, SEQ_CLS, IMAGE_CLS, AUDIO_CLS, ASR only",
+    ),
     ("misspelled-task", lambda p: ["a"], {"task": "casual_lm"}, r"`task_type` must be one of"),
     (
         "label-column-for-lm",

@@ -24,11 +24,20 @@ from ..modelinfo import base_model_of, normalize_task_type
 from .formats import Chat, cls_examples, lm_examples
 from .labels import label_ids
 from .prepared import PreparedData, eval_count, positive_setting, split_eval
+from .processors import MEDIA_TASKS, find_processor, image_processor, text_tokenizer
 from .sources import DATA_FILE_TYPES, load_source
 from .tokenize import check_chat_template, check_token_ids, pad_token_id, tokenize_cls, tokenize_lm
 from .trace import DataTrace
 
-__all__ = ["DATA_FILE_TYPES", "DataTrace", "PreparedData", "find_tokenizer", "prepare_data", "vocab_size_of"]
+__all__ = [
+    "DATA_FILE_TYPES",
+    "DataTrace",
+    "PreparedData",
+    "find_processor",
+    "find_tokenizer",
+    "prepare_data",
+    "vocab_size_of",
+]
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -77,6 +86,13 @@ def prepare_data(
         )
     seq = positive_setting("seq", seq)
     task = _data_task(task)
+    if task in MEDIA_TASKS or (task == "CAUSAL_LM" and image_processor(tokenizer) is not None):
+        return _prepare_media(
+            data, tokenizer, task=task, seq=seq, eval=eval, eval_data=eval_data, packing=packing, seed=seed,
+            label2id=label2id, text_column=text_column, label_column=label_column, vocab_size=vocab_size,
+            chat_template=chat_template, trace=trace,
+        )  # fmt: skip
+    tokenizer = text_tokenizer(tokenizer)  # a processor given for a text model: its tokenizer
     if packing and task != "CAUSAL_LM":
         raise UsageError(f"`packing=True` is for causal LM training only (task {task}); set packing=False.")
     if label_column is not None and task != "SEQ_CLS":
@@ -237,11 +253,23 @@ def vocab_size_of(model: Any) -> int | None:
     return size if isinstance(size, int) and size > 0 else None
 
 
+def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
+    """Records with images or audio, through the model's processor (``media``: image and audio classification,
+    speech recognition; ``vision_chat``: chat with images for vision-language models)."""
+    raise UsageError(
+        f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
+        "or upgrade jupyter-lora."
+    )
+
+
 def _data_task(task: Any) -> str:
+    key = str(task).strip().upper().replace("-", "_")
+    if key in MEDIA_TASKS:
+        return key
     normalized = normalize_task_type(task)
     if normalized not in ("CAUSAL_LM", "SEQ_CLS"):
         raise UsageError(
-            f"`task`={task!r}: data can be prepared for CAUSAL_LM or SEQ_CLS only. Pass task='CAUSAL_LM' or "
-            "task='SEQ_CLS'."
+            f"`task`={task!r}: data can be prepared for CAUSAL_LM, SEQ_CLS, {', '.join(MEDIA_TASKS)} only. Pass "
+            "one of those, e.g. task='CAUSAL_LM'."
         )
     return normalized

@@ -41,6 +41,11 @@ class PreparedData:
     pad_token_id: int = 0
     dropped: int = 0
     seq: int | None = None
+    # Records with images or audio: the function that turns a list of examples into one batch of tensors (the
+    # processor's padding or transformers' collators), and what one unit of throughput is ("tokens", "images",
+    # "seconds of audio"); ``units(batch)`` counts them.
+    collator: Any = field(default=None, repr=False, compare=False)
+    unit: str = "tokens"
     _flattener: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -77,6 +82,8 @@ class PreparedData:
         a packed causal LM batch one row of ``input_ids``/``labels``/``position_ids`` with no padding."""
         if not examples:
             raise UsageError("`examples` is empty: collate needs at least one example.")
+        if self.collator is not None:
+            return self.collator(examples)
         if self.task == "SEQ_CLS":
             out = self._pad(examples, with_labels=False)
             out["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
@@ -84,6 +91,16 @@ class PreparedData:
         if self.packing:
             return self._flatten(examples)
         return self._pad(examples, with_labels=True)
+
+    def units(self, batch: dict[str, Any]) -> int:
+        """How much of the data one batch holds, in ``unit``s: its real (unpadded) tokens for text."""
+        if self.collator is not None and hasattr(self.collator, "units"):
+            return int(self.collator.units(batch))
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            return int(mask.sum())
+        ids = batch.get("input_ids")
+        return int(ids.numel()) if ids is not None else 0
 
     def _pad(self, examples: list[dict], with_labels: bool) -> dict[str, torch.Tensor]:
         width = max(len(ex["input_ids"]) for ex in examples)

@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from ...settings import TrainSettings, build
+from ...settings import TRAIN_TASKS, TrainSettings, build
 from .. import runs
 from ..adapters.peft_facts import wrapper_for
+from ..data.processors import CLASSIFY_TASKS
 from ..errors import UsageError
 from ..modelinfo import base_model_of, detect_task, require_module
 from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings, trainer_settings
@@ -65,11 +66,16 @@ def _peft_of(model: nn.Module) -> nn.Module:
 def _task(peft_model: nn.Module, task: str) -> str:
     if task != "auto":
         return task
-    detected = detect_task(peft_model).task_type
-    if detected not in ("CAUSAL_LM", "SEQ_CLS"):
+    from ..data.processors import training_task
+
+    detected = training_task(peft_model)
+    if detected is None:
+        detected = detect_task(peft_model).task_type
+    if detected not in TRAIN_TASKS.values():
         raise UsageError(
-            f"Training here covers causal LMs and sequence classifiers; this model's task is {detected}. Set "
-            "`task: causal_lm` or `task: seq_cls` if that is what it is."
+            f"Training here covers causal LMs (text, or text and images), text, image and audio classifiers and "
+            f"speech recognition; this model's task is {detected}. Set `task:` (causal_lm, seq_cls, image_cls, "
+            "audio_cls, asr) if it is one of those."
         )
     return detected
 
@@ -140,6 +146,16 @@ def _not_training(base: nn.Module, doing: str) -> None:
                          f"before {doing}.")  # fmt: skip
 
 
+def preprocessor_for(peft_model: nn.Module, task: str, tokenizer: Any, processor: Any) -> Any:
+    """What turns the run's records into the model's inputs: the tokenizer for text, the processor for images,
+    audio and vision-language models (given, or found beside the model's weights)."""
+    from ..data import find_tokenizer
+    from ..data.processors import pick_preprocessor
+
+    chosen = pick_preprocessor(peft_model, task, tokenizer, processor)
+    return chosen if chosen is not None else find_tokenizer(peft_model)
+
+
 def prepare_for(
     peft_model: nn.Module, config: TrainConfig, data: Any, tokenizer: Any, eval_data: Any, trace: Any = None
 ) -> Any:
@@ -150,17 +166,20 @@ def prepare_for(
     task = _task(peft_model, config.task)
     base = base_model_of(peft_model)
     label2id = None
-    if task == "SEQ_CLS":
+    if task in CLASSIFY_TASKS:
         label2id = list(config.labels) if config.labels else named_labels(base.config)
     elif config.labels:
-        raise UsageError("`labels` names the classes of a classifier (task seq_cls); drop it for this model.")
+        raise UsageError(
+            "`labels` names the classes of a classifier (task seq_cls, image_cls or audio_cls); drop it for this "
+            "model."
+        )
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
     prepared = prepare_data(
         data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
         seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model), text_column=config.text_column,
         label_column=config.label_column, chat_template=config.chat_template, trace=trace,
     )  # fmt: skip
-    if task == "SEQ_CLS":
+    if task in CLASSIFY_TASKS:
         _check_classes(base.config, prepared.label_names)
     return prepared
 
@@ -211,6 +230,7 @@ def train(
     data: Any,
     *,
     tokenizer: Any = None,
+    processor: Any = None,
     eval_data: Any = None,
     observers: Any = (),
     background: bool = True,
@@ -223,15 +243,13 @@ def train(
     messages | text+label), a datasets.Dataset, a DataFrame, or a .jsonl/.json/.csv/.txt path. Settings: see
     ``jupyter_lora.settings.TrainSettings`` (steps, epochs, lr, batch, seq, grad_accum, eval, eval_every,
     save_every, output_dir, packing, ckpt, samples, early_stop, keep_best, report_to, ...). ``trainer_args``: any
-    other ``TrainingArguments`` field; ``callbacks``: your own ``TrainerCallback``s."""
-    from ..data import find_tokenizer
-
+    other ``TrainingArguments`` field; ``callbacks``: your own ``TrainerCallback``s. ``processor``: the model's
+    processor for image, audio and vision-language models (default: the one saved beside the model)."""
     config = make_train_config(**settings)
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
     _not_training(base, "training again")
-    _task(peft_model, config.task)
-    tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
+    tokenizer = preprocessor_for(peft_model, _task(peft_model, config.task), tokenizer, processor)
     if config.samples and tokenizer is None:
         raise UsageError("`samples` need a tokenizer to generate with; pass tokenizer=.")
     output_dir = _check_output_dir(
@@ -253,6 +271,7 @@ def resume(
     *,
     data: Any = None,
     tokenizer: Any = None,
+    processor: Any = None,
     eval_data: Any = None,
     observers: Any = (),
     background: bool = True,
@@ -264,8 +283,6 @@ def resume(
     checkpoint written here or by a plain ``transformers.Trainer``. The data, tokenizer and settings of that run
     are reused unless given; ``overrides`` may change e.g. ``steps`` (to extend a finished run). The checkpoint is
     checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
-    from ..data import find_tokenizer
-
     require_module(model)
     if (
         wrapper_for(model) is None
@@ -310,16 +327,17 @@ def resume(
                 "`data: VAR` in its body, or resume(model, ckpt, data=...)."
             )
         prepared = last.data
-        tokenizer = tokenizer if tokenizer is not None else last.tokenizer
+        if tokenizer is not None or processor is not None:
+            tokenizer = preprocessor_for(peft_model, prepared.task, tokenizer, processor)
+        else:
+            tokenizer = last.tokenizer
         trainer_args = trainer_args if trainer_args is not None else last.trainer_args
         callbacks = callbacks if callbacks is not None else last.callbacks
     else:
-        if tokenizer is None:  # the tokenizer of the run in this session, else the model's own
-            tokenizer = (
-                last.tokenizer
-                if last is not None and last.tokenizer is not None
-                else find_tokenizer(peft_model)
-            )
+        if tokenizer is None and processor is None and last is not None and last.tokenizer is not None:
+            tokenizer = last.tokenizer  # the preprocessor of the run in this session, else the model's own
+        else:
+            tokenizer = preprocessor_for(peft_model, _task(peft_model, config.task), tokenizer, processor)
         prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
     run = TrainingRun(peft_model, prepared, config, tokenizer, _observer_list(observers), path.parent,
                       resume_from=path)  # fmt: skip

@@ -20,6 +20,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from .. import runs
 from ..adapters.peft_facts import is_quantized
+from ..data.processors import CLASSIFY_TASKS
 from ..errors import UsageError, did_you_mean
 from ..loss import chunked_causal_lm_loss, supports_chunked_loss
 from ..modelinfo import base_model_of
@@ -161,7 +162,7 @@ def trainer_fields(run: TrainingRun, device: torch.device, ckpt: bool, **extra: 
         disable_tqdm=True,  # the run's own progress display shows it
         report_to=cfg.report_to,
         run_name=cfg.run_name,
-        prediction_loss_only=run.data.task != "SEQ_CLS",
+        prediction_loss_only=run.data.task not in CLASSIFY_TASKS,
         save_only_model=False,
     )
     owned = sorted(set(extra) & set(args))
@@ -306,8 +307,7 @@ def build_trainer(
 
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = run.data.collate(examples)
-        mask = batch.get("attention_mask")
-        tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        tokens.append(run.data.units(batch))
         batch.update(run.data.forward_kwargs if run.data.task == "CAUSAL_LM" else {})
         return batch
 
@@ -325,7 +325,7 @@ def build_trainer(
     try:
         trainer = LoraTrainer(
         model=model, args=args, train_dataset=run.data.train, eval_dataset=run.data.eval or None,
-        data_collator=collate, compute_metrics=_accuracy if run.data.task == "SEQ_CLS" else None,
+        data_collator=collate, compute_metrics=_accuracy if run.data.task in CLASSIFY_TASKS else None,
         # the run's callback last: it sees a stop any other callback asked for at this step, and checkpoints it
         callbacks=found[1:] + list(callbacks or ()) + found[:1], chunked_loss=chunked,
         )  # fmt: skip
