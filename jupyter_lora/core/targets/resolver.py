@@ -97,6 +97,8 @@ def peft_remapped(index: ModelIndex) -> set[str]:
     Read from PEFT's own conversion tables; none when PEFT has none."""
 
     def remapped() -> set[str]:
+        if not _expert_owners(index):  # a model without fused experts: nothing to remap (and no PEFT import)
+            return set()
         try:
             from peft.utils import transformers_weight_conversion as conversion
 
