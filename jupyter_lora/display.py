@@ -101,11 +101,16 @@ def adapter_size(p: Plan) -> str:
     return fmt_bytes(p.adapter_bytes)
 
 
+def expert_shape(shape: Sequence[int]) -> str:
+    """A fused expert weight's shape per expert: ``4 experts × 128×32``."""
+    return f"{shape[0]} experts × {'×'.join(str(d) for d in shape[1:])}"
+
+
 def _plan_rows(p: Plan) -> list[list[str]]:
     rows = []
     for g in p.groups():
         if g.role == "lora":
-            shape = f"{g.in_features}→{g.out_features}"
+            shape = expert_shape(g.shape) if g.experts else f"{g.in_features}→{g.out_features}"
             rows.append([g.name, g.kind, str(g.count), shape, fmt_count(g.params)])
         else:
             rows.append([g.name, "trained fully", str(g.count), g.kind, fmt_count(g.params)])
@@ -129,6 +134,8 @@ def _plan_notes(p: Plan) -> list[str]:
         notes.append(f"replaces the existing adapter '{p.name}'")
     if p.removes_others:
         notes.append(f"removes the other adapters: {', '.join(repr(n) for n in p.other_adapters)}")
+    if p.experts_note:
+        notes.append(p.experts_note)
     return notes
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "ARCHITECTURES",
+    "MOE_ARCHITECTURES",
     "FakeGpuStats",
     "fake_gpu_stats",
     "minilm_path",
@@ -220,6 +221,28 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 ARCHITECTURES = tuple(_SPECS)
 
+# Mixture-of-experts families: 4 experts, 2 routed per token; experts held as fused 3-D weights.
+_MOE = dict(hidden_size=_H, intermediate_size=_I, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+            num_key_value_heads=2, vocab_size=_VOCAB, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)  # fmt: skip
+_MOE_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_MOE, num_local_experts=4)),
+    # a shared expert (ordinary Linear layers) and its gate beside the routed experts
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(_MOE, num_experts=4, moe_intermediate_size=48,
+                                                                shared_expert_intermediate_size=40)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_MOE, num_experts=4, moe_intermediate_size=48)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_MOE, num_experts=4)),
+    # layer 0 dense (first_k_dense_replace), layer 1 routed experts plus shared experts
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(_MOE, n_routed_experts=4, moe_intermediate_size=48, first_k_dense_replace=1, n_group=1,
+                         topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                         v_head_dim=8)),
+    # expert weights stored transposed (experts, in, out), with expert biases
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(_MOE, num_local_experts=4, head_dim=8)),
+}  # fmt: skip
+MOE_ARCHITECTURES = tuple(_MOE_SPECS)
+_SPECS_ALL = {**_SPECS, **_MOE_SPECS}
+
 # Full-size shapes for planning, estimating and benchmarking on the meta device (no weights).
 LLAMA_SHAPES: dict[str, dict[str, int]] = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -240,16 +263,17 @@ def llama_config(shape: str = "llama-2-7b", **overrides: Any):
 
 
 def tiny_config(arch: str, **overrides: Any):
-    """A transformers config of architecture ``arch`` (see ``ARCHITECTURES``) with tiny sizes."""
+    """A transformers config of architecture ``arch`` (see ``ARCHITECTURES`` and ``MOE_ARCHITECTURES``) with tiny
+    sizes."""
     import transformers
 
-    if arch not in _SPECS:
+    if arch not in _SPECS_ALL:
         from .core.errors import UsageError, did_you_mean
 
         raise UsageError(
-            f"Unknown architecture {arch!r}.{did_you_mean(arch, _SPECS)} Known: {', '.join(_SPECS)}."
+            f"Unknown architecture {arch!r}.{did_you_mean(arch, _SPECS_ALL)} Known: {', '.join(_SPECS_ALL)}."
         )
-    config_cls, _, kwargs = _SPECS[arch]
+    config_cls, _, kwargs = _SPECS_ALL[arch]
     return getattr(transformers, config_cls)(**{**kwargs, **overrides})
 
 
@@ -259,7 +283,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, meta: bool = False, **overrid
     import transformers
 
     config = tiny_config(arch, **overrides)
-    model_cls = getattr(transformers, _SPECS[arch][1])
+    model_cls = getattr(transformers, _SPECS_ALL[arch][1])
     if meta:
         from accelerate import init_empty_weights
 

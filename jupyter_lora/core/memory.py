@@ -194,7 +194,7 @@ def _lora_input_widths(rows: Sequence[PlanRow]) -> tuple[int, int]:
     groups = {}
     read = 0
     for row in rows:
-        if row.role != "lora" or row.kind == "embedding":
+        if row.role != "lora" or row.kind in ("embedding", "experts"):  # experts: see _moe_terms
             continue
         # q/k/v (and gate/up) read the same tensor: one saved input per (parent module, input width).
         parent = row.path.rsplit(".", 1)[0]
@@ -215,6 +215,102 @@ def _lora_input_widths(rows: Sequence[PlanRow]) -> tuple[int, int]:
         groups[(parent, row.in_features)] = row.in_features
         read += row.in_features
     return sum(groups.values()), read
+
+
+# ------------------------------------------------------------------------------------------------ mixture of experts
+
+
+def _moe_terms(
+    model: nn.Module,
+    index: Any,
+    the_plan: Plan,
+    d: dict[str, Any],
+    tokens: int,
+    e: int,
+    weight_dtype: torch.dtype,
+    ckpt: Any,
+    notes: list[str],
+) -> tuple[dict[str, Any], int]:
+    """(``d`` with the MLP width a token keeps live, extra activation bytes) for a mixture-of-experts model; ``d``
+    and 0 for a dense one.
+
+    Routed experts: a token runs through ``k`` of the ``n`` experts of each MoE block (``num_experts_per_tok``), so
+    the MLP activations are those of ``k`` expert MLPs of the expert width (``I_e``, read from the experts' down
+    projection) plus the shared experts' width, not of the config's ``intermediate_size``; dense layers (DeepSeek's
+    first ones) keep theirs. ``intermediate`` becomes the average over the layers, so the per-layer formula holds.
+    Each routed copy of a token's hidden state (``k·h`` per token and MoE layer) and the router's fp32
+    probabilities (``4·n``) are kept too.
+
+    Adapted expert weights: PEFT applies LoRA to a fused expert weight by rebuilding it as ``W + scaling·B·A`` (in
+    the weight's dtype) on each forward; the matmuls keep that rebuilt stack for backward — one full copy of each
+    adapted expert weight per layer (of one layer at a time with gradient checkpointing), plus its gradient, one
+    weight at a time, while backward runs. Their LoRA A/B (``r·experts`` rows) are in the plan's counts already
+    (weights, gradients and optimizer states)."""
+    experts = [m for m in index.modules if m.kind == "experts"]
+    if not experts:
+        return d, 0
+    config = getattr(base_model_of(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    owners: dict[str, list[Any]] = {}
+    for m in experts:
+        owners.setdefault(m.module_path, []).append(m)
+    n = max(m.experts for m in experts)
+    k = _config_int(config, ("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k"), n)
+    layers = max(1, d["layers"])
+    moe_layers = min(layers, len(owners))
+    expert_width = []
+    for weights in owners.values():
+        down = [w for w in weights if w.suffix in ("down_proj", "w2")]
+        expert_width.append(
+            down[0].in_features if down else min(weights[0].in_features, weights[0].out_features)
+        )
+    width = max(expert_width)
+    shared = _shared_width(index, owners)
+    live = k * width + shared
+    dense = d["intermediate"]
+    d = {**d, "intermediate": (moe_layers * live + (layers - moe_layers) * dense) // layers}
+    routed = moe_layers * tokens * (e * k * d["hidden"] + 4 * n)
+    if not ckpt:
+        extra = routed
+    else:  # one layer's worth, while it is recomputed
+        extra = routed // moe_layers
+
+    itemsize = torch.empty((), dtype=weight_dtype).element_size()
+    adapted = [index.by_path[r.path] for r in the_plan.modules if r.role == "lora" and r.kind == "experts"]
+    if adapted:
+        by_layer: dict[Any, int] = {}
+        for info in adapted:
+            by_layer[info.layer] = by_layer.get(info.layer, 0) + info.weight_params * itemsize
+        rebuilt = max(by_layer.values()) if ckpt else sum(by_layer.values())
+        rebuilt += max(info.weight_params for info in adapted) * itemsize  # its gradient, during backward
+        extra += rebuilt
+        notes.append(
+            f"{len(adapted)} adapted expert weights are rebuilt as W + ΔW on each forward and kept for backward "
+            f"({fmt_bytes(rebuilt)} in activations)"
+        )
+    notes.append(f"mixture of experts: {k} of {n} experts run per token in {moe_layers} layers")
+    return d, extra
+
+
+def _config_int(config: Any, names: Sequence[str], default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def _shared_width(index: Any, owners: dict[str, list[Any]]) -> int:
+    """The intermediate width of the shared experts beside the routed ones (Qwen2-MoE's ``shared_expert``,
+    DeepSeek's ``shared_experts``): the input width of their down projection, in one MoE block."""
+    block = next(iter(owners)).rsplit(".", 1)[0]
+    downs = [
+        m.in_features
+        for m in index.modules
+        if m.is_linear and m.path.startswith(block + ".") and m.suffix in ("down_proj", "w2")
+    ]
+    return sum(downs)
 
 
 def _gpu() -> tuple[str | None, int | None]:
@@ -301,6 +397,7 @@ def estimate(
                 notes.append(f"no adapter given: estimated for r={plan.spec.r} on {shown}")
     d = model_dims(model, index)
     tokens = seq * batch
+    d, moe_bytes = _moe_terms(model, index, plan, d, tokens, e, weight_dtype, ckpt, notes)
     weights, constants = _weights_bytes(model, weight_dtype, quant_key, index, bool(double_quant))
     lora_params = plan.adapter_params
     save_params = plan.trainable_params - plan.adapter_params
@@ -322,7 +419,7 @@ def estimate(
     else:
         activations = d["layers"] * per_layer
     activations = (
-        int(activations * calibration.activations) + e * d["hidden"] * tokens * 2
+        int(activations * calibration.activations) + e * d["hidden"] * tokens * 2 + moe_bytes
     )  # embeddings out, final norm
     task = plan.task_type
     from .train.engine import use_liger  # what the training engine decides, decided by the same function

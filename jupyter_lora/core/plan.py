@@ -22,7 +22,16 @@ from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, regi
 from .errors import UsageError, did_you_mean
 from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
 from .spec import LoraSpec, spec_with
-from .targets import ModelIndex, compact_target_modules, index_model, resolve_targets, selection_key, spec_key
+from .targets import (
+    ModelIndex,
+    compact_target_modules,
+    compact_target_parameters,
+    experts_note,
+    index_model,
+    resolve_targets,
+    selection_key,
+    spec_key,
+)
 
 __all__ = ["Plan", "PlanGroup", "PlanRow", "adapter_param_names", "check_adapter_name", "plan"]
 
@@ -39,7 +48,9 @@ _SAFETENSORS_DTYPE = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "f
 @dataclass(frozen=True)
 class PlanRow:
     """One module in a plan. ``params`` are the trainable parameters it adds (LoRA A+B, DoRA magnitude, bias)
-    or, for a ``modules_to_save`` row, the size of the trained copy."""
+    or, for a ``modules_to_save`` row, the size of the trained copy. A fused mixture-of-experts weight (kind
+    "experts", ``path`` ending in the parameter's name) has ``experts`` low-rank pairs, one per expert, of
+    ``in_features``→``out_features`` each; ``shape`` is the weight as stored (experts, a, b)."""
 
     path: str
     kind: str
@@ -50,10 +61,17 @@ class PlanRow:
     layer: int | None = None
     magnitude: int = 0
     dtype: str = "float32"
+    experts: int = 0
+    shape: tuple[int, ...] = ()
 
     @property
     def group(self) -> str:
         return self.path.rsplit(".", 1)[-1] if self.role == "lora" else self.path
+
+    @property
+    def module_path(self) -> str:
+        """The module that receives the adapter (for a fused expert weight, its experts module)."""
+        return self.path.rsplit(".", 1)[0] if self.kind == "experts" else self.path
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,8 @@ class PlanGroup:
     out_features: int
     params: int
     role: str
+    experts: int = 0
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,10 @@ class Plan:
     other_adapters: tuple[str, ...] = ()
     other_adapter_params: int = 0
     removes_others: bool = False
+    # fused mixture-of-experts weights, given to PEFT as ``target_parameters`` (``target_modules`` holds the rest)
+    target_parameters: tuple[str, ...] = ()
+    # why the fused experts are left out, when a linear preset was used on a model that has them (else "")
+    experts_note: str = ""
     fingerprint: int = field(default=0, compare=False, repr=False)
     base_ref: Callable[[], nn.Module | None] | None = field(default=None, compare=False, repr=False)
     # The module index the plan was made from (an estimate of the plan reuses it while it is current).
@@ -115,7 +139,7 @@ class Plan:
         """Rows grouped by module name and shape (``q_proj ×32 4096→4096``)."""
         groups: OrderedDict[tuple, list[PlanRow]] = OrderedDict()
         for row in self.modules:
-            key = (row.group, row.kind, row.in_features, row.out_features, row.role)
+            key = (row.group, row.kind, row.in_features, row.out_features, row.role, row.experts, row.shape)
             groups.setdefault(key, []).append(row)
         return [
             PlanGroup(
@@ -126,6 +150,8 @@ class Plan:
                 out_features=k[3],
                 params=sum(r.params for r in rows),
                 role=k[4],
+                experts=k[5],
+                shape=k[6],
             )
             for k, rows in groups.items()
         ]
@@ -135,11 +161,13 @@ class Plan:
         from peft import LoraConfig
 
         init: Any = {"default": True, "zero": False}.get(self.spec.init, self.spec.init)
+        parameters = {"target_parameters": list(self.target_parameters)} if self.target_parameters else {}
         return LoraConfig(
             r=self.spec.r,
             lora_alpha=self.spec.lora_alpha,
             lora_dropout=self.spec.dropout,
             **self._targets_for_peft(),
+            **parameters,
             modules_to_save=list(self.modules_to_save) or None,
             bias=self.spec.bias,
             use_dora=self.spec.variant == "dora",
@@ -156,8 +184,9 @@ class Plan:
         modules (checked with PEFT's own matching), so the saved config reads as a user would write it."""
         explicit = {"target_modules": list(self.target_modules)}
         base = self.base_ref() if self.base_ref is not None else None
-        layers = sorted({r.layer for r in self.modules if r.role == "lora" and r.layer is not None})
-        if base is None or not layers or any(r.layer is None for r in self.modules if r.role == "lora"):
+        rows = [r for r in self.modules if r.role == "lora" and r.kind != "experts"]
+        layers = sorted({r.layer for r in rows if r.layer is not None})
+        if base is None or not layers or any(r.layer is None for r in rows):
             return explicit
         from peft import LoraConfig
         from peft.tuners.tuners_utils import check_target_module_exists
@@ -227,15 +256,18 @@ class _Targets:
         self.infos = infos
         self.rows = [
             {"path": i.path, "kind": i.kind, "in_features": i.in_features, "out_features": i.out_features,
-             "role": "lora", "layer": i.layer, "dtype": _adapter_dtype(i.dtype)}
+             "role": "lora", "layer": i.layer, "dtype": _adapter_dtype(i.dtype), "experts": i.experts,
+             "shape": i.param_shape}
             for i in infos
         ]  # fmt: skip
         # A module's LoRA parameters: r·per_r + out·(r // groups) for a conv (lora_B is grouped), + out for DoRA.
+        # A fused expert weight gets one pair per expert: PEFT's lora_A is (r·experts)×in, lora_B out×(r·experts).
         conv = [i.kind in ("conv1d", "conv2d", "conv3d") for i in infos]
         self.per_r = [
-            i.in_features * i.kernel if c else i.in_features + i.out_features
+            i.in_features * i.kernel if c else (i.in_features + i.out_features) * max(1, i.experts)
             for i, c in zip(infos, conv, strict=True)
         ]
+        self.experts = [i for i in infos if i.kind == "experts"]
         self.groups = [i.groups if c else 0 for i, c in zip(infos, conv, strict=True)]
         self.outs = [i.out_features for i in infos]
         self.per_r_total = sum(self.per_r)
@@ -247,6 +279,8 @@ class _Targets:
         self.smallest = min((min(i.in_features, i.out_features) for i in infos), default=0)
 
     def check(self, spec: LoraSpec) -> None:
+        if self.experts:
+            _check_experts_spec(spec, self.experts[0])
         if spec.init != "mica" or spec.r <= self.smallest:
             return
         info = next(i for i in self.infos if spec.r > min(i.in_features, i.out_features))
@@ -270,6 +304,31 @@ class _Targets:
             params = r * per_r + (out * (r // groups) if groups else 0) + magnitude
             rows.append(_row(fixed, params, magnitude))
         return rows
+
+
+# What PEFT's LoRA on a fused expert weight (``ParamWrapper``) supports: it rebuilds the weight as W + ΔW, so there
+# is no input to drop out, no DoRA magnitude, and only initialisations that need no base ``.weight``.
+_EXPERT_INITS = ("default", "gaussian", "zero")
+
+
+def _check_experts_spec(spec: LoraSpec, info: Any) -> None:
+    """Refuse, before PEFT would fail half-way, the settings PEFT cannot apply to fused expert weights."""
+    where = f"fused MoE expert weights (`{info.path}` …)"
+    fix = "or leave the experts out of `targets`."
+    if spec.dropout:
+        raise UsageError(
+            f"`dropout` {spec.dropout:g} cannot apply to {where}: PEFT adapts them as W + ΔW, with no input to "
+            f"drop out. Use dropout: 0, {fix}"
+        )
+    if spec.variant == "dora":
+        raise UsageError(
+            f"`variant` dora cannot apply to {where}: PEFT has no DoRA for them. Use lora or rslora, {fix}"
+        )
+    if spec.init not in _EXPERT_INITS:
+        raise UsageError(
+            f"`init` {spec.init} cannot apply to {where}: PEFT initialises them only as "
+            f"{', '.join(_EXPERT_INITS)}. Use one of those, {fix}"
+        )
 
 
 _new = object.__new__
@@ -360,28 +419,38 @@ def _digits(values: np.ndarray) -> int:
     return int(np.searchsorted(_POWERS_OF_TEN, values, side="right").sum()) + len(values)
 
 
+@dataclass(frozen=True)
+class _RankTimes:
+    """A dimension of ``r · n`` in a layout entry's shape (a fused expert weight's ``r · experts``)."""
+
+    n: int
+
+
 class _Layout:
     """``_safetensors_size`` for entries whose shapes hold r, for any r, without writing the header. A dimension
-    ``-g`` in a shape stands for ``r // g`` (``-1``: r). The order of the tensors does not depend on r, so the
-    header is the same text but for the digits of r and of the data offsets; those are counted with numpy."""
+    ``-g`` in a shape stands for ``r // g`` (``-1``: r), a ``_RankTimes(n)`` for ``r · n``. The order of the tensors
+    does not depend on r, so the header is the same text but for the digits of the r-dependent dimensions and of
+    the data offsets; those are counted with numpy."""
 
-    def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]]):
+    def __init__(self, entries: Sequence[tuple[str, str, tuple[Any, ...]]]):
         ordered = sorted(entries, key=lambda e: (-_DTYPE_BYTES[e[1]], e[0]))
-        coef, div = [], []
+        coef, div, mul = [], [], []
         fixed = len('{"__metadata__":{"format":"pt"}}')
         for key, dtype, shape in ordered:
-            held = [-d for d in shape if d < 0]
+            held = [(d.n, 1) if isinstance(d, _RankTimes) else (1, -d) for d in shape if _holds_r(d)]
             assert len(held) <= 1, shape
             n = _DTYPE_BYTES[dtype]
             for d in shape:
-                n *= d if d >= 0 else 1
+                n *= 1 if _holds_r(d) else d
             coef.append(n)
-            div.append(held[0] if held else 0)
-            dims = ",".join(str(d) if d >= 0 else "" for d in shape)  # r's digits are added per r
+            mul.append(held[0][0] if held else 1)
+            div.append(held[0][1] if held else 0)
+            dims = ",".join("" if _holds_r(d) else str(d) for d in shape)  # r's digits are added per r
             st = _SAFETENSORS_DTYPE.get(dtype, dtype.upper())
             fixed += len(f',{json.dumps(key)}:{{"dtype":"{st}","shape":[{dims}],"data_offsets":[,]}}')
         self.fixed = fixed
         self.coef = np.array(coef, dtype=np.int64)
+        self.mul = np.array(mul, dtype=np.int64)
         self.div = np.array(div, dtype=np.int64)
         self.holds_r = self.div > 0
 
@@ -389,7 +458,7 @@ class _Layout:
         """Bytes of the file for rank ``r``: equal to ``_safetensors_size`` of the entries with r filled in."""
         if not len(self.coef):
             return _safetensors_size([])
-        dims = np.where(self.holds_r, r // np.maximum(self.div, 1), 1)
+        dims = np.where(self.holds_r, (r * self.mul) // np.maximum(self.div, 1), 1)
         sizes = self.coef * dims
         ends = np.cumsum(sizes)
         length = self.fixed + _digits(ends - sizes) + _digits(ends) + _digits(dims[self.holds_r])
@@ -397,12 +466,39 @@ class _Layout:
         return 8 + length + int(ends[-1])
 
 
-def _adapter_entries(targets: _Targets, dora: bool) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The LoRA tensors of the saved adapter, with -1 / -groups standing for r / r // groups in their shapes."""
-    entries: list[tuple[str, str, tuple[int, ...]]] = []
+def _holds_r(d: Any) -> bool:
+    return isinstance(d, _RankTimes) or d < 0
+
+
+def _expert_prefixes(infos: Sequence[Any]) -> dict[str, str]:
+    """Where PEFT puts the LoRA tensors of each targeted fused expert weight. PEFT wraps the experts module once per
+    targeted weight, in the order the module holds its parameters, each wrapper around the one before (the
+    module's path, then ``.base_layer`` inside it): the weight wrapped last sits at the module's path, the one
+    before it one ``.base_layer`` deeper, and so on."""
+    by_owner: dict[str, list[Any]] = {}
+    for info in infos:
+        if info.kind == "experts":
+            by_owner.setdefault(info.module_path, []).append(info)
+    prefixes = {}
+    for owner, chosen in by_owner.items():  # the index lists a module's weights in the module's order
+        for depth, info in enumerate(reversed(chosen)):
+            prefixes[info.path] = f"base_model.model.{owner}{'.base_layer' * depth}."
+    return prefixes
+
+
+def _adapter_entries(targets: _Targets, dora: bool) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """The LoRA tensors of the saved adapter, with -1 / -groups standing for r / r // groups in their shapes and
+    ``_RankTimes(experts)`` for a fused expert weight's r · experts."""
+    entries: list[tuple[str, str, tuple[Any, ...]]] = []
+    expert_prefixes = _expert_prefixes(targets.infos)
     for info, row in zip(targets.infos, targets.rows, strict=True):
         prefix, dtype = f"base_model.model.{info.path}.", row["dtype"]
         conv = info.kind in ("conv1d", "conv2d", "conv3d")
+        if info.kind == "experts":
+            prefix, rank = expert_prefixes[info.path], _RankTimes(info.experts)
+            entries.append((prefix + "lora_A.weight", dtype, (rank, info.in_features)))
+            entries.append((prefix + "lora_B.weight", dtype, (info.out_features, rank)))
+            continue
         if info.kind == "embedding":
             entries.append((prefix + "lora_embedding_A", dtype, (-1, info.in_features)))
             entries.append((prefix + "lora_embedding_B", dtype, (info.out_features, -1)))
@@ -444,6 +540,8 @@ def plan(
     index = index_model(model)
     task_type = index.task.task_type if spec.task_type == "auto" else spec.task_type
     paths = resolve_targets(index, spec.targets, spec.layers, spec.exclude)
+    expert_paths = [p for p in paths if index.by_path[p].kind == "experts"]
+    module_paths = [p for p in paths if index.by_path[p].kind != "experts"] if expert_paths else paths
     save_names, save_paths = _resolve_modules_to_save(index, spec, task_type)
     conflict = (
         [p for p in paths if any(p == s or p.startswith(s + ".") for s in save_paths)] if save_paths else []
@@ -498,7 +596,17 @@ def plan(
         modules=tuple(rows),
         modules_to_save=save_names,
         target_modules=tuple(
-            _per_selection(index, ("compact", selection), lambda: compact_target_modules(index, paths))
+            _per_selection(index, ("compact", selection), lambda: compact_target_modules(index, module_paths))
+        ),
+        target_parameters=tuple(
+            _per_selection(
+                index,
+                ("compact parameters", selection),
+                lambda: compact_target_parameters(index, expert_paths),
+            )
+        ),
+        experts_note=_per_selection(
+            index, ("experts note", selection), lambda: experts_note(index, spec.targets, paths)
         ),
         trainable_params=trainable,
         total_params=total,

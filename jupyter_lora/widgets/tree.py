@@ -42,6 +42,12 @@ def tree_rows(model: nn.Module) -> list[dict]:
     ids: dict[str, int] = {}
     own: list[int] = []
     seen: set[int] = set()
+    from jupyter_lora.display import expert_shape
+
+    experts: dict[str, list] = {}  # experts module path -> its fused expert weights (rows of their own)
+    for m in index.modules:
+        if m.kind == "experts":
+            experts.setdefault(m.module_path, []).append(m)
     for path, module in unwrapped_modules(base):
         parent = ids.get(path.rsplit(".", 1)[0] if "." in path else "", -1) if path else -1
         info = index.by_path.get(path)
@@ -55,7 +61,15 @@ def tree_rows(model: nn.Module) -> list[dict]:
         ids[path] = rows[-1]["id"]
         fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]  # tied weights count once
         seen.update(id(p) for p in fresh)
-        own.append(sum(param_count(p) for p in fresh))
+        weights = experts.get(path, ())
+        own.append(sum(param_count(p) for p in fresh) - sum(w.weight_params for w in weights))
+        for w in weights:  # a fused expert weight is a row under its experts module, counted there once
+            rows.append({
+                "id": len(rows), "path": w.path, "name": w.suffix, "type": "Parameter", "params": 0,
+                "kind": w.kind, "parent": ids[path], "depth": w.path.count(".") + 1,
+                "shape": expert_shape(w.param_shape), "layer": w.layer,
+            })  # fmt: skip
+            own.append(w.weight_params)
     # Parameters of each node = its own + its descendants' (children come after their parent in pre-order).
     totals = list(own)
     for row in reversed(rows):
@@ -108,7 +122,7 @@ class ModuleTree(anywidget.AnyWidget):
     layers = traitlets.Unicode("").tag(sync=True)
     selected = traitlets.List().tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
-    presets = traitlets.List(["qv", "attention", "mlp", "all-linear"]).tag(sync=True)
+    presets = traitlets.List(["qv", "attention", "mlp", "all-linear", "experts"]).tag(sync=True)
     num_layers = traitlets.Int(0).tag(sync=True)
 
     def __repr__(self) -> str:  # cheap: never dump the node list

@@ -26,7 +26,7 @@ from .guards import check_fits_memory, check_not_training, require_adapter, requ
 from .merging import record_rewritten, remember_rewritten, restore_rewritten
 from .peft_facts import (
     active_names,
-    adapter_layers,
+    adapted_paths,
     base_layer_of,
     forget_wrapper,
     is_modules_to_save_wrapper,
@@ -117,7 +117,7 @@ def _check_fits_memory(base: nn.Module, the_plan: Plan) -> None:
     weights, host copies of those weights."""
     need: dict[torch.device, int] = {}
     for row in the_plan.modules:
-        module = base.get_submodule(row.path)
+        module = base.get_submodule(row.module_path)
         weight = next(module.parameters(), None)
         device = weight.device if weight is not None else torch.device("cpu")
         need[device] = need.get(device, 0) + row.params * getattr(torch, row.dtype).itemsize
@@ -195,9 +195,7 @@ def _apply(model: nn.Module, peft_model: nn.Module | None, the_plan: Plan, repla
 
 
 def _check_against_plan(peft_model: nn.Module, the_plan: Plan, alone: bool) -> None:
-    injected = sorted(
-        path.removeprefix("base_model.model.") for path, _ in adapter_layers(peft_model, [the_plan.name])
-    )
+    injected = sorted(adapted_paths(peft_model, [the_plan.name]))
     planned = sorted(the_plan.targets)
     removed = alone and not the_plan.removes_others  # removed now, though the plan counted them
     total = the_plan.total_params - (the_plan.other_adapter_params if removed else 0)

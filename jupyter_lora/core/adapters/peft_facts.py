@@ -8,6 +8,7 @@ been imported, so asking never imports them.
 
 from __future__ import annotations
 
+import re
 import sys
 import weakref
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from ..modelinfo import is_peft_model, param_count
 __all__ = [
     "LoraUpdate",
     "active_names",
+    "adapted_paths",
     "adapter_layers",
     "adapts_embeddings",
     "base_layer_of",
@@ -95,6 +97,20 @@ def adapter_layers(model: nn.Module, names: Iterable[str]) -> Iterator[tuple[str
     for path, module in model.named_modules():
         if is_lora_layer(module) and any(holds_adapter(module, n) for n in names):
             yield path, module
+
+
+def adapted_paths(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """What the adapters ``names`` adapt, as plan rows name it: the module path (``base_model.model.`` dropped) of
+    each LoRA layer, and for PEFT's ``ParamWrapper`` (a fused expert weight, targeted by ``target_parameters``) the
+    experts module's path without PEFT's ``.base_layer`` nesting, plus the parameter's name."""
+    out = []
+    for path, layer in adapter_layers(model, names):
+        path = path.removeprefix("base_model.model.")
+        parameter = getattr(layer, "parameter_name", None)
+        if parameter is not None:
+            path = re.sub(r"(\.base_layer)+$", "", path) + "." + parameter
+        out.append(path)
+    return out
 
 
 def adapts_embeddings(peft_model: nn.Module, name: str) -> bool:

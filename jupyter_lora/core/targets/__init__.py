@@ -6,8 +6,14 @@ Spellings (the same in the magic, the panel and the Python API), comma-separated
   ends with ``.`` + it);
 * a glob — ``*.attn.c_attn``, ``layers.1?.mlp.*``;
 * a regular expression — ``re:.*\\.(q|v)_proj`` (matched against the whole path, as PEFT does);
-* a preset — ``attention``, ``mlp``, ``all-linear``, or ``qv`` (PEFT's per-architecture default, usually the
-  query and value projections).
+* a preset — ``attention``, ``mlp``, ``all-linear``, ``qv`` (PEFT's per-architecture default, usually the
+  query and value projections), or ``experts`` (every fused mixture-of-experts weight).
+
+Fused expert weights (the 3-D ``gate_up_proj``/``down_proj`` parameters of a transformers MoE block's experts
+module) are targets like modules, at ``<experts module>.<parameter>`` (``model.layers.0.mlp.experts.down_proj``):
+names, dotted suffixes (``experts.down_proj``), globs, regexes, ``layers`` and ``exclude`` select them by that path,
+and naming the experts module (``mlp.experts``) selects its weights. The linear presets do not include them (see
+``resolver.preset_paths``).
 
 ``layers`` keeps only modules inside the given blocks (``"0-11, 20"``); ``exclude`` removes modules by the same
 spellings. A spec item that selects nothing, or only modules that cannot take LoRA, is an error that says so.
@@ -31,6 +37,8 @@ from .index import (
 )
 from .resolver import (
     compact_target_modules,
+    compact_target_parameters,
+    experts_note,
     preset_paths,
     resolve,
     resolve_targets,
@@ -44,6 +52,8 @@ __all__ = [
     "ModelIndex",
     "ModuleInfo",
     "compact_target_modules",
+    "compact_target_parameters",
+    "experts_note",
     "index_is_current",
     "index_model",
     "invalidate",

@@ -12,7 +12,7 @@ from ..errors import TargetError, UsageError
 
 __all__ = ["PRESETS", "compile_regex", "match_paths", "parse_layers", "preset_name", "split_spec"]
 
-PRESETS = ("attention", "mlp", "all-linear", "qv")
+PRESETS = ("attention", "mlp", "all-linear", "qv", "experts")
 
 
 def split_spec(value: Any, what: str = "targets") -> tuple[str, ...]:
@@ -108,10 +108,13 @@ def parse_layers(value: Any, num_layers: int) -> tuple[int, ...] | None:
 
 
 def preset_name(item: str) -> str | None:
-    """The preset a spec item names (``"Attention"``, ``"all_linear"``, ``"all"`` -> ``"all-linear"``), else None."""
+    """The preset a spec item names (``"Attention"``, ``"all_linear"``, ``"all"`` -> ``"all-linear"``, ``"expert"``
+    -> ``"experts"``), else None."""
     lowered = item.lower().replace("_", "-")
     if lowered == "all":
         return "all-linear"
+    if lowered == "expert":
+        return "experts"
     return lowered if lowered in PRESETS else None
 
 

@@ -1,5 +1,7 @@
 """The module index: one walk over a model that records every module a LoRA adapter can take (its kind, shape,
-parameters and the repeated block it lies in), the model's task and heads, and its honest parameter total.
+parameters and the repeated block it lies in) — and every fused mixture-of-experts weight (a 3-D parameter of an
+experts module, which PEFT adapts through ``target_parameters``), the model's task and heads, and its honest
+parameter total.
 Cached per model until its structure changes.
 
 Whether the cached index still describes the model is checked without walking it (``named_modules`` is slow:
@@ -15,6 +17,7 @@ walked again only when something differs."""
 from __future__ import annotations
 
 import operator
+import re
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,10 +62,18 @@ class ModuleInfo:
     dtype: str = "float32"
     layer: int | None = None
     suffix: str = ""
+    experts: int = 0  # kind "experts": the number of experts in the fused parameter (its first dimension)
+    param_shape: tuple[int, ...] = ()  # kind "experts": the parameter's shape as stored (experts, a, b)
 
     @property
     def is_linear(self) -> bool:
         return self.kind in _LINEAR_KINDS
+
+    @property
+    def module_path(self) -> str:
+        """The module that holds what is adapted: ``path`` itself, or for fused experts the experts module
+        (``…mlp.experts`` for ``…mlp.experts.gate_up_proj``)."""
+        return self.path.rsplit(".", 1)[0] if self.kind == "experts" else self.path
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,6 +96,9 @@ class ModelIndex:
     is_meta: bool = False
     weight_dtype: Any = None  # the most common floating dtype among the parameters (None: none is floating)
     layer_lists: tuple[str, ...] = ()
+    # names of fused expert weights that some other parameter also ends with (PEFT's target_parameters matching
+    # by name would take that one too)
+    clashing_param_names: frozenset[str] = frozenset()
     resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)  # spec -> paths (a cache)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # see ``remember``
 
@@ -119,6 +133,51 @@ def _kind(module: nn.Module) -> tuple[str, int, int, int, int] | None:
                 kernel *= int(k)
             return kind, module.in_channels, module.out_channels, kernel, module.groups
     return None
+
+
+def _expert_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The fused expert weights a module holds itself: 3-D floating parameters (experts × a × b), as transformers'
+    MoE blocks keep them (``MixtralExperts.gate_up_proj``). PEFT adapts them with ``target_parameters``. A module
+    counts as holding experts when its class says so or its ``num_experts`` is the parameters' first dimension;
+    2-D expert biases (gpt-oss ``gate_up_proj_bias``) are not weights and are left out."""
+    if not module._parameters:
+        return []
+    count = getattr(module, "num_experts", None)
+    named = "expert" in type(module).__name__.lower()
+    return [
+        (name, p)
+        for name, p in module._parameters.items()
+        if p is not None
+        and p.ndim == 3
+        and p.dtype.is_floating_point
+        and (named or (isinstance(count, int) and p.shape[0] == count))
+    ]
+
+
+def _expert_infos(path: str, module: nn.Module, layer_lists: Sequence[str]) -> list[ModuleInfo]:
+    """One ``ModuleInfo`` (kind "experts") per fused expert weight of ``module``, with PEFT's in/out features:
+    a parameter stored (experts, out, in) unless the module says ``is_transposed`` (then (experts, in, out))."""
+    infos = []
+    transposed = bool(getattr(module, "is_transposed", False))
+    for name, p in _expert_params(module):
+        experts, a, b = (int(d) for d in p.shape)
+        in_features, out_features = (a, b) if transposed else (b, a)
+        infos.append(
+            ModuleInfo(
+                path=f"{path}.{name}",
+                kind="experts",
+                type_name=type(module).__name__,
+                in_features=in_features,
+                out_features=out_features,
+                weight_params=param_count(p),
+                dtype=str(p.dtype).replace("torch.", ""),
+                layer=layer_of(path, layer_lists),
+                suffix=name,
+                experts=experts,
+                param_shape=(experts, a, b),
+            )
+        )
+    return infos
 
 
 _LAYER_LIST_TYPES = (nn.ModuleList, nn.Sequential)
@@ -291,6 +350,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
             continue
         kind = _kind(module)
         if kind is None:
+            modules.extend(_expert_infos(path, module, layer_lists))
             continue
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
@@ -313,7 +373,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
         )
     children: dict[str, list[str]] = {}
     for info in modules:
-        parts = info.path.split(".")
+        parts = info.path.split(".")  # an expert weight lies under its experts module
         for i in range(1, len(parts)):
             children.setdefault(".".join(parts[:i]), []).append(info.path)
     num_layers = 0
@@ -326,6 +386,14 @@ def _build_index(base: nn.Module) -> ModelIndex:
     base_params = sum(param_count(p) for name, p in seen.items() if name not in duplicates)
     task = detect_task(base)
     is_meta = any(p.is_meta for p in seen.values())
+    expert_paths = {m.path for m in modules if m.kind == "experts"}
+    expert_names = {m.suffix for m in modules if m.kind == "experts"}
+    unwrapped = (re.sub(r"(\.base_layer)+\.", ".", n) for n in seen) if expert_names else ()
+    clashing = frozenset(
+        n.rsplit(".", 1)[-1]
+        for n in unwrapped
+        if n.rsplit(".", 1)[-1] in expert_names and n not in expert_paths
+    )
     floats = [p.dtype for p in seen.values() if p.dtype.is_floating_point]
     weight_dtype = max(set(floats), key=floats.count) if floats else None
     index = ModelIndex(
@@ -340,5 +408,6 @@ def _build_index(base: nn.Module) -> ModelIndex:
         is_meta=is_meta,
         weight_dtype=weight_dtype,
         layer_lists=tuple(layer_lists),
+        clashing_param_names=clashing,
     )
     return index
