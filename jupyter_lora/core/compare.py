@@ -36,6 +36,15 @@ class Comparison:
         return f"Comparison({self.kind} for {self.prompt!r}: base {self.base!r}, adapter {self.adapter_name!r} {self.adapter!r})"
 
 
+# What a model's main input holds, for the message of a model that does not read text.
+_MEDIA = {
+    "pixel_values": "images",
+    "input_features": "audio features",
+    "input_values": "audio samples",
+    "flattened_patches": "image patches",
+}
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where ``model`` takes its inputs: the device of its first parameter (the CPU when it has none)."""
     for p in model.parameters():
@@ -62,6 +71,12 @@ def compare(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
     task = detect_task(peft_model)
+    if task.main_input != "input_ids":
+        raise UsageError(
+            f"`compare` runs a text prompt through the model; this {type(peft_model.base_model.model).__name__} "
+            f"reads `{task.main_input}` ({_MEDIA.get(task.main_input, 'not text')}), not token ids. Run the model "
+            "on its own inputs with the adapter and inside `with model.disable_adapter():` to compare."
+        )
     name = active_names(peft_model)[0]
     inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {

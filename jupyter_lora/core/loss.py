@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .modelinfo import embedding_layers
+
 __all__ = ["CHUNKED_LOSS_MODEL_TYPES", "chunked_causal_lm_loss", "supports_chunked_loss"]
 
 # Architectures whose LM forward is exactly `lm_head(backbone(...).last_hidden_state)` then cross-entropy: no logit
@@ -29,7 +31,7 @@ CHUNKED_LOSS_MODEL_TYPES = frozenset(
 def _parts(peft_model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     base = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
     backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head = embedding_layers(base)[1]
     if backbone is None or head is None:
         return None
     return backbone, head

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..settings import SETTINGS, canonical, keys, validate_one
 from .errors import UsageError
+from .media import AUDIO_SECONDS, feature_encoder_elements, media_towers
 from .modelinfo import base_model_of, is_peft_model, param_count
 from .plan import Plan, PlanRow
 from .plan import plan as make_plan
@@ -313,6 +314,67 @@ def _shared_width(index: Any, owners: dict[str, list[Any]]) -> int:
     return sum(downs)
 
 
+def _media_activations(
+    model: nn.Module,
+    index,
+    d: dict[str, Any],
+    the_plan: Plan,
+    seq: int,
+    batch: int,
+    e: int,
+    ckpt: bool | str,
+    attention: str,
+    audio_seconds: float,
+) -> tuple[int, int, list[str]] | None:
+    """(activation bytes, bytes of the largest single layer, notes) of an image, audio or vision-language model:
+    each tower over its own positions (``media.media_towers``); None for a text model.
+
+    A tower keeps activations when gradients reach it: it, or a tower before it (an encoder a decoder reads),
+    holds adapted modules. Per kept tower: ``_layer_activations`` per layer over its positions, its adapted
+    modules' inputs counted per layer; a decoder that attends to an encoder keeps per layer its cross-attention
+    query and output (e·h per token each) and the keys and values of every encoder frame (2·e·kv per frame);
+    and the tower's input and final-norm output (2·e·h per position). With checkpointing, each layer's input and
+    one layer recomputed at a time.
+    """
+    found = media_towers(model, index.layer_lists, d["rms_norm"], d["gated_mlp"], seq, audio_seconds)
+    if found is None:
+        return None
+    towers, notes = found
+    rows = [r for r in the_plan.modules if r.role == "lora"]
+    total = 0
+    largest = 0
+    flowing = False
+    for tower in towers:
+        mine = [r for r in rows if tower.prefix and r.path.startswith(tower.prefix + ".")]
+        flowing = flowing or bool(mine) or not tower.prefix
+        if not flowing:
+            continue
+        td = tower.dims
+        layers = max(1, td["layers"])
+        saved, read = _lora_input_widths(mine)
+        lora_in = saved // layers
+        dropout_in = (read if the_plan.spec.dropout > 0 else 0) // layers
+        tokens = batch * tower.positions
+        per_layer = _layer_activations(td, tokens, tower.positions, e, attention, lora_in, dropout_in)
+        if tower.cross:
+            kv = td["kv_heads"] * td["head_dim"]
+            norm = 4 * td["hidden"] if td["rms_norm"] else e * td["hidden"]
+            per_layer += (2 * e * td["hidden"] + norm + 4 * td["heads"]) * tokens
+            per_layer += 2 * e * kv * tower.cross * batch
+        if ckpt == "offload":
+            kept = e * td["hidden"] * tokens + per_layer
+        elif ckpt:
+            kept = layers * e * td["hidden"] * tokens + per_layer
+        else:
+            kept = layers * per_layer
+        total += kept + 2 * e * td["hidden"] * tokens
+        largest = max(largest, per_layer)
+    config = getattr(base_model_of(model), "config", None)
+    if getattr(config, "conv_stride", None) and getattr(config, "conv_dim", None):
+        total += e * batch * feature_encoder_elements(model, config, audio_seconds)
+    return total, largest, notes
+
+
 def _gpu() -> tuple[str | None, int | None]:
     if not torch.cuda.is_available():
         return None, None
@@ -335,6 +397,7 @@ def estimate(
     chunked_loss: bool | None = None,
     kernels: str = SETTINGS["kernels"].default,
     calibration: Calibration = DEFAULT_CALIBRATION,
+    audio_seconds: float = AUDIO_SECONDS,
     **settings: Any,
 ) -> MemoryEstimate:
     """Estimate peak GPU memory for LoRA training of ``source`` (a model, a transformers config, or a local
@@ -348,7 +411,20 @@ def estimate(
     logits exist one small chunk of tokens at a time. ``dtype``: weight/compute dtype (default: the model's; bf16 for a bare config).
     ``quant``: None | 4bit | 8bit
     (default: how the model is loaded); ``double_quant``: 4-bit double quantisation (default: the model's, else on).
+
+    Image and audio encoders run over the positions their input makes, not over ``seq`` (see ``core/media.py``):
+    a ViT over its patches and class token, Whisper's encoder over its 1500 frames (``seq`` is its decoder's
+    text), wav2vec2/HuBERT over the frames of ``audio_seconds`` of 16 kHz audio (default 30), a vision-language
+    model's LM over ``seq`` text tokens plus the image tokens. The notes say which sequence was used.
     """
+    if (
+        isinstance(audio_seconds, bool)
+        or not isinstance(audio_seconds, (int, float))
+        or not audio_seconds > 0
+    ):
+        raise UsageError(
+            f"`audio_seconds` must be a positive number of seconds, got {audio_seconds!r}. E.g. 10."
+        )
     # the settings' other spellings (batch_size, max_seq_len, ...) reach the options they name
     options = {"seq": seq, "batch": batch, "ckpt": ckpt, "optim": optim, "dtype": dtype, "quant": quant}
     settings = canonical(settings, keys("estimate"), "estimate setting")
@@ -409,7 +485,22 @@ def estimate(
     per_layer = _layer_activations(
         d, tokens, seq, e, "sdpa" if attention == "flash" else attention, lora_in, dropout_in
     )
-    if ckpt == "offload":
+    media = _media_activations(
+        model,
+        index,
+        d,
+        plan,
+        seq,
+        batch,
+        e,
+        ckpt,
+        "sdpa" if attention == "flash" else attention,
+        audio_seconds,
+    )
+    if media is not None:
+        activations, per_layer, media_notes = media
+        notes.extend(media_notes)
+    elif ckpt == "offload":
         # The layer inputs wait in host memory; on the device: the layer being recomputed and its input.
         activations = e * d["hidden"] * tokens + per_layer
         notes.append("gradient checkpointing with the checkpoints offloaded to host memory (ckpt: offload)")
@@ -418,9 +509,12 @@ def estimate(
         activations = d["layers"] * e * d["hidden"] * tokens + per_layer
     else:
         activations = d["layers"] * per_layer
-    activations = (
-        int(activations * calibration.activations) + e * d["hidden"] * tokens * 2 + moe_bytes
-    )  # embeddings out, final norm
+    if media is not None:
+        activations = int(activations * calibration.activations) + moe_bytes
+    else:
+        activations = (
+            int(activations * calibration.activations) + e * d["hidden"] * tokens * 2 + moe_bytes
+        )  # embeddings out, final norm
     task = plan.task_type
     from .train.engine import use_liger  # what the training engine decides, decided by the same function
 

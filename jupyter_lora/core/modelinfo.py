@@ -4,6 +4,8 @@ its tied weights, and honest parameter counts (PEFT's way: shared tensors once, 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import sys
 from dataclasses import dataclass
@@ -21,12 +23,14 @@ __all__ = [
     "TaskInfo",
     "base_model_of",
     "detect_task",
+    "embedding_layers",
     "fingerprint",
     "is_peft_model",
     "normalize_task_type",
     "param_count",
     "require_module",
     "tied_duplicates",
+    "wrapper_fits",
 ]
 
 # Parameter names PEFT gives adapter weights: `<path>.lora_A.<adapter>.weight`, `<path>.modules_to_save.<adapter>.w`
@@ -35,7 +39,18 @@ ADAPTER_PARAM = re.compile(
 )
 
 # Task types whose head is created fresh on top of a pretrained backbone, so it must be trained and saved.
-_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS"}
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS", "AUDIO_CLS", "CTC"}
+
+# Parameters of PEFT's task wrappers' forward that switch what is returned rather than carry an input.
+_WRAPPER_SWITCHES = {
+    "self",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "task_ids",
+    "args",
+    "kwargs",
+}
 
 
 def require_module(model: Any, what: str = "model") -> nn.Module:
@@ -71,14 +86,23 @@ def base_model_of(model: nn.Module) -> nn.Module:
 class TaskInfo:
     """What a model is for, as PEFT's ``task_type`` sees it, and which modules are its task head.
 
+    ``task_type`` is the PEFT task type ``inject`` wraps the model with: the model's own task (``kind``) when
+    PEFT's wrapper for it can pass the model its inputs, else None (the plain ``PeftModel``, which passes every
+    input through as given) — e.g. Whisper is a seq2seq LM whose forward reads ``input_features``, not the
+    ``input_ids`` PEFT's seq2seq wrapper hands on. ``kind`` is what the model is for, also for tasks PEFT has no
+    wrapper for (IMAGE_CLS, AUDIO_CLS, CTC); ``main_input`` the name of the model's main input.
+
     ``heads`` are module paths (relative to the base model) that sit on top of the pretrained backbone and
-    are created fresh for the task (a classifier, a QA span head). They are trained fully (``modules_to_save``)
-    and never receive LoRA from a preset. ``output_embeddings`` is the LM head path (excluded from presets too).
+    are created fresh for the task (a classifier, a QA span head, a CTC head). They are trained fully
+    (``modules_to_save``) and never receive LoRA from a preset. ``output_embeddings`` is the LM head path
+    (excluded from presets too).
     """
 
     task_type: str | None
     heads: tuple[str, ...]
     output_embeddings: str | None
+    kind: str | None = None
+    main_input: str = "input_ids"
 
 
 def _class_names(mapping_name: str) -> set[str]:
@@ -103,6 +127,9 @@ def _task_from_class(model: nn.Module) -> str | None:
         ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
         ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
         ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "IMAGE_CLS"),
+        ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+        ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "AUDIO_CLS"),
+        ("MODEL_FOR_CTC_MAPPING_NAMES", "CTC"),
         ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
     )
     for mapping_name, task in table:
@@ -117,6 +144,8 @@ def _task_from_class(model: nn.Module) -> str | None:
         ("ForTokenClassification", "TOKEN_CLS"),
         ("ForQuestionAnswering", "QUESTION_ANS"),
         ("ForImageClassification", "IMAGE_CLS"),
+        ("ForAudioClassification", "AUDIO_CLS"),
+        ("ForCTC", "CTC"),
     ):
         if name.endswith(suffix):
             if task == "SEQ_2_SEQ_LM" and not getattr(
@@ -137,22 +166,76 @@ def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
 
 
 def detect_task(model: nn.Module) -> TaskInfo:
-    """The PEFT task type and head modules of a (base) model, from its class and structure."""
+    """The PEFT task type and head modules of a (base) model, from its class, structure and forward signature."""
     model = base_model_of(model)
     task = _task_from_class(model)
     output_embeddings = None
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            output_embeddings = _module_path(model, get_out())
-        except (AttributeError, NotImplementedError):
-            output_embeddings = None
+    _, out_layer = embedding_layers(model)
+    if out_layer is not None:
+        output_embeddings = _module_path(model, out_layer)
     heads: tuple[str, ...] = ()
     if task in _HEAD_TASKS:
         heads = _fresh_heads(model, output_embeddings)
-    # PEFT has no task type for image classification; the head still goes into modules_to_save.
-    peft_task = None if task == "IMAGE_CLS" else task
-    return TaskInfo(task_type=peft_task, heads=heads, output_embeddings=output_embeddings)
+    peft_task = task if wrapper_fits(model, task) else None
+    main_input = getattr(model, "main_input_name", None) or "input_ids"
+    return TaskInfo(
+        task_type=peft_task,
+        heads=heads,
+        output_embeddings=output_embeddings,
+        kind=task,
+        main_input=main_input,
+    )
+
+
+def embedding_layers(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embeddings, output embeddings) of a transformers model, None for each it has not: these methods
+    are optional (wav2vec2, ViT and CLIP raise NotImplementedError or have no such layer)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            layer = fn() if callable(fn) else None
+        except (AttributeError, NotImplementedError):
+            layer = None
+        layers.append(layer if isinstance(layer, nn.Module) else None)
+    return layers[0], layers[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _wrapper_inputs(task_type: str) -> tuple[str, ...] | None:
+    """The inputs PEFT's wrapper for ``task_type`` passes the model by name (its forward's parameters, less the
+    output switches), the first one its positional input; None when PEFT has no wrapper for the task."""
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
+    if wrapper is None:
+        return None
+    return tuple(p for p in inspect.signature(wrapper.forward).parameters if p not in _WRAPPER_SWITCHES)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_parameters(cls: type) -> frozenset[str] | None:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def wrapper_fits(model: nn.Module, task_type: str | None) -> bool:
+    """Whether PEFT's wrapper for ``task_type`` can run ``model``: its forward passes the model ``input_ids``,
+    ``inputs_embeds``, ``labels`` ... by name (None when not given) and takes a positional first input as
+    ``input_ids``, so the model's forward must name each of them and read ``input_ids`` as its main input. A
+    model that reads ``pixel_values``, ``input_features`` or ``input_values`` (or whose forward leaves one of those
+    names to ``**kwargs``, where it reaches a sub-module twice) is wrapped in the plain ``PeftModel`` instead."""
+    if task_type is None:
+        return True
+    model = base_model_of(model)
+    inputs = _wrapper_inputs(task_type)
+    params = _forward_parameters(type(model))
+    if inputs is None or params is None:
+        return False
+    main = getattr(model, "main_input_name", None) or "input_ids"
+    return main == inputs[0] and set(inputs) <= params
 
 
 def _fresh_heads(model: nn.Module, output_embeddings: str | None) -> tuple[str, ...]:
@@ -160,12 +243,15 @@ def _fresh_heads(model: nn.Module, output_embeddings: str | None) -> tuple[str, 
 
     transformers names the backbone attribute ``base_model_prefix`` (``bert``, ``model``, ``transformer``...);
     everything else with weights at the top level (``classifier``, ``score``, ``pre_classifier``, ``qa_outputs``)
-    is created for the task and not in a base checkpoint.
+    is created for the task and not in a base checkpoint — unless it holds a stack of layers: a backbone under
+    another name (``WhisperForAudioClassification.encoder``) is pretrained, not a head.
     """
     prefix = getattr(model, "base_model_prefix", "") or ""
     heads = []
     for name, child in model.named_children():
         if name in (prefix, output_embeddings):
+            continue
+        if any(isinstance(m, nn.ModuleList) for m in child.modules()):
             continue
         if any(True for _ in child.parameters()):
             heads.append(name)

@@ -20,7 +20,16 @@ from torch import nn
 
 from .adapters.peft_facts import base_layer_of, is_modules_to_save_wrapper, registered_wrapper
 from .errors import UsageError, did_you_mean
-from .modelinfo import ADAPTER_PARAM, base_model_of, fingerprint, is_peft_model, param_count, require_module
+from .modelinfo import (
+    ADAPTER_PARAM,
+    base_model_of,
+    embedding_layers,
+    fingerprint,
+    is_peft_model,
+    param_count,
+    require_module,
+    wrapper_fits,
+)
 from .spec import LoraSpec, spec_with
 from .targets import (
     ModelIndex,
@@ -539,6 +548,13 @@ def plan(
         model = wrapper
     index = index_model(model)
     task_type = index.task.task_type if spec.task_type == "auto" else spec.task_type
+    if task_type is not None and spec.task_type != "auto" and not wrapper_fits(model, task_type):
+        main = index.task.main_input
+        raise UsageError(
+            f"`task_type` {task_type} does not fit this model: PEFT's {task_type} wrapper hands the model "
+            f"input_ids, and {type(base_model_of(model)).__name__} reads `{main}`. Leave task_type: auto (the plain "
+            "PeftModel, which passes the model's own inputs through)."
+        )
     paths = resolve_targets(index, spec.targets, spec.layers, spec.exclude)
     expert_paths = [p for p in paths if index.by_path[p].kind == "experts"]
     module_paths = [p for p in paths if index.by_path[p].kind != "experts"] if expert_paths else paths
@@ -699,13 +715,7 @@ def _saved_embedding_entries(base: nn.Module, paths) -> list[tuple[str, str, tup
     module named embed_tokens or lm_head is adapted — often the largest part of such an adapter file."""
     if not any(p.rsplit(".", 1)[-1] in ("embed_tokens", "lm_head") for p in paths):
         return []
-    layers = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(base, getter, None)
-        layer = fn() if callable(fn) else None
-        if layer is not None:
-            layers.append(base_layer_of(layer))
-    wanted = {id(layer) for layer in layers}
+    wanted = {id(base_layer_of(layer)) for layer in embedding_layers(base) if layer is not None}
     entries = []
     for path in paths:
         module = base.get_submodule(path)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import targets
 from ..errors import UsageError
-from ..modelinfo import base_model_of, require_module
+from ..modelinfo import base_model_of, require_module, wrapper_fits
 from ..plan import Plan, check_adapter_name
 from ..plan import plan as make_plan
 from ..spec import LoraSpec
@@ -324,6 +324,10 @@ def load(
     adapter = read_adapter(path)
     config = adapter.peft_config(trainable)
     check_adapter_fits(current, adapter, config)
+    if not wrapper_fits(current, config.task_type):
+        # PEFT's wrapper for the saved task type would hand this model input_ids it does not read (a Whisper
+        # adapter saved as SEQ_2_SEQ_LM): the plain PeftModel passes the model's own inputs through.
+        config.task_type = None
     from peft import PeftModel
 
     source = str(adapter.source)
