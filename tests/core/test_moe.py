@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from model_state import assert_model_unchanged, model_snapshot
 from peft import PeftModel
 
 import jupyter_lora as jl
@@ -153,6 +154,28 @@ def test_save_then_peft_from_pretrained_gives_the_same_outputs(arch, tmp_path):
     loaded = PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "a"))
     assert torch.allclose(_logits(loaded, inputs), expected, atol=1e-5)
     assert not torch.allclose(_logits(tiny_model(arch), inputs), expected, atol=1e-3)  # the adapter matters
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "olmoe"])
+def test_save_then_load_here_gives_the_same_outputs(arch, tmp_path):
+    model = _inject(arch, r=4, targets="all-linear, experts")
+    _randomize_lora_b(model)
+    inputs = tiny_inputs(model)
+    expected = _logits(model, inputs)
+    jl.save(model, tmp_path / "a")
+    loaded = jl.load(tiny_model(arch), tmp_path / "a")
+    assert torch.allclose(_logits(loaded, inputs), expected, atol=1e-5)
+    assert jl.find_targets(loaded, "experts")  # the experts are still found under their adapters
+
+
+def test_an_expert_adapter_for_another_number_of_experts_is_refused_and_nothing_changes(tmp_path):
+    model = _inject("mixtral", r=4, targets="experts")
+    jl.save(model, tmp_path / "a")
+    other = tiny_model("mixtral", num_local_experts=8)
+    before = model_snapshot(other)
+    with pytest.raises(UsageError, match=r"has 8 experts but the adapter's lora_A is \(16, 32\)"):
+        jl.load(other, tmp_path / "a")
+    assert_model_unchanged(before, other)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "olmoe"])

@@ -336,7 +336,10 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: dict[str, Any], lab
         module_path = path.split(marker)[0]
         rank = value.shape[0] if "_A" in marker else value.shape[1]
         expected = _rank_of(module_path, config)
-        if rank != expected:
+        # a fused expert weight (target_parameters) holds r per expert: r × experts rows (checked against the
+        # model's experts once there is a model, in _check_modules)
+        per_expert = bool(config.get("target_parameters")) and rank % max(expected, 1) == 0
+        if rank != expected and not per_expert:
             wrong_rank.setdefault(module_path, f"`{module_path}` has rank {rank} where it says r={expected}")
     problems = []
     if not_finite:
@@ -380,18 +383,25 @@ def _check_modules(index: targets.ModelIndex, adapter: SavedAdapter) -> list[str
     """What does not fit between the LoRA tensors and the model's modules (names and shapes)."""
     missing: list[str] = []
     wrong: list[str] = []
+    experts = _expert_targets(index, adapter.config)
     for key, shape in adapter.shapes.items():
         path = key.removeprefix("base_model.model.")
         marker = next((m for m in _LORA_MARKERS if m in path), None)
         if marker is None:
             continue
         module_path = path.split(marker)[0]
-        info = index.by_path.get(module_path)
+        info = experts.get(module_path) or index.by_path.get(module_path)
         if info is None:
             if module_path not in missing:
                 missing.append(module_path)
             continue
         expected = None
+        rank = _rank_of(module_path, adapter.config) * (info.experts if info.kind == "experts" else 1)
+        if info.kind == "experts" and shape[0 if "_A" in marker else -1] != rank:
+            wrong.append(
+                f"`{info.path}` has {info.experts} experts but the adapter's {marker.strip('.')} is "
+                f"{tuple(shape)} (r={rank // info.experts} × {info.experts} experts expected)"
+            )
         if len(shape) == 2 and marker in (".lora_A.", ".lora_embedding_A"):
             expected = (shape[0], info.in_features)
         elif len(shape) == 2 and marker in (".lora_B.", ".lora_embedding_B"):
@@ -405,6 +415,23 @@ def _check_modules(index: targets.ModelIndex, adapter: SavedAdapter) -> list[str
     if missing:
         problems.append(f"{len(missing)} module(s) it adapts do not exist here, e.g. {_examples(missing)}")
     return problems
+
+
+def _expert_targets(index: targets.ModelIndex, config: dict[str, Any]) -> dict[str, Any]:
+    """Where the saved tensors of the fused expert weights the adapter names (``target_parameters``) sit, as
+    PEFT nests them (``experts``, ``experts.base_layer``, ...) -> that weight's index entry."""
+    names = config.get("target_parameters") or []
+    if not names:
+        return {}
+    from ..plan import _expert_prefixes
+
+    chosen = [
+        m
+        for m in index.modules
+        if m.kind == "experts" and any(m.path == n or m.path.endswith("." + n) for n in names)
+    ]
+    prefixes = _expert_prefixes(chosen)
+    return {prefixes[m.path].removeprefix("base_model.model.").rstrip("."): m for m in chosen}
 
 
 def _saved_heads(base: nn.Module, adapter: SavedAdapter) -> dict[str, nn.Module]:
