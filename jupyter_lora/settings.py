@@ -818,6 +818,16 @@ class EstimateSettings:
         label="base",
         panel=True,
     )
+    audio_seconds: float = _setting(
+        30.0,
+        "length of one audio clip for an audio model's estimate (Whisper always reads 30 s)",
+        "float",
+        "estimate",
+        minimum=0,
+        maximum=3600,
+        exclusive_min=True,
+        example="10",
+    )
 
 
 def _check_chat_adapter(value: Any, s: Setting) -> str:

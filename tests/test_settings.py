@@ -169,7 +169,7 @@ def test_estimates_describe_the_run_training_would_start(model):
     )  # ... on for a 4-bit one, as in training
     assert keys("estimate") == tuple(k for k in SETTINGS if "estimate" in SETTINGS[k].scopes) and set(
         p.ESTIMATE_OPTIONS
-    ) == {"seq", "batch", "ckpt", "optim", "dtype", "quant"}
+    ) == {"seq", "batch", "ckpt", "optim", "dtype", "quant", "audio_seconds"}
 
 
 # --- what a first user found -----------------------------------------------------------------------------------

@@ -23,12 +23,15 @@ from typing import Any
 
 from torch import nn
 
+from ..settings import SETTINGS
 from .modelinfo import base_model_of
 
 __all__ = ["AUDIO_SECONDS", "SAMPLING_RATE", "Tower", "media_towers"]
 
 SAMPLING_RATE = 16_000  # what wav2vec2, HuBERT and Whisper's feature extractors take
-AUDIO_SECONDS = 30.0  # Whisper's fixed window; the default clip length for the other audio encoders
+AUDIO_SECONDS = SETTINGS[
+    "audio_seconds"
+].default  # Whisper's fixed window; the default clip for other encoders
 
 
 @dataclass(frozen=True)

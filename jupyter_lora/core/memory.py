@@ -20,7 +20,7 @@ from torch import nn
 
 from ..settings import SETTINGS, canonical, keys, validate_one
 from .errors import UsageError
-from .media import AUDIO_SECONDS, feature_encoder_elements, media_towers
+from .media import feature_encoder_elements, media_towers
 from .modelinfo import base_model_of, is_peft_model, param_count
 from .plan import Plan, PlanRow
 from .plan import plan as make_plan
@@ -397,7 +397,7 @@ def estimate(
     chunked_loss: bool | None = None,
     kernels: str = SETTINGS["kernels"].default,
     calibration: Calibration = DEFAULT_CALIBRATION,
-    audio_seconds: float = AUDIO_SECONDS,
+    audio_seconds: float = SETTINGS["audio_seconds"].default,
     **settings: Any,
 ) -> MemoryEstimate:
     """Estimate peak GPU memory for LoRA training of ``source`` (a model, a transformers config, or a local
@@ -417,14 +417,7 @@ def estimate(
     text), wav2vec2/HuBERT over the frames of ``audio_seconds`` of 16 kHz audio (default 30), a vision-language
     model's LM over ``seq`` text tokens plus the image tokens. The notes say which sequence was used.
     """
-    if (
-        isinstance(audio_seconds, bool)
-        or not isinstance(audio_seconds, (int, float))
-        or not audio_seconds > 0
-    ):
-        raise UsageError(
-            f"`audio_seconds` must be a positive number of seconds, got {audio_seconds!r}. E.g. 10."
-        )
+    audio_seconds = validate_one("audio_seconds", audio_seconds)
     # the settings' other spellings (batch_size, max_seq_len, ...) reach the options they name
     options = {"seq": seq, "batch": batch, "ckpt": ckpt, "optim": optim, "dtype": dtype, "quant": quant}
     settings = canonical(settings, keys("estimate"), "estimate setting")

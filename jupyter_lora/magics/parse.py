@@ -69,7 +69,7 @@ USAGE = f"""\
 
 %lora status [MODEL]                         adapters, active, merged, sizes
 %lora estimate MODEL [--seq N] [--batch N] [--ckpt|--no-ckpt] [--optim {"|".join(_OPTIM)}]
-                     [--dtype {"|".join(_DTYPES)}] [--4bit|--8bit]
+                     [--dtype {"|".join(_DTYPES)}] [--4bit|--8bit] [--audio-seconds S]
                                              GPU memory for training; MODEL: a model or config variable, or a path/model id
     Optional body (YAML): the %%lora settings above, and
 {settings_help(ESTIMATE_OPTIONS)}
@@ -511,6 +511,7 @@ def _parse_estimate(head: str, rest: list[str], cell: str | None) -> Estimate:
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--optim", choices=_OPTIM, type=str.lower)
     p.add_argument("--dtype", choices=_DTYPES)
+    p.add_argument("--audio-seconds", dest="audio_seconds", type=float)
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--4bit", dest="quant", action="store_const", const="4bit")
     quant.add_argument("--8bit", dest="quant", action="store_const", const="8bit")

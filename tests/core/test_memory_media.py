@@ -102,3 +102,19 @@ def test_audio_seconds_must_be_positive():
                                              intermediate_size=64, conv_dim=(16,) * 7))  # fmt: skip
     with pytest.raises(UsageError, match="audio_seconds"):
         jl.estimate(model, audio_seconds=0)
+
+
+def test_audio_seconds_is_a_setting_of_the_estimate_line(tmp_path):
+    """`%lora estimate MODEL --audio-seconds 5` (and `audio_seconds:` in a body) reach the estimate; a bad value
+    is the schema's one-line error."""
+    from jupyter_lora.magics import parse as p
+
+    command = p.parse("estimate model --audio-seconds 5", None)
+    assert command.options["audio_seconds"] == 5.0
+    command = p.parse("estimate model", "audio_seconds: 12")
+    assert command.options["audio_seconds"] == 12
+    model = T.Wav2Vec2Model(T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, conv_dim=(16,) * 7))  # fmt: skip
+    with pytest.raises(UsageError, match=r"`audio_seconds`.*-1"):
+        jl.estimate(model, audio_seconds=-1)
+    assert jl.estimate(model, audio_seconds=5).total_bytes < jl.estimate(model, audio_seconds=10).total_bytes

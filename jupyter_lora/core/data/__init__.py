@@ -241,7 +241,7 @@ def vocab_size_of(model: Any) -> int | None:
     get = getattr(base, "get_input_embeddings", None)
     try:
         embeddings = get() if callable(get) else None
-    except NotImplementedError:
+    except (NotImplementedError, AttributeError):  # optional: audio and vision models may not have one
         embeddings = None
     rows = getattr(embeddings, "num_embeddings", None)
     if isinstance(rows, int):
