@@ -501,10 +501,8 @@ def _open_sound(value: Any, where: str) -> _Sound:
             f"{where}: audio file not found: {source!r} (relative paths start at {os.getcwd()})."
         )
     name = _name(value)
-    is_wav = (
-        isinstance(source, io.BytesIO)
-        and bytes(value[:4]) == b"RIFF"
-        or (isinstance(source, str) and source.lower().endswith(".wav"))
+    is_wav = (isinstance(source, io.BytesIO) and bytes(value[:4]) == b"RIFF") or (
+        isinstance(source, str) and source.lower().endswith(".wav")
     )
     if is_wav:
         # The standard library's wave module reads PCM WAV files with nothing to install; soundfile (libsndfile)
