@@ -35,7 +35,10 @@ ADAPTER_PARAM = re.compile(
 )
 
 # Task types whose head is created fresh on top of a pretrained backbone, so it must be trained and saved.
-_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS"}
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "IMAGE_CLS", "AUDIO_CLS"}
+# Tasks PEFT has no model class for (its task wrappers call forward with input_ids, which image and audio models
+# do not take: Whisper hands the stray input_ids on to its decoder and fails): a plain PeftModel wraps these.
+_NO_PEFT_TASK = {"IMAGE_CLS", "AUDIO_CLS", "ASR"}
 
 
 def require_module(model: Any, what: str = "model") -> nn.Module:
@@ -97,6 +100,9 @@ def _class_names(mapping_name: str) -> set[str]:
 def _task_from_class(model: nn.Module) -> str | None:
     name = type(model).__name__
     table = (
+        ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "AUDIO_CLS"),
+        ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "ASR"),
+        ("MODEL_FOR_CTC_MAPPING_NAMES", "ASR"),
         ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
         ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
         ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
@@ -150,8 +156,8 @@ def detect_task(model: nn.Module) -> TaskInfo:
     heads: tuple[str, ...] = ()
     if task in _HEAD_TASKS:
         heads = _fresh_heads(model, output_embeddings)
-    # PEFT has no task type for image classification; the head still goes into modules_to_save.
-    peft_task = None if task == "IMAGE_CLS" else task
+    # PEFT has no task type for image and audio models; a classifier's head still goes into modules_to_save.
+    peft_task = None if task in _NO_PEFT_TASK else task
     return TaskInfo(task_type=peft_task, heads=heads, output_embeddings=output_embeddings)
 
 
