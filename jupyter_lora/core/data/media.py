@@ -102,6 +102,13 @@ def prepare_media(
     that the model learns where a transcript ends.
     """
     _check_processor(processor, task)
+    wrong = ("audio_column", audio_column) if task == "IMAGE_CLS" else ("image_column", image_column)
+    if wrong[1] is not None:
+        right, kind = ("image_column", "image") if task == "IMAGE_CLS" else ("audio_column", "audio")
+        raise UsageError(
+            f"`{wrong[0]}`={wrong[1]!r} is for {wrong[0].split('_')[0]} records; this is {task.lower()} data: set "
+            f"{right} to name the column holding the {kind}."
+        )
     if packing := ignored.get("packing"):
         raise UsageError(f"`packing`={packing!r} is for causal LM text; set packing=False for task {task}.")
     if task == "ASR" and label_column is not None:

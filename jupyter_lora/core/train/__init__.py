@@ -39,7 +39,9 @@ __all__ = [
     "latest_checkpoint",
     "make_train_config",
     "prepare_for",
+    "preprocessor_for",
     "resume",
+    "task_of",
     "train",
 ]
 
@@ -61,6 +63,11 @@ def _peft_of(model: nn.Module) -> nn.Module:
             "(or a %%lora model cell), then train."
         )
     return peft_model
+
+
+def task_of(model: nn.Module, task: str) -> str:
+    """The task a run of ``model`` trains: the ``task`` setting, or the model's own when it is "auto"."""
+    return _task(model, task)
 
 
 def _task(peft_model: nn.Module, task: str) -> str:
