@@ -45,7 +45,14 @@ class DataPreview(DataReport):
 
 
 def preview_data(
-    model: Any, data: Any, tokenizer: Any = None, *, eval_data: Any = None, n: int = 3, **settings: Any
+    model: Any,
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    eval_data: Any = None,
+    n: int = 3,
+    processor: Any = None,
+    **settings: Any,
 ) -> DataPreview:
     """Show what ``train(model, data, ...)`` with these settings would train on, before a run starts: the first
     ``n`` records as the model sees them (chat template applied; masked tokens — label -100 — greyed; the cut at
@@ -54,16 +61,21 @@ def preview_data(
 
     ``settings`` are the training settings (``seq``, ``packing``, ``eval``, ``seed``, ``batch``, ``task``,
     ``text_column``, ``label_column``, ``chat_template``, ...), checked as ``train`` checks them; ``tokenizer``
-    defaults to the one saved beside the model. Built on the preparation training runs; nothing is trained or
+    defaults to the one saved beside the model. Images and audio (with the model's ``processor``): the records,
+    the split, the classes and the image sizes or clip lengths. Built on the preparation training runs; nothing is trained or
     changed."""
-    return DataPreview.of(report_data(model, data, tokenizer, eval_data=eval_data, n=n, **settings))
+    return DataPreview.of(
+        report_data(model, data, tokenizer, eval_data=eval_data, n=n, processor=processor, **settings)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ facts
 
 
 def _task_words(r: DataReport) -> str:
-    return {"CAUSAL_LM": "causal LM", "SEQ_CLS": "classification"}.get(r.task, r.task)
+    words = {"CAUSAL_LM": "causal LM", "SEQ_CLS": "classification", "IMAGE_CLS": "image classification",
+             "AUDIO_CLS": "audio classification", "ASR": "speech recognition"}  # fmt: skip
+    return words.get(r.task, r.task)
 
 
 def _headline(r: DataReport) -> str:
@@ -112,6 +124,9 @@ def _facts(r: DataReport) -> list[tuple[str, str]]:
     records = f"{r.n_records:,} in data" + (
         f" + {r.n_eval_records:,} in eval_data" if r.n_eval_records is not None else ""
     )
+    if r.media:  # images or audio: what they are, instead of token lengths
+        rows = [("records", records), ("split", _split_words(r)), *r.media, ("dropped", _drop_summary(r))]
+        return [*rows, ("batches", f"{r.rows:,} batch{'es' if r.rows != 1 else ''} of {r.batch}")]
     n = len(r.lengths)
     truncated = (
         f"{r.truncated:,} of {n:,} examples ({100 * r.truncated_share:.1f}%) are longer than seq {r.seq}"
@@ -301,7 +316,8 @@ def preview_text(r: DataReport) -> str:
     lines = [_headline(r), *(f"  {k:<{key_width}}  {v}" for k, v in facts)]
     for reason, drops in r.drop_reasons().items():
         lines.append(f"  dropped ({reason}): {_records_shown(drops)}")
-    lines.append(histogram_text(r))
+    if not r.media:
+        lines.append(histogram_text(r))
     if r.records:
         masked = (
             f"; text in {_MASK_OPEN} {_MASK_CLOSE} has label -100 (not trained on)"
@@ -327,9 +343,11 @@ def preview_html(r: DataReport) -> str:
         for reason, d in r.drop_reasons().items()
     )
     div_id = f"jl-hist-{uuid.uuid4().hex[:12]}"
-    chart = _plotly_histogram(r, div_id)
+    chart = None if r.media else _plotly_histogram(r, div_id)
     fallback = html.escape(histogram_text(r))
-    if chart is None:
+    if r.media:
+        histogram = ""
+    elif chart is None:
         histogram = f"<pre class='jl-hist-text'>{fallback}</pre>"
     else:
         # the text histogram stays for viewers that run no script (a rendered notebook on a website)

@@ -738,11 +738,27 @@ class TrainSettings:
     )
     label_column: str | None = _setting(
         None,
-        "the class label column of seq_cls data (default: label, class, category, ...)",
+        "the class label column of seq_cls, image_cls and audio_cls data (default: label, class, category, ...)",
         "text",
         "train",
         nullable=True,
         example="sentiment",
+    )
+    image_column: str | None = _setting(
+        None,
+        "the column holding the images of image_cls data (default: image, img, pixel_values, ...)",
+        "text",
+        "train",
+        nullable=True,
+        example="img_path",
+    )
+    audio_column: str | None = _setting(
+        None,
+        "the column holding the audio of audio_cls and asr data (default: audio, speech, path, ...)",
+        "text",
+        "train",
+        nullable=True,
+        example="wav",
     )
     chat_template: str | None = _setting(
         None,

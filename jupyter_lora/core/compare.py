@@ -1,6 +1,7 @@
 """Base vs adapter, side by side: the same prompt through the model with its adapter and, inside PEFT's
 ``disable_adapter()`` context, without it. Generation for causal and seq2seq LMs, class probabilities for
-sequence classifiers.
+sequence classifiers; for image and audio models the "prompt" is one image or audio clip (in any shape a training
+record takes), giving class probabilities, or a transcript for speech recognition.
 """
 
 from __future__ import annotations
@@ -54,13 +55,25 @@ def input_device(model: nn.Module) -> torch.device:
 
 def compare(
     model: nn.Module,
-    prompt: str,
+    prompt: Any,
     tokenizer: Any = None,
     max_new_tokens: int = 40,
+    *,
+    processor: Any = None,
 ) -> Comparison:
-    """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding)."""
+    """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding).
+
+    Image and audio models take an image or a clip instead of text: a PIL image, an array or tensor, a file path,
+    a datasets ``Audio`` dict ``{"array", "sampling_rate"}``, or a whole training record (``{"image": ...}``,
+    ``{"audio": ..., "sampling_rate": ...}``), turned into inputs by ``processor`` (default: the one saved beside
+    the model) exactly as training batches are."""
     require_module(model)
     peft_model = require_adapters(model, "compare")
+    from .data.processors import MEDIA_TASKS, training_task
+
+    media_task = training_task(peft_model)
+    if media_task in MEDIA_TASKS:
+        return _compare_media(peft_model, prompt, tokenizer, processor, media_task, max_new_tokens)
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError(f"`prompt` must be non-empty text, got {prompt!r}.")
     if tokenizer is None or not callable(tokenizer):
@@ -145,3 +158,46 @@ def _compare_classification(model, prompt, inputs, name) -> Comparison:
         base_probs=tuple(float(x) for x in base),
         adapter_probs=tuple(float(x) for x in adapter),
     )
+
+
+def _compare_media(model, value, tokenizer, processor, task, max_new_tokens) -> Comparison:
+    from .data.media import media_inputs
+    from .data.processors import pick_preprocessor, text_tokenizer
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
+    processor = pick_preprocessor(model, task, tokenizer, processor)
+    inputs, described = media_inputs(value, processor, task, what="prompt")
+    inputs = {k: v.to(input_device(model)) for k, v in inputs.items()}
+    name = active_names(model)[0]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        if task == "ASR":
+            tok = text_tokenizer(processor)
+            adapter = _transcribe(model, tok, inputs, max_new_tokens)
+            with model.disable_adapter():
+                base = _transcribe(model, tok, inputs, max_new_tokens)
+            return Comparison(
+                prompt=described, kind="generation", base=base, adapter=adapter, adapter_name=name
+            )
+        return _compare_classification(model, described, inputs, name)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _transcribe(model: nn.Module, tokenizer: Any, inputs: dict, max_new_tokens: int) -> str:
+    """The transcript of one clip: the model's ``generate`` (an encoder-decoder like Whisper, greedy), or for a
+    CTC model the most likely token per frame, which the CTC tokenizer's decode collapses."""
+    config = getattr(model, "config", None)
+    with torch.no_grad():
+        if getattr(config, "is_encoder_decoder", False):
+            # the decoder's positions bound the reply (Whisper refuses more; its start tokens take up to 4)
+            limit = getattr(config, "max_target_positions", None)
+            if isinstance(limit, int) and limit > 4:
+                max_new_tokens = min(max_new_tokens, limit - 4)
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0]
+        else:
+            ids = model(**inputs).logits.argmax(-1)[0]
+    return tokenizer.decode(ids, skip_special_tokens=True)

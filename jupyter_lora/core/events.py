@@ -6,7 +6,8 @@ reported once (a warning) and then skipped, so a broken display never stops a tr
 Kinds and their ``data``:
 
 ========== =============================================================================================
-start      total_steps, examples, eval_examples, trainable_params, task, config (dict), device, resumed_from
+start      total_steps, examples, eval_examples, trainable_params, task, unit (what `tokens` counts: tokens, images
+           or seconds of audio), config (dict), device, resumed_from
            (checkpoint path or None); the device figures (below) at the start; a resumed run also history and
            evals: the records before the checkpoint ({step, loss, lr, tokens, epoch, time} and
            {step, eval_loss, epoch, accuracy?})

@@ -204,6 +204,15 @@ class LoraMagics(_SettingDefaults):
         from .. import api as jl
 
         model = self._get_model(command.model)
+        from ..core.data.processors import MEDIA_TASKS, training_task
+
+        if training_task(model) in MEDIA_TASKS:
+            # an image or audio model: the prompt names a variable holding the image or clip (else it is a path)
+            name = command.prompt
+            value = self.shell.user_ns[name] if name.isidentifier() and name in self.shell.user_ns else name
+            processor = self._find_processor(command.processor)
+            return jl.compare(model, value, processor=processor,
+                              max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
         tokenizer = self._find_tokenizer(command.tokenizer, model)
         return jl.compare(model, command.prompt, tokenizer=tokenizer,
                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip

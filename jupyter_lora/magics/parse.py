@@ -84,7 +84,8 @@ USAGE = f"""\
 %lora save MODEL PATH [--merged] [--name NAME] [--overwrite]
 %lora load MODEL PATH_OR_HUB_ID [--name NAME] MODEL becomes the adapted model
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
-                                             base vs adapter output side by side
+                                             base vs adapter output side by side; an image or audio model takes a
+                                             variable holding one image or clip: MODEL VAR [--processor VAR]
 %lora chat MODEL [--tokenizer VAR] [setting=value ...]
                                              chat with the model: streamed replies with the adapter on, off or side by
                                              side, a Stop button; class probabilities for a classifier. Settings (on
@@ -195,6 +196,7 @@ class Compare(Command):
     prompt: str
     tokenizer: str | None = None
     max_new_tokens: int | None = None
+    processor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -581,12 +583,14 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     p.add_argument("prompt", nargs="?")
     p.add_argument("--tokenizer")
     p.add_argument("--max-new-tokens", type=_positive)
+    p.add_argument("--processor")
     args = p.parse_args(rest)
     prompt = args.prompt if args.prompt is not None else (cell or "").strip()
     if not prompt:
         raise UsageError('%lora compare: give a prompt, e.g. %lora compare model "Once upon a time".')
     tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
-    return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens)
+    processor = _identifier(args.processor, "--processor") if args.processor else None
+    return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens, processor)
 
 
 def _parse_chat(head: str, rest: list[str], cell: str | None) -> Chat:

@@ -65,6 +65,9 @@ def prepare_data(
     vocab_size: int | None = None,
     chat_template: str | None = None,
     trace: DataTrace | None = None,
+    image_column: str | None = None,
+    audio_column: str | None = None,
+    decoder_start_token_id: int | None = None,
 ) -> PreparedData:
     """Tokenize ``data`` for ``task`` ("CAUSAL_LM" or "SEQ_CLS") and hold out an eval split.
 
@@ -78,6 +81,10 @@ def prepare_data(
     pre-tokenised or produced by the tokenizer, is a UsageError naming the record or the token.
     ``chat_template``: formats ``messages`` instead of the tokenizer's own template (Jinja text, or the name of one
     of its templates). ``trace``: a ``DataTrace`` to fill in with what happened to each record (the preview's).
+
+    Images and audio (tasks IMAGE_CLS, AUDIO_CLS, ASR; ``tokenizer`` is then the model's processor): see
+    ``media.prepare_media``; ``image_column`` / ``audio_column`` name the column holding them, and
+    ``decoder_start_token_id`` is an encoder-decoder's (Whisper), taken off the front of the transcripts.
     """
     if tokenizer is not None and not callable(tokenizer):
         raise UsageError(
@@ -90,9 +97,16 @@ def prepare_data(
         return _prepare_media(
             data, tokenizer, task=task, seq=seq, eval=eval, eval_data=eval_data, packing=packing, seed=seed,
             label2id=label2id, text_column=text_column, label_column=label_column, vocab_size=vocab_size,
-            chat_template=chat_template, trace=trace,
+            chat_template=chat_template, trace=trace, image_column=image_column, audio_column=audio_column,
+            decoder_start_token_id=decoder_start_token_id,
         )  # fmt: skip
     tokenizer = text_tokenizer(tokenizer)  # a processor given for a text model: its tokenizer
+    for name, value in (("image_column", image_column), ("audio_column", audio_column)):
+        if value is not None:
+            raise UsageError(
+                f"`{name}`={value!r} is for image or audio records (tasks image_cls, audio_cls, asr); the task is "
+                f"{task}. Drop {name}, or set the task of an image or audio model."
+            )
     if packing and task != "CAUSAL_LM":
         raise UsageError(f"`packing=True` is for causal LM training only (task {task}); set packing=False.")
     if label_column is not None and task != "SEQ_CLS":
@@ -256,6 +270,10 @@ def vocab_size_of(model: Any) -> int | None:
 def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
     """Records with images or audio, through the model's processor (``media``: image and audio classification,
     speech recognition; ``vision_chat``: chat with images for vision-language models)."""
+    if kwargs["task"] in MEDIA_TASKS:
+        from .media import prepare_media
+
+        return prepare_media(data, processor, **kwargs)
     raise UsageError(
         f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
         "or upgrade jupyter-lora."

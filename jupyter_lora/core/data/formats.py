@@ -18,7 +18,17 @@ from ..errors import UsageError, close_matches, did_you_mean
 from .sources import Source
 from .trace import Skipped
 
-__all__ = ["IGNORE_INDEX", "Chat", "Ids", "Labeled", "Pair", "Text", "cls_examples", "lm_examples"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LABEL_COLUMNS",
+    "Chat",
+    "Ids",
+    "Labeled",
+    "Pair",
+    "Text",
+    "cls_examples",
+    "lm_examples",
+]
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
 
@@ -45,11 +55,11 @@ _CLS_TEXT_COLUMNS = (
     "input",
 )
 _CLS_TEXT_PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"))
-_LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target")
 _KNOWN_COLUMNS = sorted(
     {c for pair in _PAIRS for c in pair}
     | {c for pair in _CLS_TEXT_PAIRS for c in pair}
-    | set(_CHAT_COLUMNS + _LM_TEXT_COLUMNS + _CLS_TEXT_COLUMNS + _LABEL_COLUMNS)
+    | set(_CHAT_COLUMNS + _LM_TEXT_COLUMNS + _CLS_TEXT_COLUMNS + LABEL_COLUMNS)
 )
 # ShareGPT-style turns ({"from": "human", "value": ...}) → role names the chat templates know.
 _SHAREGPT_ROLES = {
@@ -323,12 +333,12 @@ def cls_examples(
             text_cols = (single,) if single else None
     if text_cols is None:
         raise _no_known_columns(columns, "SEQ_CLS", what, "`text`, `sentence`, `review`... and `label`", "")
-    label_col = label_column or next((c for c in _LABEL_COLUMNS if c in columns), None)
+    label_col = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
     if label_col is None:
         others = [c for c in columns if c not in text_cols]
         raise UsageError(
             f"`{what}` has no label column for SEQ_CLS (columns: {', '.join(columns)}); add a `label` column or "
-            f"pass label_column=.{did_you_mean(others[0], _LABEL_COLUMNS) if others else ''}"
+            f"pass label_column=.{did_you_mean(others[0], LABEL_COLUMNS) if others else ''}"
         )
     examples = []
     for i, item in enumerate(items):

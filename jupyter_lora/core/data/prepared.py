@@ -46,13 +46,15 @@ class PreparedData:
     # "seconds of audio"); ``units(batch)`` counts them.
     collator: Any = field(default=None, repr=False, compare=False)
     unit: str = "tokens"
+    # How much the train split holds in ``unit``s when they are not tokens: images, or seconds of audio.
+    train_units: float = 0.0
     _flattener: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
         n_eval = len(self.eval) if self.eval else 0
         parts = [
             f"task={self.task}",
-            f"train={len(self.train)} examples / {self.train_tokens:,} tokens",
+            f"train={len(self.train)} examples / {self._amount()}",
             f"eval={n_eval}",
         ]
         if self.label_names:
@@ -64,6 +66,13 @@ class PreparedData:
         if self.packing:
             parts.append("packing=True")
         return f"PreparedData({', '.join(parts)})"
+
+    def _amount(self) -> str:
+        if self.unit == "tokens":
+            return f"{self.train_tokens:,} tokens"
+        if self.unit == "images":
+            return f"{int(self.train_units):,} images"
+        return f"{self.train_units:,.1f} {self.unit}"
 
     @property
     def forward_kwargs(self) -> dict[str, Any]:
@@ -92,10 +101,11 @@ class PreparedData:
             return self._flatten(examples)
         return self._pad(examples, with_labels=True)
 
-    def units(self, batch: dict[str, Any]) -> int:
-        """How much of the data one batch holds, in ``unit``s: its real (unpadded) tokens for text."""
+    def units(self, batch: dict[str, Any]) -> float:
+        """How much of the data one batch holds, in ``unit``s: its real (unpadded) tokens for text, images, or
+        seconds of audio (not a whole number)."""
         if self.collator is not None and hasattr(self.collator, "units"):
-            return int(self.collator.units(batch))
+            return self.collator.units(batch)
         mask = batch.get("attention_mask")
         if mask is not None:
             return int(mask.sum())

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from ..errors import UsageError
 from ..modelinfo import require_module
 from .formats import IGNORE_INDEX
+from .processors import MEDIA_TASKS
 from .trace import DataTrace
 
 __all__ = ["DataReport", "Drop", "RecordView", "Segment", "report_data"]
@@ -93,6 +94,8 @@ class DataReport:
     padding_efficiency: float
     packing_efficiency: float | None
     label_names: tuple[str, ...] = ()
+    # images and audio: (name, value) facts in words — images and their sizes, clips and their lengths, classes
+    media: tuple[tuple[str, str], ...] = ()
 
     @property
     def truncated_share(self) -> float:
@@ -120,24 +123,31 @@ def report_data(
     *,
     eval_data: Any = None,
     n: int = 3,
+    processor: Any = None,
     **settings: Any,
 ) -> DataReport:
     """What ``train(model, data, tokenizer=tokenizer, eval_data=eval_data, **settings)`` would train on, found by
     running the same preparation (nothing trains, the model and the data are not changed). ``settings``: the
     training settings (``seq``, ``packing``, ``eval``, ``seed``, ``batch``, ``task``, ``text_column``,
     ``label_column``, ``chat_template``, ...), checked as training checks them. ``n``: how many of the first
-    records to show. The model needs no adapter yet."""
-    from ..train import check_eval, make_train_config, prepare_for
+    records to show. The model needs no adapter yet. ``processor``: an image or audio model's processor (default:
+    the one saved beside the model); its data is summarised (images and sizes, clips and lengths, classes)."""
+    from ..train import check_eval, make_train_config, prepare_for, preprocessor_for, task_of
     from . import find_tokenizer
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UsageError(f"`n` (records shown) must be a whole number >= 0, e.g. n=3; got {n!r}.")
     config = make_train_config(**settings)
     require_module(model)
+    task = task_of(model, config.task)
+    if task in MEDIA_TASKS or processor is not None:
+        tokenizer = preprocessor_for(model, task, tokenizer, processor)
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
     trace = DataTrace()
     prepared = prepare_for(model, config, data, tokenizer, eval_data, trace=trace)
     check_eval(config, prepared)
+    if prepared.task in MEDIA_TASKS:
+        return _media_report(prepared, trace, config, eval_data)
 
     eval_from = None if not prepared.eval else ("eval_data" if eval_data is not None else "split")
     sources = {"train": "data", "eval": "eval_data" if eval_data is not None else "data"}
@@ -203,6 +213,24 @@ def report_data(
         packing_efficiency=_real_share(prepared, config.batch, config.seed) if prepared.packing else None,
         label_names=prepared.label_names,
     )
+
+
+def _media_report(prepared: Any, trace: DataTrace, config: Any, eval_data: Any) -> DataReport:
+    """The report of image or audio data: the split, the records skipped and the facts ``describe_media`` finds
+    (no token views: the records are images or sound)."""
+    from .media import describe_media
+
+    dropped = tuple(
+        Drop(source, s.record, s.reason) for source, found in trace.skipped.items() for s in found
+    )
+    return DataReport(
+        task=prepared.task, seq=config.seq, batch=config.batch, packing=False, records=(),
+        n_records=trace.records["data"], n_eval_records=trace.records.get("eval_data"), train=len(prepared.train),
+        eval=len(prepared.eval or ()), eval_from=None if not prepared.eval else ("eval_data" if eval_data is not None else "split"),
+        lengths=(), truncated=prepared.truncated, tokens=prepared.train_tokens, target_tokens=None, dropped=dropped,
+        rows=prepared.num_batches("train", config.batch), padding_efficiency=1.0, packing_efficiency=None,
+        label_names=prepared.label_names, media=tuple(describe_media(prepared)),
+    )  # fmt: skip
 
 
 def _drop_reason(cut: bool, seq: int) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from ...settings import TRAIN_TASKS, TrainSettings, build
 from .. import runs
 from ..adapters.peft_facts import wrapper_for
-from ..data.processors import CLASSIFY_TASKS
+from ..data.processors import CLASSIFY_TASKS, MEDIA_TASKS
 from ..errors import UsageError
 from ..modelinfo import base_model_of, detect_task, require_module
 from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings, trainer_settings
@@ -39,7 +39,9 @@ __all__ = [
     "latest_checkpoint",
     "make_train_config",
     "prepare_for",
+    "preprocessor_for",
     "resume",
+    "task_of",
     "train",
 ]
 
@@ -61,6 +63,11 @@ def _peft_of(model: nn.Module) -> nn.Module:
             "(or a %%lora model cell), then train."
         )
     return peft_model
+
+
+def task_of(model: nn.Module, task: str) -> str:
+    """The task a run of ``model`` trains: the ``task`` setting, or the model's own when it is "auto"."""
+    return _task(model, task)
 
 
 def _task(peft_model: nn.Module, task: str) -> str:
@@ -174,10 +181,16 @@ def prepare_for(
             "model."
         )
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
+    seq, media = config.seq, {}
+    if task in MEDIA_TASKS:
+        media = {"image_column": config.image_column, "audio_column": config.audio_column,
+                 "decoder_start_token_id": getattr(base.config, "decoder_start_token_id", None)}  # fmt: skip
+        # a transcript longer than the decoder's positions would fail at the first step: cut it like `seq` does
+        seq = min(seq, getattr(base.config, "max_target_positions", None) or seq)
     prepared = prepare_data(
-        data, tokenizer, task=task, seq=config.seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
+        data, tokenizer, task=task, seq=seq, eval=config.eval, eval_data=eval_data, packing=config.packing,
         seed=config.seed, label2id=label2id, vocab_size=vocab_size_of(peft_model), text_column=config.text_column,
-        label_column=config.label_column, chat_template=config.chat_template, trace=trace,
+        label_column=config.label_column, chat_template=config.chat_template, trace=trace, **media,
     )  # fmt: skip
     if task in CLASSIFY_TASKS:
         _check_classes(base.config, prepared.label_names)

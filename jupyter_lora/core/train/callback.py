@@ -97,7 +97,7 @@ class RunCallback(TrainerCallback):
                                "grad_accum": args.gradient_accumulation_steps}}  # fmt: skip
         else:
             info = {"examples": len(run.data.train), "eval_examples": len(run.data.eval or ()),
-                    "task": run.data.task, "precision": run.precision,
+                    "task": run.data.task, "precision": run.precision, "unit": run.data.unit,
                     "config": asdict(run.config) if is_dataclass(run.config) else dict(run.config or {})}  # fmt: skip
         if self.device is None and run.model is not None:
             self.device = next((p.device for p in run.model.parameters()), torch.device("cpu"))

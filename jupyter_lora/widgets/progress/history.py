@@ -213,7 +213,7 @@ class RunHistory:
             self.lr.append(lr)
         tokens = data.get("tokens")
         if tokens:
-            self.tokens += int(tokens)
+            self.tokens += tokens if isinstance(tokens, float) else int(tokens)  # seconds of audio: a float
         for key in _STEP_KEYS:
             value = data.get(key)
             if value is not None:
@@ -376,6 +376,26 @@ class RunHistory:
         elapsed = self.elapsed()
         return self.tokens / elapsed if self.tokens and elapsed > 0 else None
 
+    @property
+    def unit(self) -> str:
+        """What the throughput counts (the start event's ``unit``): tokens, images or seconds of audio."""
+        return str(self.info.get("unit") or "tokens")
+
+    def rate_text(self, rate: float) -> str:
+        """Throughput in the run's unit: '1,234 tok/s', '52 images/s', '3.5 s of audio/s'."""
+        unit = self.unit
+        if unit == "tokens":
+            return f"{rate:,.0f} tok/s"
+        if unit == "seconds of audio":
+            return f"{rate:,.1f} s of audio/s"
+        return f"{rate:,.0f} {unit}/s"
+
+    def amount_text(self, amount: float) -> str:
+        """An amount of the run's unit: '12.3K tokens', '480 images', '95.5 s of audio'."""
+        if self.unit == "seconds of audio":
+            return f"{amount:,.1f} s of audio"
+        return f"{fmt_count(int(amount))} {self.unit}"
+
     def status_text(self) -> str:
         """The status in words: 'training', 'stopping…', 'finished', 'out of memory', ..."""
         return _STATUS_WORDS[self.status]
@@ -391,7 +411,7 @@ class RunHistory:
             parts.append(f"loss {fmt_loss(self.last['loss'])}")
         tps = self.tokens_per_s()
         if tps is not None:
-            parts.append(f"{tps:,.0f} tok/s")
+            parts.append(self.rate_text(tps))
         eta = self.eta()
         if eta is not None:
             parts.append(f"ETA {fmt_duration(eta)}")
@@ -407,7 +427,7 @@ class RunHistory:
         parts.append(when)
         tps = self.tokens_per_s()
         if tps is not None:
-            parts.append(f"{tps:,.0f} tok/s")
+            parts.append(self.rate_text(tps))
         gpu = self.gpu_text()
         if gpu:
             parts.append(gpu)
@@ -503,12 +523,12 @@ class RunHistory:
         best = end.get("best_eval_loss", self.best_eval_loss)
         if best is not None:
             parts.append(f"best eval loss {fmt_loss(float(best))}")
-        tokens = int(end.get("tokens") or self.tokens or 0)
+        tokens = end.get("tokens") or self.tokens or 0
         tps = self.tokens_per_s()
         if tokens:
-            parts.append(f"{fmt_count(tokens)} tokens" + (f" at {tps:,.0f} tok/s" if tps else ""))
+            parts.append(self.amount_text(tokens) + (f" at {self.rate_text(tps)}" if tps else ""))
         elif tps:
-            parts.append(f"{tps:,.0f} tok/s")
+            parts.append(self.rate_text(tps))
         peak = end.get("memory_peak")
         if peak is None and self.memory_peak:
             peak = max(self.memory_peak)
