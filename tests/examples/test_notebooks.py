@@ -120,3 +120,22 @@ def test_qlora_notebook_skips_cleanly_without_a_gpu(tmp_path):
     nb = _run("03_qlora_gpu.ipynb", tmp_path)
     _no_errors(nb)
     assert "this notebook needs one; the cells below skip" in _all_text(nb)
+
+
+@pytest.mark.slow
+def test_vision_notebook(tmp_path):
+    import re
+
+    nb = _run("06_vision.ipynb", tmp_path)
+    _no_errors(nb)
+    text = _all_text(nb)
+    before = float(re.search(r"before training: accuracy ([\d.]+)", text).group(1))
+    after = float(re.search(r"with the adapter: accuracy ([\d.]+)", text).group(1))
+    off = float(re.search(r"adapter off \(the model as it was built\): accuracy ([\d.]+)", text).group(1))
+    reloaded = float(re.search(r"reloaded with PEFT: accuracy ([\d.]+)", text).group(1))
+    assert before < 0.6 and off == before  # random weights: about chance, and the adapter off is the model as built
+    assert after >= 0.9 and reloaded == after, text
+    assert "IMAGE_CLS" in text and "images/s" in text
+    rows = dict(re.findall(r"^(circle|square|triangle)\s+[\d.]+\s+([\d.]+)$", text, re.M))
+    assert max(rows, key=lambda k: float(rows[k])) == "circle", rows  # the drawn circle is called a circle
+    assert (tmp_path / "adapters" / "shapes" / "adapter_model.safetensors").exists()
