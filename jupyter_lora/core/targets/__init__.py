@@ -7,7 +7,8 @@ Spellings (the same in the magic, the panel and the Python API), comma-separated
 * a glob — ``*.attn.c_attn``, ``layers.1?.mlp.*``;
 * a regular expression — ``re:.*\\.(q|v)_proj`` (matched against the whole path, as PEFT does);
 * a preset — ``attention``, ``mlp``, ``all-linear``, or ``qv`` (PEFT's per-architecture default, usually the
-  query and value projections).
+  query and value projections); on a vision-language model these adapt its language model only, and ``vision``
+  selects the linear layers of its vision tower and projector (``targets: qv, vision`` adapts both).
 
 ``layers`` keeps only modules inside the given blocks (``"0-11, 20"``); ``exclude`` removes modules by the same
 spellings. A spec item that selects nothing, or only modules that cannot take LoRA, is an error that says so.

@@ -56,9 +56,16 @@ def _under(path: str, prefixes: Iterable[str]) -> bool:
 
 
 def preset_paths(index: ModelIndex, preset: str) -> list[str]:
-    """Module paths a preset selects on this model (heads and output embeddings never included)."""
+    """Module paths a preset selects on this model (heads and output embeddings never included). On a
+    vision-language model the presets adapt its language model only; ``vision`` selects the linear layers outside
+    it (the vision tower and the projector)."""
     heads = _heads(index)
     linear = [m for m in index.modules if m.is_linear and not _under(m.path, heads)]
+    if preset == "vision":
+        parts = index.language_parts
+        return [m.path for m in linear if parts and not _under(m.path, parts)]
+    if index.language_parts:
+        linear = [m for m in linear if _under(m.path, index.language_parts)]
     if preset == "all-linear":
         return [m.path for m in linear]
     if preset == "attention":
@@ -151,6 +158,11 @@ def resolve_targets(
         preset = preset_name(item)
         if preset is not None:
             hits = preset_paths(index, preset)
+            if not hits and preset == "vision":
+                raise TargetError(
+                    f"`targets` preset 'vision' adapts the vision tower of a vision-language model; this model "
+                    f"(type {index.model_type!r}) has none. Drop it, or name modules: {suffix_summary(index)}."
+                )
             if not hits:
                 raise TargetError(
                     f"`targets` preset {item!r} selects no module of this model "
