@@ -256,6 +256,10 @@ def vocab_size_of(model: Any) -> int | None:
 def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
     """Records with images or audio, through the model's processor (``media``: image and audio classification,
     speech recognition; ``vision_chat``: chat with images for vision-language models)."""
+    if kwargs["task"] == "CAUSAL_LM":
+        from .vision_chat import prepare_vision_chat
+
+        return prepare_vision_chat(data, processor, **kwargs)
     raise UsageError(
         f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
         "or upgrade jupyter-lora."
