@@ -48,12 +48,19 @@ def compare(
     prompt: str,
     tokenizer: Any = None,
     max_new_tokens: int = 40,
+    *,
+    images: Any = None,
+    processor: Any = None,
 ) -> Comparison:
-    """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding)."""
+    """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding). ``images``: for a
+    vision-language model, images shown with the prompt, as one user message rendered by its ``processor``'s chat
+    template (a processor may also come as ``tokenizer``)."""
     require_module(model)
     peft_model = require_adapters(model, "compare")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError(f"`prompt` must be non-empty text, got {prompt!r}.")
+    if images is not None or processor is not None:
+        return _compare_vision(peft_model, prompt, images, processor or tokenizer, max_new_tokens)
     if tokenizer is None or not callable(tokenizer):
         raise UsageError(
             "`tokenizer` is needed to turn the prompt into tokens: pass the model's tokenizer, e.g. "
@@ -101,6 +108,22 @@ def _compare_generation(model, tokenizer, prompt, inputs, max_new_tokens, task, 
     with model.disable_adapter():
         base = _generate(model, tokenizer, inputs, max_new_tokens, seq2seq)
     return Comparison(prompt=prompt, kind="generation", base=base, adapter=adapter, adapter_name=name)
+
+
+def _compare_vision(peft_model: nn.Module, prompt: str, images: Any, processor: Any, max_new_tokens: int):
+    """``compare`` with images: the chat view's one-message conversation, greedy, adapter on and off."""
+    from .chat import Conversation
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
+    conversation = Conversation(
+        peft_model, processor=processor, adapter="side_by_side", temperature=0, max_new_tokens=max_new_tokens
+    )
+    turn = conversation.send(prompt, images=images)
+    return Comparison(
+        prompt=prompt, kind="generation", base=turn.replies["base"], adapter=turn.replies["adapter"],
+        adapter_name=active_names(peft_model)[0],
+    )  # fmt: skip
 
 
 def class_probabilities(model: nn.Module, inputs: dict) -> torch.Tensor:
