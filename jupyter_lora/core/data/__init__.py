@@ -92,6 +92,7 @@ def prepare_data(
             label2id=label2id, text_column=text_column, label_column=label_column, vocab_size=vocab_size,
             chat_template=chat_template, trace=trace,
         )  # fmt: skip
+    given = tokenizer
     tokenizer = text_tokenizer(tokenizer)  # a processor given for a text model: its tokenizer
     if packing and task != "CAUSAL_LM":
         raise UsageError(f"`packing=True` is for causal LM training only (task {task}); set packing=False.")
@@ -103,6 +104,10 @@ def prepare_data(
 
     source = load_source(data, "data")
     items = source.items
+    if task == "CAUSAL_LM":  # images in the records need the model's processor: never train them as text
+        from .vision_chat import refuse_images
+
+        refuse_images(items, given)
     # what the trace records: record index of each example, records skipped, each tokenized example
     origins: dict[str, list[int] | None] = {"data": None, "eval_data": None}
     skipped: dict[str, list | None] = {"data": None, "eval_data": None}

@@ -36,7 +36,15 @@ from .sources import load_source
 from .tokenize import _GENERATION_BLOCK, check_token_ids, pad_token_id
 from .trace import DataTrace, Tokenized
 
-__all__ = ["PLACEHOLDER", "VisionChatCollator", "chat_images", "load_image", "prepare_vision_chat"]
+__all__ = [
+    "PLACEHOLDER",
+    "VisionChatCollator",
+    "chat_images",
+    "forward_inputs",
+    "load_image",
+    "prepare_vision_chat",
+    "refuse_images",
+]
 
 PLACEHOLDER = "<image>"  # where an image of the record's `images` goes in a text turn (the shorthand format)
 _IMAGE_KEYS = ("image", "url", "path", "base64")
@@ -154,6 +162,27 @@ def chat_images(messages: list[dict], images: Any, where: str) -> tuple[list[dic
             f"{PLACEHOLDER} in the text (or a {{'type': 'image'}} part) where each image goes."
         )
     return out, found
+
+
+def refuse_images(items: list, preprocessor: Any) -> None:
+    """A UsageError when records hold images (an ``images`` column, or image parts in ``messages``) and the
+    preprocessor has no image processor to read them: they would be trained as text, the images dropped."""
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            return
+        turns = item.get("messages") or item.get("conversations")
+        parts = [p for t in turns or () if isinstance(t, Mapping) for p in _parts(t.get("content"))]
+        if item.get("images") is not None or any(p.get("type") in ("image", "image_url") for p in parts):
+            raise UsageError(
+                f"`data` record {index} holds images, and the "
+                f"{'tokenizer' if preprocessor is None else type(preprocessor).__name__} given has no image "
+                "processor to read them: pass the model's processor, processor=AutoProcessor.from_pretrained(<the "
+                "model's name or folder>) (in %%lora train: `processor: VAR`), on a vision-language model."
+            )
+
+
+def _parts(content: Any) -> list[Mapping]:
+    return [p for p in content if isinstance(p, Mapping)] if isinstance(content, (list, tuple)) else []
 
 
 # ----------------------------------------------------------------------------------------------- tokens
