@@ -333,3 +333,11 @@ def test_chat_and_compare_with_an_image():
         Conversation(peft_model, tokenizer=processor.tokenizer).send("color?", images=[square(RED)])
     with pytest.raises(UsageError, match=r"`images\[0\]` cannot be read: FileNotFoundError"):
         conv.send("color?", images=["/no/such/image.png"])
+
+
+def test_export_refuses_data_with_images(tmp_path):
+    model, processor = build("llava")
+    peft_model = jl.inject(model, r=4)
+    with pytest.raises(UsageError, match="`export` writes jobs for text data"):
+        jl.export(peft_model, tmp_path / "job", records(4), tokenizer=processor, steps=2, eval=0)
+    assert not (tmp_path / "job").exists()
