@@ -111,19 +111,45 @@ def _compare_generation(model, tokenizer, prompt, inputs, max_new_tokens, task, 
 
 
 def _compare_vision(peft_model: nn.Module, prompt: str, images: Any, processor: Any, max_new_tokens: int):
-    """``compare`` with images: the chat view's one-message conversation, greedy, adapter on and off."""
-    from .chat import Conversation
+    """``compare`` with images: one user message (the images, then the prompt) rendered by the processor's chat
+    template, greedy, adapter on and off."""
+    from .data.processors import image_processor, text_tokenizer
+    from .data.vision_chat import forward_inputs, load_image
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
-    conversation = Conversation(
-        peft_model, processor=processor, adapter="side_by_side", temperature=0, max_new_tokens=max_new_tokens
+    if image_processor(processor) is None or not getattr(processor, "chat_template", None):
+        raise UsageError(
+            "`compare` with images needs the model's processor, with an image processor and a chat template: pass "
+            "processor=AutoProcessor.from_pretrained(<the model's name or folder>)."
+        )
+    parts = []
+    for k, image in enumerate(
+        images if isinstance(images, (list, tuple)) else [images] if images is not None else []
+    ):
+        try:
+            parts.append({"type": "image", "image": load_image(image)})
+        except Exception as exc:  # any reader's failure: which image and why
+            raise UsageError(
+                f"`images[{k}]` cannot be read: {type(exc).__name__}: {str(exc)[:160]}."
+            ) from None
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+    encoded = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    turn = conversation.send(prompt, images=images)
-    return Comparison(
-        prompt=prompt, kind="generation", base=turn.replies["base"], adapter=turn.replies["adapter"],
-        adapter_name=active_names(peft_model)[0],
-    )  # fmt: skip
+    keep = forward_inputs(peft_model)
+    device = input_device(peft_model)
+    inputs = {k: v.to(device) for k, v in encoded.items() if k in keep and isinstance(v, torch.Tensor)}
+    modes = [(m, m.training) for m in peft_model.modules()]
+    peft_model.eval()
+    try:
+        return _compare_generation(
+            peft_model, text_tokenizer(processor), prompt, inputs, max_new_tokens, "CAUSAL_LM",
+            active_names(peft_model)[0],
+        )  # fmt: skip
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def class_probabilities(model: nn.Module, inputs: dict) -> torch.Tensor:

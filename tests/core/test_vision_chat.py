@@ -341,3 +341,10 @@ def test_export_refuses_data_with_images(tmp_path):
     with pytest.raises(UsageError, match="`export` writes jobs for text data"):
         jl.export(peft_model, tmp_path / "job", records(4), tokenizer=processor, steps=2, eval=0)
     assert not (tmp_path / "job").exists()
+
+
+def test_text_records_train_as_text_with_the_processors_tokenizer():
+    _, processor = build("idefics3")
+    prepared = prepare_data(["red is a color", "blue is a color"], processor, seq=64, eval=0)
+    assert prepared.collator is None  # the text path: its own padding, no pixels
+    assert processor.tokenizer.decode(prepared.train[0]["input_ids"]).startswith("red is a color")

@@ -264,7 +264,7 @@ def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
     if kwargs["task"] == "CAUSAL_LM":
         from .vision_chat import prepare_vision_chat
 
-        return prepare_vision_chat(data, processor, **kwargs)
+        return prepare_vision_chat(data, processor, text=prepare_data, **kwargs)
     raise UsageError(
         f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
         "or upgrade jupyter-lora."

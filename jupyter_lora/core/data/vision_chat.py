@@ -353,12 +353,12 @@ def prepare_vision_chat(
     vocab_size: int | None = None,
     chat_template: str | None = None,
     trace: DataTrace | None = None,
+    text: Any = None,
     **_: Any,
 ) -> PreparedData:
     """``prepare_data`` for a vision-language model's processor (see the module docstring). Records that are not
-    chat ``messages`` (texts, prompt/response pairs) are prepared as text with the processor's tokenizer."""
-    from . import prepare_data
-
+    chat ``messages`` (texts, prompt/response pairs) are prepared as text with the processor's tokenizer, by
+    ``text`` (``prepare_data``)."""
     source = load_source(data, "data")
     items = source.items
     chat = (
@@ -367,7 +367,7 @@ def prepare_vision_chat(
         and any(c in items[0] for c in ("messages", "conversations"))
     )
     if not chat:
-        return prepare_data(
+        return text(
             data, text_tokenizer(processor), seq=seq, eval=eval, eval_data=eval_data, packing=packing, seed=seed,
             vocab_size=vocab_size, chat_template=chat_template, trace=trace,
         )  # fmt: skip
