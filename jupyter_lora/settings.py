@@ -357,7 +357,7 @@ class LoraSettings:
     )
     targets: Any = _setting(
         None,
-        "names, globs (*.attn.c_attn), re:<regex>, or attention | mlp | all-linear | qv | experts",
+        "names, globs (*.attn.c_attn), re:<regex>, or attention | mlp | all-linear | qv | experts | vision",
         "spec",
         "inject estimate",
         nullable=True,

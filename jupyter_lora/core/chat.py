@@ -13,6 +13,9 @@ widget (``jupyter_lora.widgets.chat``) drives a ``Conversation``.
   returns a ``Reply`` at once; ``Reply.stop()`` ends generation at the next token (a ``StoppingCriteria``).
   ``stream`` iterates the pieces; ``send`` generates without a streamer, in the calling thread.
 * Sequence classifiers: ``Conversation.classify`` gives the class probabilities, with and without the adapter.
+* Vision-language models: ``send(text, images=[...])`` (and ``start``/``stream``) put images before the message's
+  text; the model's processor (``processor=``, a processor passed as ``tokenizer``, or the one saved beside the
+  model) renders the conversation, images of earlier turns included, and makes the model's inputs.
 
 A model that a background run is training is refused (``runs.active_run``), as is a second message while a reply
 is being generated.
@@ -36,6 +39,7 @@ from .adapters.guards import check_not_training
 from .adapters.peft_facts import active_names, wrapper_for
 from .compare import class_labels, class_probabilities, input_device
 from .data import find_tokenizer, vocab_size_of
+from .data.processors import find_processor, image_processor, is_processor, is_vision_language, text_tokenizer
 from .data.tokenize import check_token_ids, has_chat_template, pad_token_id
 from .errors import UsageError
 from .modelinfo import base_model_of, detect_task, require_module
@@ -61,6 +65,7 @@ class Turn:
     replies: Mapping[str, str]
     stopped: bool = False
     seed: int = 0
+    images: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,20 @@ def _context_limit(model: nn.Module) -> int | None:
     return None
 
 
+def _find_processor(model: nn.Module, tokenizer: Any, processor: Any) -> Any:
+    """A vision-language model's processor: ``processor``, a processor passed as ``tokenizer``, or the one saved
+    beside the model (None: the conversation is text only)."""
+    if processor is not None and not is_processor(processor):
+        raise UsageError(
+            f"`processor` must be a transformers processor (AutoProcessor), got {type(processor).__name__}."
+        )
+    if processor is None and is_processor(tokenizer):
+        processor = tokenizer
+    if processor is None and is_vision_language(model):
+        processor = find_processor(model)
+    return processor
+
+
 def _find_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
     if tokenizer is None:
         tokenizer = find_tokenizer(model)
@@ -142,12 +161,15 @@ class Conversation:
     change them later with ``configure``. ``turns``: the exchanges so far.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, **settings: Any):
+    def __init__(self, model: Any, tokenizer: Any = None, processor: Any = None, **settings: Any):
         self.settings: dict[str, Any] = {**defaults("chat"), **validate(settings, "chat")}
         self.turns: list[Turn] = []
         self._reply: Reply | None = None
         self._lock = threading.Lock()
         self.use_model(model)
+        self.processor = _find_processor(self.model, tokenizer, processor)
+        if self.processor is not None and text_tokenizer(self.processor) is not None:
+            tokenizer = text_tokenizer(self.processor)
         self.tokenizer = _find_tokenizer(self.model, tokenizer)
         self._sides()  # an adapter setting this model cannot follow is refused now
 
@@ -218,6 +240,8 @@ class Conversation:
     @property
     def templated(self) -> bool:
         """Whether the tokenizer formats the conversation with a chat template."""
+        if self.processor is not None and getattr(self.processor, "chat_template", None):
+            return self.kind == "generation"
         return self.kind == "generation" and has_chat_template(self.tokenizer)
 
     @property
@@ -227,43 +251,80 @@ class Conversation:
 
     # ------------------------------------------------------------------------------------------- prompts
 
-    def messages(self, side: str = "adapter", text: str | None = None, first_turn: int = 0) -> list[dict]:
+    def messages(
+        self, side: str = "adapter", text: str | None = None, first_turn: int = 0, images: tuple = ()
+    ) -> list[dict]:
         """The conversation as ``side`` sees it (from turn ``first_turn``), as chat-template messages, with
-        ``text`` as the next user message."""
+        ``text`` (and ``images``) as the next user message."""
         system = self.settings["system"]
         out = [{"role": "system", "content": system}] if system else []
         for turn in self.turns[first_turn:]:
             reply = turn.replies.get(side)
             if reply is None:  # answered by the other side only (adapter mode changed): its reply
                 reply = next(iter(turn.replies.values()), "")
-            out += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": reply}]
+            out += [self._user(turn.user, turn.images), {"role": "assistant", "content": reply}]
         if text is not None:
-            out.append({"role": "user", "content": text})
+            out.append(self._user(text, images))
         return out
 
-    def prompt(self, text: str, side: str = "adapter") -> str:
+    def _user(self, text: str, images: tuple = ()) -> dict:
+        """A user message; with images, in transformers' parts format (the images first, then the text). A
+        conversation with images anywhere gives every message as parts, as processors' templates expect."""
+        if self.processor is None:
+            return {"role": "user", "content": text}
+        parts = [{"type": "image", "image": image} for image in images]
+        return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+    def prompt(self, text: str, side: str = "adapter", images: Any = None) -> str:
         """The text the model is given for the next message ``text`` (chat template applied, turns that do not
         fit the context left out)."""
         text = self._check_message(text)
-        return self._prompt(side, text)[0]
+        return self._prompt(side, text, self._images(images))[0]
 
-    def _prompt(self, side: str, text: str) -> tuple[str, dict[str, torch.Tensor]]:
+    def _images(self, images: Any) -> tuple:
+        """The images of a message, decoded (a UsageError names the one that cannot be read)."""
+        if images is None:
+            return ()
+        from .data.vision_chat import load_image
+
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if images and (self.processor is None or image_processor(self.processor) is None):
+            raise UsageError(
+                "A message with images needs the model's processor (with an image processor); this conversation "
+                f"has {'the processor ' + type(self.processor).__name__ if self.processor else 'a tokenizer only'}. "
+                "Pass processor=AutoProcessor.from_pretrained(<the model's name or folder>)."
+            )
+        out = []
+        for k, image in enumerate(images):
+            try:
+                out.append(load_image(image))
+            except Exception as exc:  # any reader's failure: which image and why
+                raise UsageError(
+                    f"`images[{k}]` cannot be read: {type(exc).__name__}: {str(exc)[:160]}."
+                ) from None
+        return tuple(out)
+
+    def _prompt(self, side: str, text: str, images: tuple = ()) -> tuple[str, dict[str, torch.Tensor]]:
         """The prompt text and its model inputs. With a chat template, the oldest turns are left out until the
         prompt leaves ``max_new_tokens`` of the model's context for the reply."""
         limit = _context_limit(self.model)
         room = None if limit is None else limit - self.settings["max_new_tokens"]
-        tok = self.tokenizer
+        tok = self.processor if self.processor is not None and self.templated else self.tokenizer
+        if images and not self.templated:
+            raise UsageError(
+                "A message with images needs a chat template that places them: set processor.chat_template."
+            )
         if self.templated:
             for start in range(len(self.turns) + 1):
-                messages = self.messages(side, text, start)
+                messages = self.messages(side, text, start, images)
                 inputs = tok.apply_chat_template(
-                    messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
                 )
                 if room is None or inputs["input_ids"].shape[1] <= room:
                     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                     return rendered, self._tensors(inputs)
         else:
-            inputs = tok(text, return_tensors="pt")
+            inputs = self.tokenizer(text, return_tensors="pt")
             if room is None or inputs["input_ids"].shape[1] <= room:
                 return text, self._tensors(inputs)
         raise UsageError(
@@ -273,7 +334,12 @@ class Conversation:
         )
 
     def _tensors(self, encoded: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        inputs = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        keep = ("input_ids", "attention_mask")
+        if self.processor is not None:  # pixels and the rest, as far as the model's forward takes them
+            from .data.vision_chat import forward_inputs
+
+            keep = forward_inputs(self.model)
+        inputs = {k: v for k, v in encoded.items() if k in keep and isinstance(v, torch.Tensor)}
         vocab = vocab_size_of(self.model)
         if vocab is not None:
             check_token_ids([{"input_ids": inputs["input_ids"][0].tolist()}], self.tokenizer, vocab, False)
@@ -305,12 +371,15 @@ class Conversation:
                 "sending the next message."
             )
 
-    def _prepare(self, text: Any) -> tuple[str, tuple[str, ...], dict[str, dict], int]:
+    def _prepare(
+        self, text: Any, images: Any = None
+    ) -> tuple[str, tuple[str, ...], dict[str, dict], int, tuple]:
         text = self._check_message(text)
         self._check_ready()
+        images = self._images(images)
         sides = self.sides
-        inputs = {side: self._prompt(side, text)[1] for side in sides}
-        return text, sides, inputs, self.settings["seed"] + len(self.turns)
+        inputs = {side: self._prompt(side, text, images)[1] for side in sides}
+        return text, sides, inputs, self.settings["seed"] + len(self.turns), images
 
     def _generate(
         self, side: str, inputs: dict, seed: int, streamer: Any = None, stop: Any = None
@@ -350,13 +419,14 @@ class Conversation:
         new = out[0] if seq2seq else out[0, inputs["input_ids"].shape[1] :]
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
-    def send(self, text: str) -> Turn:
-        """Generate the reply to ``text`` of each side, in this thread, without streaming; the turn is kept."""
-        text, sides, inputs, seed = self._prepare(text)
+    def send(self, text: str, images: Any = None) -> Turn:
+        """Generate the reply to ``text`` (with ``images``, for a vision-language model) of each side, in this
+        thread, without streaming; the turn is kept."""
+        text, sides, inputs, seed, images = self._prepare(text, images)
         replies = {
             side: self._decode(self._generate(side, inputs[side], seed), inputs[side]) for side in sides
         }
-        turn = Turn(text, replies, seed=seed)
+        turn = Turn(text, replies, seed=seed, images=images)
         self.turns.append(turn)
         return turn
 
@@ -365,21 +435,23 @@ class Conversation:
         text: str,
         on_text: Callable[[str, str], Any] | None = None,
         on_done: Callable[[Reply], Any] | None = None,
+        images: Any = None,
     ) -> Reply:
         """Start generating the reply to ``text`` on a background thread and return its ``Reply`` at once.
         ``on_text(side, text_so_far)`` is called (on that thread) as text arrives, ``on_done(reply)`` once it is
         over (before ``wait`` returns). Mistakes (empty message, too long for the context, a model in training)
         are raised here, before anything starts."""
         with self._lock:
-            text, sides, inputs, seed = self._prepare(text)
+            text, sides, inputs, seed, images = self._prepare(text, images)
             reply = Reply(self, text, sides, inputs, seed, on_text, on_done)
+            reply.images = images
             self._reply = reply
         return reply._begin()
 
-    def stream(self, text: str) -> Iterator[tuple[str, str]]:
+    def stream(self, text: str, images: Any = None) -> Iterator[tuple[str, str]]:
         """Yield ``(side, piece)`` as the reply to ``text`` is generated (sides one after the other); the turn is
         kept at the end. Leaving the loop early stops generation."""
-        reply = self.start(text)
+        reply = self.start(text, images=images)
         try:
             yield from reply.pieces()
         finally:
@@ -459,6 +531,7 @@ class Reply:
         self.on_text = on_text
         self.on_done = on_done
         self.texts: dict[str, str] = {side: "" for side in sides}
+        self.images: tuple = ()  # the message's images (``Conversation.start`` sets them)
         self.side: str | None = None
         self.stopped = False
         self.error: BaseException | None = None
@@ -508,7 +581,8 @@ class Reply:
             self.error = exc
         finally:
             self.stopped = self._stop.is_set()
-            self.turn = Turn(self.user, {s: self.texts[s] for s in self._started}, self.stopped, self.seed)
+            self.turn = Turn(self.user, {s: self.texts[s] for s in self._started}, self.stopped, self.seed,
+                             self.images)  # fmt: skip
             if self.error is None:
                 self.conversation._record(self.turn)
             self.side = None

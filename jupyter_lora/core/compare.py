@@ -59,6 +59,7 @@ def compare(
     tokenizer: Any = None,
     max_new_tokens: int = 40,
     *,
+    images: Any = None,
     processor: Any = None,
 ) -> Comparison:
     """Run ``prompt`` through ``model`` with and without its active adapter (greedy decoding).
@@ -66,16 +67,20 @@ def compare(
     Image and audio models take an image or a clip instead of text: a PIL image, an array or tensor, a file path,
     a datasets ``Audio`` dict ``{"array", "sampling_rate"}``, or a whole training record (``{"image": ...}``,
     ``{"audio": ..., "sampling_rate": ...}``), turned into inputs by ``processor`` (default: the one saved beside
-    the model) exactly as training batches are."""
+    the model) exactly as training batches are. ``images``: for a vision-language model, images shown with the
+    prompt, as one user message rendered by its ``processor``'s chat template (a processor may also come as
+    ``tokenizer``)."""
     require_module(model)
     peft_model = require_adapters(model, "compare")
-    from .data.processors import MEDIA_TASKS, training_task
+    from .data.processors import MEDIA_TASKS, is_vision_language, training_task
 
     media_task = training_task(peft_model)
     if media_task in MEDIA_TASKS:
         return _compare_media(peft_model, prompt, tokenizer, processor, media_task, max_new_tokens)
     if not isinstance(prompt, str) or not prompt.strip():
         raise UsageError(f"`prompt` must be non-empty text, got {prompt!r}.")
+    if images is not None or (processor is not None and is_vision_language(peft_model)):
+        return _compare_vision(peft_model, prompt, images, processor or tokenizer, max_new_tokens)
     if tokenizer is None or not callable(tokenizer):
         raise UsageError(
             "`tokenizer` is needed to turn the prompt into tokens: pass the model's tokenizer, e.g. "
@@ -129,6 +134,48 @@ def _compare_generation(model, tokenizer, prompt, inputs, max_new_tokens, task, 
     with model.disable_adapter():
         base = _generate(model, tokenizer, inputs, max_new_tokens, seq2seq)
     return Comparison(prompt=prompt, kind="generation", base=base, adapter=adapter, adapter_name=name)
+
+
+def _compare_vision(peft_model: nn.Module, prompt: str, images: Any, processor: Any, max_new_tokens: int):
+    """``compare`` with images: one user message (the images, then the prompt) rendered by the processor's chat
+    template, greedy, adapter on and off."""
+    from .data.processors import image_processor, text_tokenizer
+    from .data.vision_chat import forward_inputs, load_image
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
+    if image_processor(processor) is None or not getattr(processor, "chat_template", None):
+        raise UsageError(
+            "`compare` with images needs the model's processor, with an image processor and a chat template: pass "
+            "processor=AutoProcessor.from_pretrained(<the model's name or folder>)."
+        )
+    parts = []
+    for k, image in enumerate(
+        images if isinstance(images, (list, tuple)) else [images] if images is not None else []
+    ):
+        try:
+            parts.append({"type": "image", "image": load_image(image)})
+        except Exception as exc:  # any reader's failure: which image and why
+            raise UsageError(
+                f"`images[{k}]` cannot be read: {type(exc).__name__}: {str(exc)[:160]}."
+            ) from None
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+    encoded = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    keep = forward_inputs(peft_model)
+    device = input_device(peft_model)
+    inputs = {k: v.to(device) for k, v in encoded.items() if k in keep and isinstance(v, torch.Tensor)}
+    modes = [(m, m.training) for m in peft_model.modules()]
+    peft_model.eval()
+    try:
+        return _compare_generation(
+            peft_model, text_tokenizer(processor), prompt, inputs, max_new_tokens, "CAUSAL_LM",
+            active_names(peft_model)[0],
+        )  # fmt: skip
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def class_probabilities(model: nn.Module, inputs: dict) -> torch.Tensor:

@@ -254,6 +254,11 @@ def export(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     tokenizer = tokenizer if tokenizer is not None else find_tokenizer(peft_model)
     prepared = prepare_for(peft_model, config, data, tokenizer, eval_data)
+    if prepared.collator is not None:  # images or audio: the job's train.py reads tokenized text only
+        raise UsageError(
+            "`export` writes jobs for text data; this data holds images or audio, which the job's train.py cannot "
+            "read. Train it here (%%lora train / jupyter_lora.train)."
+        )
     # the machine the job runs on decides on Liger's kernels (train.py); here they only need to be a valid choice
     run = TrainingRun(
         peft_model, prepared, dataclasses.replace(config, kernels="none"), tokenizer, [], Path("runs")

@@ -100,6 +100,7 @@ def prepare_data(
             chat_template=chat_template, trace=trace, image_column=image_column, audio_column=audio_column,
             decoder_start_token_id=decoder_start_token_id,
         )  # fmt: skip
+    given = tokenizer
     tokenizer = text_tokenizer(tokenizer)  # a processor given for a text model: its tokenizer
     for name, value in (("image_column", image_column), ("audio_column", audio_column)):
         if value is not None:
@@ -117,6 +118,10 @@ def prepare_data(
 
     source = load_source(data, "data")
     items = source.items
+    if task == "CAUSAL_LM":  # images in the records need the model's processor: never train them as text
+        from .vision_chat import refuse_images
+
+        refuse_images(items, given)
     # what the trace records: record index of each example, records skipped, each tokenized example
     origins: dict[str, list[int] | None] = {"data": None, "eval_data": None}
     skipped: dict[str, list | None] = {"data": None, "eval_data": None}
@@ -274,6 +279,10 @@ def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
         from .media import prepare_media
 
         return prepare_media(data, processor, **kwargs)
+    if kwargs["task"] == "CAUSAL_LM":
+        from .vision_chat import prepare_vision_chat
+
+        return prepare_vision_chat(data, processor, text=prepare_data, **kwargs)
     raise UsageError(
         f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
         "or upgrade jupyter-lora."

@@ -7,7 +7,9 @@ Spellings (the same in the magic, the panel and the Python API), comma-separated
 * a glob — ``*.attn.c_attn``, ``layers.1?.mlp.*``;
 * a regular expression — ``re:.*\\.(q|v)_proj`` (matched against the whole path, as PEFT does);
 * a preset — ``attention``, ``mlp``, ``all-linear``, ``qv`` (PEFT's per-architecture default, usually the
-  query and value projections), or ``experts`` (every fused mixture-of-experts weight).
+  query and value projections), or ``experts`` (every fused mixture-of-experts weight); on a vision-language model
+  the linear presets adapt its language model only, and ``vision`` selects the linear layers of its vision tower and
+  projector (``targets: qv, vision`` adapts both).
 
 Fused expert weights (the 3-D ``gate_up_proj``/``down_proj`` parameters of a transformers MoE block's experts
 module) are targets like modules, at ``<experts module>.<parameter>`` (``model.layers.0.mlp.experts.down_proj``):

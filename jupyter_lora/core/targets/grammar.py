@@ -12,7 +12,7 @@ from ..errors import TargetError, UsageError
 
 __all__ = ["PRESETS", "compile_regex", "match_paths", "parse_layers", "preset_name", "split_spec"]
 
-PRESETS = ("attention", "mlp", "all-linear", "qv", "experts")
+PRESETS = ("attention", "mlp", "all-linear", "qv", "experts", "vision")
 
 
 def split_spec(value: Any, what: str = "targets") -> tuple[str, ...]:

@@ -99,6 +99,9 @@ class ModelIndex:
     # names of fused expert weights that some other parameter also ends with (PEFT's target_parameters matching
     # by name would take that one too)
     clashing_param_names: frozenset[str] = frozenset()
+    # A vision-language model's language model (``model.language_model``, ``model.text_model``): the presets adapt
+    # only what lies under these paths (see ``language_parts``); empty for every other model.
+    language_parts: tuple[str, ...] = ()
     resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)  # spec -> paths (a cache)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # see ``remember``
 
@@ -194,6 +197,31 @@ def _layer_lists(model: nn.Module) -> list[str]:
     # Keep the outermost ones: T5's block list, not each block's inner sub-layer list or MoE expert lists.
     outer = [p for p in lists if not any(p != q and p.startswith(q + ".") for q in lists)]
     return outer
+
+
+def language_parts(model: nn.Module) -> tuple[str, ...]:
+    """The paths of a vision-language model's language model: the outermost transformers models inside it built
+    from its text config (``config.get_text_config()``). Empty for a model without a ``vision_config``, or one whose
+    language model is not a module of its own."""
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is None or not hasattr(config, "get_text_config"):
+        return ()
+    from transformers import PreTrainedModel
+
+    text_type = type(config.get_text_config())
+    if text_type is type(config):
+        return ()
+    found: list[str] = []
+    for path, module in model.named_modules():
+        inner = any(path.startswith(p + ".") for p in found)
+        if (
+            path
+            and not inner
+            and isinstance(module, PreTrainedModel)
+            and isinstance(module.config, text_type)
+        ):
+            found.append(path)
+    return tuple(found)
 
 
 def layer_of(path: str, layer_lists: Sequence[str]) -> int | None:
@@ -409,5 +437,6 @@ def _build_index(base: nn.Module) -> ModelIndex:
         weight_dtype=weight_dtype,
         layer_lists=tuple(layer_lists),
         clashing_param_names=clashing,
+        language_parts=language_parts(base),
     )
     return index

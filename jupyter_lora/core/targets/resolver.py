@@ -123,12 +123,20 @@ def preset_paths(index: ModelIndex, preset: str) -> list[str]:
     ``all-linear`` does not: an expert weight is not a Linear layer, its adapter is one low-rank pair per expert
     (the adapter grows with the number of experts), and PEFT adapts it without dropout or DoRA — so adding the
     experts is a choice made by name (``targets: all-linear, experts``), which the plan points out
-    (``experts_note``). Routing gates are left out of every preset (``_routing_gates``)."""
+    (``experts_note``). Routing gates are left out of every preset (``_routing_gates``).
+
+    On a vision-language model the linear presets adapt its language model only; ``vision`` selects the linear
+    layers outside it (the vision tower and the projector)."""
     if preset == "experts":
         return [m.path for m in index.modules if m.kind == "experts"]
     heads = _heads(index)
     skip = _routing_gates(index) | peft_remapped(index)
     linear = [m for m in index.modules if m.is_linear and not _under(m.path, heads) and m.path not in skip]
+    if preset == "vision":
+        parts = index.language_parts
+        return [m.path for m in linear if parts and not _under(m.path, parts)]
+    if index.language_parts:
+        linear = [m for m in linear if _under(m.path, index.language_parts)]
     if preset == "all-linear":
         return [m.path for m in linear]
     if preset == "attention":
@@ -255,6 +263,11 @@ def resolve_targets(
         preset = preset_name(item)
         if preset is not None:
             hits = preset_paths(index, preset)
+            if not hits and preset == "vision":
+                raise TargetError(
+                    f"`targets` preset 'vision' adapts the vision tower of a vision-language model; this model "
+                    f"(type {index.model_type!r}) has none. Drop it, or name modules: {suffix_summary(index)}."
+                )
             if not hits:
                 hint = (
                     " Its MLP experts are fused weights: target them with the `experts` preset."

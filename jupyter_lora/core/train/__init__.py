@@ -194,6 +194,10 @@ def prepare_for(
     )  # fmt: skip
     if task in CLASSIFY_TASKS:
         _check_classes(base.config, prepared.label_names)
+    if hasattr(prepared.collator, "accept"):  # batches hold only what the model's forward takes
+        from ..data.vision_chat import forward_inputs
+
+        prepared.collator.accept(forward_inputs(base))
     return prepared
 
 

@@ -255,7 +255,9 @@ class RunCallback(TrainerCallback):
         run = self.run
         if run.data is None or run.data.task != "CAUSAL_LM" or run.tokenizer is None or model is None:
             return
-        tokenizer = run.tokenizer
+        from ..data.processors import text_tokenizer
+
+        tokenizer = text_tokenizer(run.tokenizer)  # a vision-language model's processor: its tokenizer
         was_training = model.training
         model.eval()
         out = []
