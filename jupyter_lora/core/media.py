@@ -92,8 +92,10 @@ def _extra_tokens(model: nn.Module, prefix: str) -> int:
 
 def image_positions(config: Any, model: nn.Module, prefix: str = "") -> tuple[int, str] | None:
     """(positions, description) of a ViT-style encoder: its patches plus the tokens it prepends."""
-    extra = _extra_tokens(model, prefix)
     size, patch = _get(config, "image_size"), _get(config, "patch_size")
+    if not patch:  # a text model: decided from the config alone, without walking its parameters
+        return None
+    extra = _extra_tokens(model, prefix)
     if isinstance(size, (list, tuple)):
         size = size[0]
     if isinstance(patch, (list, tuple)):
