@@ -103,18 +103,18 @@ def swin():
 # ----------------------------------------------------------------------------------------------- audio
 
 
-def _audio_case(make, extractor, padding=True, targets=None) -> Case:
+def _audio_case(make, extractor, padding=True, targets=None, steps=30) -> Case:
     data = tones(32)
     features = extractor(
         [r["audio"] for r in data[:4]], sampling_rate=RATE, padding=padding, return_tensors="pt"
     )
     inputs = {k: v for k, v in features.items() if k in ("input_values", "input_features", "attention_mask")}
-    return Case(_seeded(make), extractor, data, inputs, {"label_column": "label"}, targets)
+    return Case(_seeded(make), extractor, data, inputs, {"label_column": "label", "steps": steps}, targets)
 
 
 def hubert():
     return _audio_case(
-        lambda: T.HubertForSequenceClassification(T.HubertConfig(**AUDIO)), wav2vec2_extractor()
+        lambda: T.HubertForSequenceClassification(T.HubertConfig(**AUDIO)), wav2vec2_extractor(), steps=15
     )
 
 
@@ -124,7 +124,7 @@ def _wavlm():
 
 def wavlm():
     # its attention's q/k/v/out projections cannot take LoRA (see the test below): the MLPs and the rest
-    return _audio_case(_wavlm, wav2vec2_extractor(), targets="all-linear")
+    return _audio_case(_wavlm, wav2vec2_extractor(), targets="all-linear", steps=15)
 
 
 def ast():
@@ -168,7 +168,7 @@ def data2vec_ctc(tmp_path):
         [r["audio"]["array"] for r in data[:4]], sampling_rate=RATE, padding=True, return_tensors="pt"
     )
     inputs = {"input_values": features["input_values"], "attention_mask": features["attention_mask"]}
-    return Case(_seeded(lambda: T.Data2VecAudioForCTC(config)), processor, data, inputs, {})
+    return Case(_seeded(lambda: T.Data2VecAudioForCTC(config)), processor, data, inputs, {"steps": 12})
 
 
 def speech2text(tmp_path):
