@@ -16,6 +16,8 @@ walked again only when something differs."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import re
 import weakref
@@ -102,6 +104,10 @@ class ModelIndex:
     # A vision-language model's language model (``model.language_model``, ``model.text_model``): the presets adapt
     # only what lies under these paths (see ``language_parts``); empty for every other model.
     language_parts: tuple[str, ...] = ()
+    # Linear layers whose weight the module holding them reads directly and never calls (WavLM's attention hands
+    # q/k/v/out_proj.weight to torch's multi_head_attention_forward): path -> that module's class name. A LoRA
+    # adapter there would not change the outputs, and merging it would.
+    weight_read_directly: dict[str, str] = field(default_factory=dict)
     resolved: dict[Any, tuple[str, ...]] = field(default_factory=dict, repr=False)  # spec -> paths (a cache)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # see ``remember``
 
@@ -368,12 +374,32 @@ def unwrapped_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield path, module
 
 
+@functools.lru_cache(maxsize=512)
+def _weights_read_not_called(cls: type) -> frozenset[str]:
+    """Names of child layers whose ``.weight`` the methods of ``cls`` read (``self.q_proj.weight``) but which they
+    never call (``self.q_proj(``), from the class's source (and its bases' outside torch); empty without source."""
+    sources = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith(("torch.", "builtins")):
+            continue
+        try:
+            sources.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+    text = "\n".join(sources)
+    read = set(re.findall(r"self\.(\w+)\.weight\b", text))
+    return frozenset(name for name in read if not re.search(rf"self\.{name}\s*\(", text))
+
+
 def _build_index(base: nn.Module) -> ModelIndex:
     layer_lists = _layer_lists(base)
     modules: list[ModuleInfo] = []
     module_types: dict[str, str] = {}
+    by_path: dict[str, nn.Module] = {}
+    weight_read_directly: dict[str, str] = {}
     for path, module in unwrapped_modules(base):
         module_types[path] = type(module).__name__
+        by_path[path] = module
         if not path:
             continue
         kind = _kind(module)
@@ -382,6 +408,10 @@ def _build_index(base: nn.Module) -> ModelIndex:
             continue
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
+        parent_path, _, name = path.rpartition(".")
+        parent = by_path.get(parent_path)
+        if kind[0] in _LINEAR_KINDS and parent is not None and name in _weights_read_not_called(type(parent)):
+            weight_read_directly[path] = type(parent).__name__
         modules.append(
             ModuleInfo(
                 path=path,
@@ -438,5 +468,6 @@ def _build_index(base: nn.Module) -> ModelIndex:
         layer_lists=tuple(layer_lists),
         clashing_param_names=clashing,
         language_parts=language_parts(base),
+        weight_read_directly=weight_read_directly,
     )
     return index

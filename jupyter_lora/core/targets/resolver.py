@@ -130,7 +130,7 @@ def preset_paths(index: ModelIndex, preset: str) -> list[str]:
     if preset == "experts":
         return [m.path for m in index.modules if m.kind == "experts"]
     heads = _heads(index)
-    skip = _routing_gates(index) | peft_remapped(index)
+    skip = _routing_gates(index) | peft_remapped(index) | set(index.weight_read_directly)
     linear = [m for m in index.modules if m.is_linear and not _under(m.path, heads) and m.path not in skip]
     if preset == "vision":
         parts = index.language_parts
@@ -193,7 +193,11 @@ def _peft_default_targets(index: ModelIndex) -> list[str] | None:
 def suffix_summary(index: ModelIndex, limit: int = 12) -> str:
     """``q_proj ×32, k_proj ×32, ...`` — adaptable names grouped by last component, for error messages (fused
     expert weights as ``experts.gate_up_proj``)."""
-    counts = Counter(f"experts.{m.suffix}" if m.kind == "experts" else m.suffix for m in index.modules)
+    counts = Counter(
+        f"experts.{m.suffix}" if m.kind == "experts" else m.suffix
+        for m in index.modules
+        if m.path not in index.weight_read_directly
+    )
     items = [f"{name} ×{n}" if n > 1 else name for name, n in counts.most_common()]
     more = f", … ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -252,9 +256,15 @@ def resolve_targets(
     if not items:
         items = ("qv",)
         if not preset_paths(index, "qv"):
+            direct = sorted({owner for owner in index.weight_read_directly.values()})
+            why = (
+                f" ({', '.join(direct)} reads its projections' weights directly, so LoRA cannot adapt them)"
+                if direct
+                else ""
+            )
             raise TargetError(
                 f"`targets` is needed: no default query/value modules found for model type "
-                f"{index.model_type!r}. Name modules or a preset (attention, mlp, all-linear, experts). "
+                f"{index.model_type!r}{why}. Name modules or a preset (attention, mlp, all-linear, experts). "
                 f"Adaptable modules: {suffix_summary(index)}."
             )
     all_paths = [m.path for m in index.modules]
@@ -320,6 +330,15 @@ def resolve_targets(
             f"`targets` selects `{remapped[0]}`, which PEFT cannot adapt on a {index.model_type} model: PEFT reads a "
             f"Linear named `{leaf}` as an expert projection of transformers 4 and adapts the fused experts instead "
             f"(also when loading the adapter). Target the experts with `experts`, or leave it out (exclude: {leaf})."
+        )
+    unused = sorted(p for p in selected if p in index.weight_read_directly)
+    if unused:
+        owner = index.weight_read_directly[unused[0]]
+        leaf = unused[0].rsplit(".", 1)[-1]
+        raise TargetError(
+            f"`targets` selects `{unused[0]}`, whose weight {owner} reads directly instead of calling the layer, so "
+            f"a LoRA adapter there would not change the model's outputs (and merging it would). Leave it out "
+            f"(exclude: {leaf}) or target other modules: {suffix_summary(index)}."
         )
     order = {p: i for i, p in enumerate(all_paths)}
     result = tuple(sorted(selected, key=order.__getitem__))
