@@ -373,7 +373,9 @@ class _MediaInput:
 
     def _media_row(self, button: w.Button) -> w.HBox:
         media = self.conversation.media
-        self.upload = w.FileUpload(accept=f"{media}/*", multiple=False, description=f"Upload {media}")
+        self.upload = w.FileUpload(
+            accept=f"{media}/*", multiple=False, description=f"Upload {media}", layout=w.Layout(width="auto")
+        )
         self.upload.add_class("jl-media-upload")
         self.path = w.Text(
             placeholder=f"or the path of {'an image' if media == 'image' else 'a sound'} file",
