@@ -13,6 +13,11 @@ widget (``jupyter_lora.widgets.chat``) drives a ``Conversation``.
   returns a ``Reply`` at once; ``Reply.stop()`` ends generation at the next token (a ``StoppingCriteria``).
   ``stream`` iterates the pieces; ``send`` generates without a streamer, in the calling thread.
 * Sequence classifiers: ``Conversation.classify`` gives the class probabilities, with and without the adapter.
+* Image and audio classifiers: ``classify(x)`` takes one image or clip in any form a training record's column takes
+  (a PIL image, an array or tensor, a file path, bytes, a datasets ``Image``/``Audio`` dict, or a whole record),
+  turned into inputs by the model's processor exactly as training batches are (``processor=``, else the one saved
+  beside the model). Speech recognition: ``transcribe(x)`` gives the transcript with and without the adapter
+  (greedy, at most ``max_new_tokens`` tokens). ``media`` says which ("image", "audio"; None for text).
 * Vision-language models: ``send(text, images=[...])`` (and ``start``/``stream``) put images before the message's
   text; the model's processor (``processor=``, a processor passed as ``tokenizer``, or the one saved beside the
   model) renders the conversation, images of earlier turns included, and makes the model's inputs.
@@ -24,6 +29,7 @@ is being generated.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -37,18 +43,37 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from ..settings import defaults, validate
 from .adapters.guards import check_not_training
 from .adapters.peft_facts import active_names, wrapper_for
-from .compare import class_labels, class_probabilities, input_device
+from .compare import class_labels, class_probabilities, input_device, transcript
 from .data import find_tokenizer, vocab_size_of
-from .data.processors import find_processor, image_processor, is_processor, is_vision_language, text_tokenizer
+from .data.processors import (
+    MEDIA_TASKS,
+    feature_extractor,
+    find_processor,
+    image_processor,
+    is_processor,
+    is_vision_language,
+    pick_preprocessor,
+    text_tokenizer,
+    training_task,
+)
 from .data.tokenize import check_token_ids, has_chat_template, pad_token_id
 from .errors import UsageError
 from .modelinfo import base_model_of, detect_task, require_module
 
-__all__ = ["SIDES", "Classification", "Conversation", "Reply", "Turn"]
+__all__ = ["SIDES", "Classification", "Conversation", "Reply", "Transcription", "Turn"]
 
 # The two ways a reply can be made: with the active adapter, and by the base model (adapter disabled).
 SIDES = ("adapter", "base")
 _GENERATION_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+_CLASSIFY_TASKS = ("SEQ_CLS", "IMAGE_CLS", "AUDIO_CLS")
+# What a media model reads, by task: the word for the messages, and the part of its processor that reads it.
+_MEDIA = {"IMAGE_CLS": "image", "AUDIO_CLS": "audio", "ASR": "audio"}
+_READS = {"image": "images", "audio": "audio"}
+_GIVE = {
+    "image": "an image (a PIL image, an array or tensor, an image file's path or bytes, a datasets Image dict)",
+    "audio": "a clip (an array of samples, a datasets Audio dict {'array', 'sampling_rate'}, a .wav file's path or "
+    "bytes)",
+}
 _PLAIN_NOTE = (
     "This tokenizer has no chat template: each message is continued as plain text, without the earlier turns. "
     "For a conversation, use an instruct model's tokenizer or set tokenizer.chat_template."
@@ -70,7 +95,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Classification:
-    """Class probabilities of one text: ``probs[side]`` in the order of ``labels`` (side: adapter / base)."""
+    """Class probabilities of one input: ``probs[side]`` in the order of ``labels`` (side: adapter / base).
+    ``text``: the text classified, or what an image or clip was ("image 32×32", "audio 1.50 s")."""
 
     text: str
     labels: tuple[str, ...]
@@ -85,6 +111,20 @@ class Classification:
     def __repr__(self) -> str:
         sides = ", ".join(f"{side} {self.top(side)!r} ({max(p):.3f})" for side, p in self.probs.items())
         return f"Classification({self.text!r}: {sides})"
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """The transcript of one clip by each side: ``texts[side]`` (side: adapter / base). ``input``: what the clip was
+    ("audio 1.50 s")."""
+
+    input: str
+    texts: Mapping[str, str]
+    adapter_name: str | None = None
+
+    def __repr__(self) -> str:
+        sides = ", ".join(f"{side} {text!r}" for side, text in self.texts.items())
+        return f"Transcription({self.input}: {sides})"
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -137,6 +177,27 @@ def _find_processor(model: nn.Module, tokenizer: Any, processor: Any) -> Any:
     return processor
 
 
+def _check_media_processor(model: nn.Module, task: str, processor: Any) -> None:
+    """The processor of an image or audio model must hold the part that reads its input (and for speech
+    recognition a tokenizer for the transcripts): refused when the chat opens, not at the first input."""
+    name = type(base_model_of(model)).__name__
+    if task == "IMAGE_CLS" and image_processor(processor) is None:
+        need, loader = "an image processor", "AutoImageProcessor"
+    elif task != "IMAGE_CLS" and feature_extractor(processor) is None:
+        need, loader = "an audio feature extractor", "AutoProcessor"
+    elif task == "ASR" and text_tokenizer(processor) is None:
+        need, loader = (
+            "a tokenizer for the transcripts (e.g. WhisperProcessor, Wav2Vec2Processor)",
+            "AutoProcessor",
+        )
+    else:
+        return
+    raise UsageError(
+        f"This model ({name}, task {task}) needs a processor with {need}; got {type(processor).__name__}. Pass "
+        f"processor={loader}.from_pretrained(<the model's name or folder>)."
+    )
+
+
 def _find_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
     if tokenizer is None:
         tokenizer = find_tokenizer(model)
@@ -154,11 +215,13 @@ def _find_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
 
 
 class Conversation:
-    """A conversation with ``model`` (a causal/seq2seq LM, or a sequence classifier for ``classify``).
+    """A conversation with ``model``: a causal/seq2seq LM (``send``, ``start``, ``stream``), a text, image or audio
+    classifier (``classify``), or a speech recognition model (``transcribe``).
 
-    ``tokenizer``: default, the one saved beside the model's weights (``config._name_or_path``). ``settings``: the
-    ``chat`` settings of ``jupyter_lora.settings`` (temperature, top_p, max_new_tokens, adapter, seed, system);
-    change them later with ``configure``. ``turns``: the exchanges so far.
+    ``tokenizer``: default, the one saved beside the model's weights (``config._name_or_path``). ``processor``: for
+    image, audio and vision-language models (default: the one saved beside the model). ``settings``: the ``chat``
+    settings of ``jupyter_lora.settings`` (temperature, top_p, max_new_tokens, adapter, seed, system); change them
+    later with ``configure``. ``turns``: the exchanges so far.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, processor: Any = None, **settings: Any):
@@ -166,11 +229,18 @@ class Conversation:
         self.turns: list[Turn] = []
         self._reply: Reply | None = None
         self._lock = threading.Lock()
+        self.task: str | None = None
         self.use_model(model)
-        self.processor = _find_processor(self.model, tokenizer, processor)
-        if self.processor is not None and text_tokenizer(self.processor) is not None:
-            tokenizer = text_tokenizer(self.processor)
-        self.tokenizer = _find_tokenizer(self.model, tokenizer)
+        if self.task in MEDIA_TASKS:
+            # the processor training would use: the one given (or passed as tokenizer), else the one beside the model
+            self.processor = pick_preprocessor(self.model, self.task, tokenizer, processor)
+            _check_media_processor(self.model, self.task, self.processor)
+            self.tokenizer = text_tokenizer(self.processor)  # speech recognition: the transcripts' tokenizer
+        else:
+            self.processor = _find_processor(self.model, tokenizer, processor)
+            if self.processor is not None and text_tokenizer(self.processor) is not None:
+                tokenizer = text_tokenizer(self.processor)
+            self.tokenizer = _find_tokenizer(self.model, tokenizer)
         self._sides()  # an adapter setting this model cannot follow is refused now
 
     # ------------------------------------------------------------------------------------------- the model
@@ -179,11 +249,20 @@ class Conversation:
         """Talk to ``model`` from now on (the conversation so far is kept): after a merge, an unload, a new
         inject or load replaced the model in its variable."""
         model = require_module(model)
-        task = detect_task(model).task_type
-        if task not in (*_GENERATION_TASKS, "SEQ_CLS"):
+        task = training_task(model)
+        if task not in MEDIA_TASKS:
+            task = detect_task(model).task_type
+        if task not in (*_GENERATION_TASKS, *_CLASSIFY_TASKS, "ASR"):
             raise UsageError(
-                "`chat` generates with causal or seq2seq LMs and shows the class probabilities of sequence "
-                f"classifiers; this model ({type(base_model_of(model)).__name__}) is for {task or 'an unknown task'}."
+                "`chat` generates with causal or seq2seq LMs, shows the class probabilities of text, image and audio "
+                f"classifiers and transcribes speech; this model ({type(base_model_of(model)).__name__}) is for "
+                f"{task or 'an unknown task'}."
+            )
+        if self.task is not None and task != self.task and (task in MEDIA_TASKS or self.task in MEDIA_TASKS):
+            # the processor and the view were chosen for the other task
+            raise UsageError(
+                f"This chat is for task {self.task} and the new model ({type(base_model_of(model)).__name__}) is for "
+                f"{task or 'an unknown task'}: start a new chat with it (%lora chat MODEL)."
             )
         # a stale wrapper, or LoRA layers without a PeftModel around them: refused here, with the reason
         wrapper_for(model)
@@ -192,8 +271,16 @@ class Conversation:
 
     @property
     def kind(self) -> str:
-        """``generation`` or ``classification``."""
-        return "classification" if self.task == "SEQ_CLS" else "generation"
+        """``generation``, ``classification`` (text, image or audio classifiers) or ``transcription`` (speech
+        recognition)."""
+        if self.task in _CLASSIFY_TASKS:
+            return "classification"
+        return "transcription" if self.task == "ASR" else "generation"
+
+    @property
+    def media(self) -> str | None:
+        """What the model reads instead of text: ``image`` or ``audio`` (None: text)."""
+        return _MEDIA.get(self.task)
 
     def _peft(self) -> nn.Module | None:
         """The PeftModel to run when the model holds an adapter, else None (checked again at each use: adapters
@@ -355,15 +442,15 @@ class Conversation:
     # ------------------------------------------------------------------------------------------- generation
 
     def check_not_training(self) -> None:
-        """Raise a UsageError when a background run is training the model (it must not generate meanwhile)."""
-        check_not_training(self.model, "generate")
+        """Raise a UsageError when a background run is training the model (it must not run meanwhile)."""
+        check_not_training(
+            self.model,
+            {"classification": "classify", "transcription": "transcribe"}.get(self.kind, "generate"),
+        )
 
     def _check_ready(self) -> None:
         if self.kind != "generation":
-            raise UsageError(
-                "This model is a sequence classifier: it gives class probabilities, not replies. Use classify(text) "
-                "(the chat widget shows them)."
-            )
+            raise UsageError(self._wrong_call("send"))
         check_not_training(self.model, "generate")
         if self._reply is not None and not self._reply.done:
             raise UsageError(
@@ -476,42 +563,103 @@ class Conversation:
 
     # ------------------------------------------------------------------------------------------- classifiers
 
-    def classify(self, text: str) -> Classification:
-        """The class probabilities of ``text``: with the adapter and without it when the model holds one."""
-        text = self._check_message(text)
+    def classify(self, x: Any) -> Classification:
+        """The class probabilities of ``x``, with the adapter and without it when the model holds one: text for a
+        sequence classifier; for an image or audio classifier one image or clip in any form a training record's
+        column takes (PIL image, array, tensor, file path, bytes, datasets ``Image``/``Audio`` dict, or a whole
+        record), made into inputs by the processor as training batches are."""
+        if self.media is None:
+            x = self._check_message(x)
         check_not_training(self.model, "classify")
         if self.kind != "classification":
+            raise UsageError(self._wrong_call("classify"))
+        if self.media is None:
+            limit = _context_limit(self.model)
+            encoded = self.tokenizer(x, return_tensors="pt", truncation=limit is not None, max_length=limit)
+            inputs, described = self._tensors(encoded), x
+        else:
+            inputs, described = self._media_inputs(x)
+        probs = self._both_sides(lambda model: class_probabilities(model, inputs))
+        n = next(iter(probs.values())).shape[0]
+        return Classification(
+            text=described,
+            labels=class_labels(self._peft() or self.model, n),
+            probs={side: tuple(float(p) for p in values) for side, values in probs.items()},
+            adapter_name=self.adapter_name,
+        )
+
+    def transcribe(self, x: Any) -> Transcription:
+        """The transcript of one clip (in any form a training record's audio column takes, or a whole record) by a
+        speech recognition model, with the adapter and without it when the model holds one: greedy, at most the
+        ``max_new_tokens`` setting's tokens (a CTC model: the most likely token per frame)."""
+        check_not_training(self.model, "transcribe")
+        if self.kind != "transcription":
+            raise UsageError(self._wrong_call("transcribe"))
+        inputs, described = self._media_inputs(x)
+        limit = self.settings["max_new_tokens"]
+        texts = self._both_sides(lambda model: transcript(model, self.tokenizer, inputs, limit))
+        return Transcription(input=described, texts=texts, adapter_name=self.adapter_name)
+
+    def _media_inputs(self, x: Any) -> tuple[dict[str, torch.Tensor], str]:
+        """One image or clip as the model's inputs (on its device) and what it was, made as training makes them."""
+        from .data.media import media_inputs
+
+        if isinstance(x, str) and not os.path.exists(x) and (not os.path.splitext(x)[1] or "\n" in x):
+            # not a file name: text given to a model that reads images or audio
             raise UsageError(
-                "`classify` is for sequence classifiers; this model generates: send it a message."
+                f"This model ({type(base_model_of(self.model)).__name__}) reads {_READS[self.media]}, not text: "
+                f"give {_GIVE[self.media]}; got {x[:60]!r}."
             )
-        limit = _context_limit(self.model)
-        encoded = self.tokenizer(text, return_tensors="pt", truncation=limit is not None, max_length=limit)
-        inputs = self._tensors(encoded)
+        inputs, described = media_inputs(x, self.processor, self.task, what="input")
+        device = input_device(self.model)
+        return {k: v.to(device) for k, v in inputs.items()}, described
+
+    def _both_sides(self, run: Callable[[nn.Module], Any]) -> dict[str, Any]:
+        """``run(model)`` with the adapter (when the model holds one) and without it (PEFT's ``disable_adapter()``),
+        in eval mode, without gradients; the train/eval flags are put back."""
         peft_model = self._peft()
         model = peft_model if peft_model is not None else self.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            probs = {}
-            if peft_model is not None:
-                probs["adapter"] = class_probabilities(model, inputs)
+            with torch.no_grad():
+                if peft_model is None:
+                    return {"base": run(model)}
+                out = {"adapter": run(model)}
                 with model.disable_adapter():
-                    probs["base"] = class_probabilities(model, inputs)
-            else:
-                probs["base"] = class_probabilities(model, inputs)
+                    out["base"] = run(model)
+                return out
         finally:
             for module, mode in modes:
                 module.training = mode
-        n = next(iter(probs.values())).shape[0]
-        return Classification(
-            text=text,
-            labels=class_labels(model, n),
-            probs={side: tuple(float(x) for x in p) for side, p in probs.items()},
-            adapter_name=self.adapter_name,
-        )
+
+    def _wrong_call(self, call: str) -> str:
+        """The one-line message for ``call`` (send, classify, transcribe) on a model that does something else."""
+        name = type(base_model_of(self.model)).__name__
+        if self.kind == "classification" and self.media is None:
+            return (
+                "This model is a sequence classifier: it gives class probabilities, not replies. Use classify(text) "
+                "(the chat widget shows them)."
+            )
+        if self.kind == "classification":
+            return (
+                f"This model ({name}) classifies {_READS[self.media]}: it gives class probabilities, not "
+                f"{'replies' if call == 'send' else 'transcripts'}. Use classify({self.media}) (the chat widget shows "
+                "them)."
+            )
+        if self.kind == "transcription":
+            return (
+                f"This model ({name}) recognises speech: it gives the transcript of a clip, not "
+                f"{'replies' if call == 'send' else 'class probabilities'}. Use transcribe(audio) (the chat widget "
+                "shows it)."
+            )
+        what = "speech recognition" if call == "transcribe" else "classifiers"
+        return f"`{call}` is for {what}; this model generates: send it a message."
 
     def __repr__(self) -> str:
-        what = "classifier" if self.kind == "classification" else f"{len(self.turns)} turns"
+        what = {"classification": "classifier", "transcription": "speech recognition"}.get(
+            self.kind, f"{len(self.turns)} turns"
+        )
         return f"<jupyter_lora.Conversation: {what}, adapter {self.settings['adapter']}>"
 
 

@@ -17,7 +17,7 @@ from .adapters.peft_facts import active_names
 from .errors import UsageError
 from .modelinfo import detect_task, require_module
 
-__all__ = ["Comparison", "class_labels", "class_probabilities", "compare", "input_device"]
+__all__ = ["Comparison", "class_labels", "class_probabilities", "compare", "input_device", "transcript"]
 
 
 @dataclass(frozen=True)
@@ -222,9 +222,9 @@ def _compare_media(model, value, tokenizer, processor, task, max_new_tokens) -> 
     try:
         if task == "ASR":
             tok = text_tokenizer(processor)
-            adapter = _transcribe(model, tok, inputs, max_new_tokens)
+            adapter = transcript(model, tok, inputs, max_new_tokens)
             with model.disable_adapter():
-                base = _transcribe(model, tok, inputs, max_new_tokens)
+                base = transcript(model, tok, inputs, max_new_tokens)
             return Comparison(
                 prompt=described, kind="generation", base=base, adapter=adapter, adapter_name=name
             )
@@ -234,7 +234,7 @@ def _compare_media(model, value, tokenizer, processor, task, max_new_tokens) -> 
             module.training = mode
 
 
-def _transcribe(model: nn.Module, tokenizer: Any, inputs: dict, max_new_tokens: int) -> str:
+def transcript(model: nn.Module, tokenizer: Any, inputs: dict, max_new_tokens: int) -> str:
     """The transcript of one clip: the model's ``generate`` (an encoder-decoder like Whisper, greedy), or for a
     CTC model the most likely token per frame, which the CTC tokenizer's decode collapses."""
     config = getattr(model, "config", None)

@@ -221,10 +221,20 @@ class LoraMagics(_SettingDefaults):
         from .. import api as jl
 
         model = self._get_model(command.model)
-        # a tokenizer variable (named, or the only one in the notebook), else the one saved beside the model
-        tokenizer = self._find_tokenizer(command.tokenizer, model, required=False)
+        from ..core.data.processors import MEDIA_TASKS, training_task
+
+        if training_task(model) in MEDIA_TASKS:
+            # an image or audio model: its processor (named, or the only one in the notebook, else the one saved
+            # beside the model) and a tokenizer only when named (a speech processor holds its own)
+            processor = self._find_processor(command.processor)
+            tokenizer = self._get(command.tokenizer, "--tokenizer") if command.tokenizer else None
+        else:
+            processor = self._get(command.processor, "--processor") if command.processor else None
+            # a tokenizer variable (named, or the only one in the notebook), else the one saved beside the model
+            tokenizer = self._find_tokenizer(command.tokenizer, model, required=False)
         settings = self._with_defaults("chat", dict(command.settings))
-        return jl.chat(model, tokenizer, variable=command.model, namespace=self.shell.user_ns, **settings)
+        return jl.chat(model, tokenizer, processor=processor, variable=command.model, namespace=self.shell.user_ns,
+                       **settings)  # fmt: skip
 
     # --------------------------------------------------------------------------------------- training
 
@@ -402,7 +412,7 @@ class LoraMagics(_SettingDefaults):
         found = [k for k, v in self.shell.user_ns.items() if not k.startswith("_") and is_processor(v)]
         if len(found) > 1:
             raise UsageError(
-                f"%lora: several processors ({', '.join(sorted(found))}); pick one with processor: VAR."
+                f"%lora: several processors ({', '.join(sorted(found))}); pick one with --processor VAR (in a cell body: processor: VAR)."
             )
         return self.shell.user_ns[found[0]] if found else None
 

@@ -86,10 +86,12 @@ USAGE = f"""\
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side; an image or audio model takes a
                                              variable holding one image or clip: MODEL VAR [--processor VAR]
-%lora chat MODEL [--tokenizer VAR] [setting=value ...]
+%lora chat MODEL [--tokenizer VAR] [--processor VAR] [setting=value ...]
                                              chat with the model: streamed replies with the adapter on, off or side by
-                                             side, a Stop button; class probabilities for a classifier. Settings (on
-                                             the line as setting=value, or as a %%lora chat body):
+                                             side, a Stop button; class probabilities for a classifier (an image or
+                                             audio model: upload a file or type its path), transcripts for speech
+                                             recognition. Settings (on the line as setting=value, or as a %%lora chat
+                                             body):
 {settings_help("chat")}
 %%lora train MODEL                           train in the background with a live progress widget; body (YAML):
 {settings_help("train")}
@@ -201,11 +203,13 @@ class Compare(Command):
 
 @dataclass(frozen=True)
 class Chat(Command):
-    """``%lora chat MODEL [--tokenizer VAR] [setting=value ...]`` (or a ``%%lora chat MODEL`` YAML body)."""
+    """``%lora chat MODEL [--tokenizer VAR] [--processor VAR] [setting=value ...]`` (or a ``%%lora chat MODEL``
+    YAML body)."""
 
     model: str
     tokenizer: str | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    processor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -597,8 +601,9 @@ def _parse_chat(head: str, rest: list[str], cell: str | None) -> Chat:
     p = _parser(head)
     p.add_argument("model")
     p.add_argument("--tokenizer")
+    p.add_argument("--processor")
     p.add_argument("settings", nargs="*", metavar="setting=value")
-    args = p.parse_intermixed_args(rest)  # settings before and after --tokenizer
+    args = p.parse_intermixed_args(rest)  # settings before and after --tokenizer / --processor
     settings = _yaml(cell, "chat")
     line: dict[str, Any] = {}
     for word in args.settings:
@@ -612,7 +617,8 @@ def _parse_chat(head: str, rest: list[str], cell: str | None) -> Chat:
         line[key] = _line_value(name_of(key), value)
     settings.update(canonical(line, "chat"))  # the line's settings win over the body's
     tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
-    return Chat(_identifier(args.model), tokenizer, settings)
+    processor = _identifier(args.processor, "--processor") if args.processor else None
+    return Chat(_identifier(args.model), tokenizer, settings, processor)
 
 
 def _line_value(name: str, value: str) -> Any:

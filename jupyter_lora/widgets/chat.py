@@ -4,7 +4,11 @@
   side), a message box with Send / Stop / Clear, and sliders for the ``chat`` settings of the schema. Replies stream
   in from a background thread (``Conversation.start``), so the kernel stays free; Stop ends generation at the next
   token.
-* ``ClassifierWidget`` (sequence classifiers): a text box and the class probabilities, adapter and base side by side.
+* ``ClassifierWidget`` (text, image and audio classifiers): a text box — for an image or audio model a file upload
+  and a path box, with the image's thumbnail or the clip's length — and the class probabilities, adapter and base
+  side by side.
+* ``TranscriptWidget`` (speech recognition): a file upload and a path box; each clip's transcript with the adapter
+  and without it, one column per side.
 
 Both drive a core ``Conversation`` and hold no generation logic of their own. Given ``namespace`` and ``variable``
 (what ``%lora chat`` passes), they follow the variable: after a merge, an unload or a new inject they talk to the
@@ -14,9 +18,11 @@ model it holds now, and say so in one line when it no longer holds a model.
 from __future__ import annotations
 
 import html
+import io
+import os
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import ipywidgets as w
@@ -24,7 +30,7 @@ import ipywidgets as w
 from ..core.errors import UsageError
 from ..settings import SETTINGS, Setting
 
-__all__ = ["ChatWidget", "ClassifierWidget", "chat"]
+__all__ = ["ChatWidget", "ClassifierWidget", "TranscriptWidget", "chat"]
 
 _SLIDERS = ("temperature", "top_p", "max_new_tokens")  # the chat settings shown as sliders
 _ADAPTER_WORDS = {"on": "adapter on", "off": "adapter off", "side_by_side": "side by side"}
@@ -43,6 +49,8 @@ _CSS = """<style>
 .jl-cls td,.jl-cls th{padding:2px 8px;text-align:left}
 .jl-cls-bar{display:inline-block;height:10px;background:#42a5f5;vertical-align:middle;margin-right:4px}
 .jl-cls-base .jl-cls-bar{background:#90a4ae}
+.jl-media-thumb img{image-rendering:pixelated;border:1px solid var(--jp-border-color2,#ddd)}
+.jl-media-what{color:#555;font-size:90%}
 </style>"""
 
 
@@ -355,9 +363,123 @@ class ChatWidget(_ModelView):
         )
 
 
-class ClassifierWidget(_ModelView):
-    """Class probabilities of a sequence classifier for the text in the box, adapter and base side by side.
-    ``classify(text)`` does what the Classify button does; ``result`` is the latest ``Classification``."""
+class _MediaInput:
+    """The input of an image or audio model: a ``FileUpload`` (``accept`` image/* or audio/*) and a box for a file's
+    path, and a preview of what was given: the image's thumbnail, or the clip's length and a player. An upload runs
+    the model at once (and empties the path box); the button runs it on the path typed, else on the last upload."""
+
+    conversation: Any
+    status: w.HTML
+
+    def _media_row(self, button: w.Button) -> w.HBox:
+        media = self.conversation.media
+        self.upload = w.FileUpload(
+            accept=f"{media}/*", multiple=False, description=f"Upload {media}", layout=w.Layout(width="auto")
+        )
+        self.upload.add_class("jl-media-upload")
+        self.path = w.Text(
+            placeholder=f"or the path of {'an image' if media == 'image' else 'a sound'} file",
+            layout=w.Layout(width="320px"),
+        )
+        self.path.add_class("jl-media-path")
+        self.preview = w.VBox()
+        self.preview.add_class("jl-media-preview")
+        self.upload.observe(self._on_upload, names="value")
+        return _wrapping([self.upload, self.path, button])
+
+    def _on_upload(self, change: dict) -> None:
+        if change["new"]:
+            self.path.value = ""
+            self.run()
+
+    def run(self, x: Any = None) -> Any:  # pragma: no cover - each widget's own
+        raise NotImplementedError
+
+    def _given(self) -> tuple[Any, str]:
+        """(what to run the model on, its name): the path typed, else the last file uploaded."""
+        path = self.path.value.strip()
+        if path:
+            return path, path
+        if self.upload.value:
+            upload = self.upload.value[-1]
+            return bytes(upload["content"]), str(upload["name"])
+        media = self.conversation.media
+        raise UsageError(
+            f"Upload {'an image' if media == 'image' else 'a sound file'} or type the path of one, then press "
+            f"{'Transcribe' if self.conversation.kind == 'transcription' else 'Classify'}."
+        )
+
+    def _show_preview(self, x: Any, name: str | None, described: str) -> None:
+        """The thumbnail of an image (its bytes: uploaded, read from its file, or a PIL image's PNG), or the length
+        of a clip with a player, and what the model was given."""
+        what = w.HTML(
+            f"<div class='jl-media-what'>{_escape(' · '.join(filter(None, (name, described))))}</div>"
+        )
+        children: list[w.Widget] = []
+        data = _file_bytes(x)
+        if self.conversation.media == "image":
+            data, kind = _image_bytes(x, data)
+            if data is not None:
+                thumb = w.Image(
+                    value=data, format=kind, layout=w.Layout(max_width="128px", max_height="128px")
+                )
+                thumb.add_class("jl-media-thumb")
+                children.append(thumb)
+        else:
+            seconds = described.removeprefix("audio ")
+            what.value += f"<div class='jl-media-duration'>{_escape(seconds)}</div>"
+            if data is not None and data[:4] == b"RIFF":
+                player = w.Audio(value=data, format="wav", autoplay=False, loop=False)
+                player.add_class("jl-media-player")
+                children.append(player)
+        self.preview.children = [*children, what]
+
+
+def _file_bytes(x: Any) -> bytes | None:
+    """The bytes of a file given as bytes, a path or a datasets dict (None: not a file, or not readable)."""
+    if isinstance(x, Mapping):
+        x = x.get("bytes") or x.get("path")
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return bytes(x)
+    if isinstance(x, (str, os.PathLike)) and os.path.isfile(x):
+        with open(x, "rb") as f:
+            return f.read()
+    return None
+
+
+def _image_bytes(x: Any, data: bytes | None) -> tuple[bytes | None, str]:
+    """An image's encoded bytes and their format for an ``ipywidgets.Image``: a file's own, or a PIL image's (or an
+    array's) as PNG."""
+    from PIL import Image
+
+    if data is not None:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return data, (image.format or "png").lower()
+        except Exception:  # not an image PIL knows: no thumbnail (the model said what was wrong)
+            return None, "png"
+    if not isinstance(x, Image.Image):
+        try:
+            import numpy as np
+
+            array = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+            if array.dtype != np.uint8 or array.ndim not in (2, 3):
+                return None, "png"
+            if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
+                array = np.moveaxis(array, 0, -1)
+            x = Image.fromarray(array.squeeze())
+        except Exception:  # not something PIL draws as is: no thumbnail
+            return None, "png"
+    out = io.BytesIO()
+    x.convert("RGB").save(out, format="PNG")
+    return out.getvalue(), "png"
+
+
+class ClassifierWidget(_MediaInput, _ModelView):
+    """Class probabilities, adapter and base side by side: of the text in the box for a sequence classifier; of an
+    uploaded image or clip (or the file whose path is typed) for an image or audio classifier. ``classify(x)`` does
+    what the Classify button does (``x``: text, or for an image or audio model anything ``Conversation.classify``
+    takes); ``result`` is the latest ``Classification``."""
 
     def __init__(
         self,
@@ -368,29 +490,46 @@ class ClassifierWidget(_ModelView):
     ):
         super().__init__(conversation, variable, namespace)
         self.result: Any = None
-        self.text = w.Textarea(placeholder="Text to classify", layout=w.Layout(width="100%", height="60px"))
-        self.text.add_class("jl-cls-input")
         self.classify_button = w.Button(description="Classify", button_style="primary", icon="tags")
         self.classify_button.add_class("jl-cls-classify")
         self.classify_button.on_click(lambda _: self.classify())
         self.table = w.HTML()
         self.table.add_class("jl-cls-table")
+        if conversation.media is None:
+            self.text = w.Textarea(
+                placeholder="Text to classify", layout=w.Layout(width="100%", height="60px")
+            )
+            self.text.add_class("jl-cls-input")
+            inputs: list[w.Widget] = [self.text, self.classify_button]
+        else:
+            inputs = [self._media_row(self.classify_button), self.preview]
         self.box = w.VBox(
-            [w.HTML(_CSS), self.text, self.classify_button, self.table, self.status],
+            [w.HTML(_CSS), *inputs, self.table, self.status],
             layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
         )
         self.box.add_class("jl-chat")
 
-    def classify(self, text: str | None = None) -> Any:
-        """The class probabilities of ``text`` (default: the box's text); None when refused (see the status)."""
+    def run(self, x: Any = None) -> Any:
+        return self.classify(x)
+
+    def classify(self, x: Any = None) -> Any:
+        """The class probabilities of ``x`` (default: the box's text; for an image or audio model the path typed,
+        else the last upload); None when refused (see the status line)."""
         self._show("")
+        name = None
         try:
             self.follow()
-            result = self.conversation.classify(self.text.value if text is None else text)
+            if x is None and self.conversation.media is None:
+                x = self.text.value
+            elif x is None:
+                x, name = self._given()
+            result = self.conversation.classify(x)
         except UsageError as exc:
             self._error(exc)
             return None
         self.result = result
+        if self.conversation.media is not None:
+            self._show_preview(x, name, result.text)
         self.table.value = self.table_html(result)
         return result
 
@@ -416,25 +555,111 @@ class ClassifierWidget(_ModelView):
         return f"<jupyter_lora classifier view{where}>"
 
 
+class TranscriptWidget(_MediaInput, _ModelView):
+    """Speech recognition: an uploaded clip (or the sound file whose path is typed) transcribed with the adapter and
+    without it, one column per side, the clips so far one under the other. ``transcribe(x)`` does what the
+    Transcribe button does; ``results``: ``(name, Transcription)`` of each clip, ``result`` the latest."""
+
+    def __init__(
+        self,
+        conversation: Any,
+        *,
+        variable: str | None = None,
+        namespace: MutableMapping[str, Any] | None = None,
+    ):
+        super().__init__(conversation, variable, namespace)
+        self.results: list[tuple[str, Any]] = []
+        self.max_new_tokens = _slider(SETTINGS["max_new_tokens"], conversation.settings["max_new_tokens"])
+        self.max_new_tokens.observe(self._on_max_new_tokens, names="value")
+        self.transcribe_button = w.Button(description="Transcribe", button_style="primary", icon="microphone")
+        self.transcribe_button.add_class("jl-asr-transcribe")
+        self.transcribe_button.on_click(lambda _: self.transcribe())
+        self.transcript = w.HTML()
+        self.transcript.add_class("jl-asr-transcripts")
+        self.box = w.VBox(
+            [w.HTML(_CSS), self.max_new_tokens, self._media_row(self.transcribe_button), self.preview,
+             self.transcript, self.status],
+            layout=w.Layout(border="1px solid var(--jp-border-color2, #ddd)", padding="6px"),
+        )  # fmt: skip
+        self.box.add_class("jl-chat")
+
+    @property
+    def result(self) -> Any:
+        """The latest ``Transcription`` (None before the first)."""
+        return self.results[-1][1] if self.results else None
+
+    def _on_max_new_tokens(self, change: dict) -> None:
+        try:
+            self.conversation.configure(max_new_tokens=change["new"])
+        except UsageError as exc:
+            self._error(exc)
+
+    def run(self, x: Any = None) -> Any:
+        return self.transcribe(x)
+
+    def transcribe(self, x: Any = None) -> Any:
+        """The transcripts of ``x`` (default: the path typed, else the last upload); None when refused."""
+        self._show("")
+        name = None
+        try:
+            self.follow()
+            if x is None:
+                x, name = self._given()
+            result = self.conversation.transcribe(x)
+        except UsageError as exc:
+            self._error(exc)
+            return None
+        self.results.append((name or result.input, result))
+        self._show_preview(x, name, result.input)
+        self.transcript.value = self.transcripts_html()
+        return result
+
+    def transcripts_html(self) -> str:
+        """One column per side; in each, every clip (its name and length) and that side's transcript of it."""
+        sides = list(self.result.texts) if self.results else []
+        columns = []
+        for side in sides:
+            parts = [f"<div class='jl-chat-head'>{_escape(self._side_label(side))}</div>"]
+            for name, result in self.results:
+                clip = name if name == result.input else f"{name} · {result.input}"
+                parts.append(f"<div class='jl-chat-msg jl-chat-user'>{_escape(clip)}</div>")
+                text = result.texts.get(side)
+                shown = (
+                    _escape(text) if text else "<i>(empty)</i>" if text is not None else "<i>(not run)</i>"
+                )
+                parts.append(f"<div class='jl-chat-msg jl-chat-reply jl-asr-text'>{shown}</div>")
+            columns.append(f"<div class='jl-chat-col jl-chat-{side}'>{''.join(parts)}</div>")
+        return f"<div class='jl-chat-cols'>{''.join(columns)}</div>"
+
+    def __repr__(self) -> str:
+        where = f" for `{self.variable}`" if self.variable else ""
+        return f"<jupyter_lora transcript view{where}: {len(self.results)} clips>"
+
+
 def chat(
     model: Any,
     tokenizer: Any = None,
     *,
+    processor: Any = None,
     variable: str | None = None,
     namespace: MutableMapping[str, Any] | None = None,
     **settings: Any,
-) -> ChatWidget | ClassifierWidget:
+) -> ChatWidget | ClassifierWidget | TranscriptWidget:
     """Chat with ``model`` in the notebook: a ``ChatWidget`` for a causal or seq2seq LM (streaming replies, the
-    adapter on, off or side by side), a ``ClassifierWidget`` for a sequence classifier (class probabilities).
+    adapter on, off or side by side), a ``ClassifierWidget`` for a text, image or audio classifier (class
+    probabilities; images and clips uploaded or given by path), a ``TranscriptWidget`` for speech recognition.
 
-    ``tokenizer``: default, the one saved beside the model's weights. ``settings``: temperature, top_p,
+    ``tokenizer``: default, the one saved beside the model's weights. ``processor``: for image, audio and
+    vision-language models (default: the one saved beside the model). ``settings``: temperature, top_p,
     max_new_tokens, adapter (on | off | side_by_side), seed, system (see ``jupyter_lora.settings``).
     ``namespace``/``variable``: follow the model that ``namespace[variable]`` holds (what ``%lora chat`` passes).
     A model that is training now is refused."""
     from ..core.chat import Conversation
 
-    conversation = Conversation(model, tokenizer, **settings)
+    conversation = Conversation(model, tokenizer, processor, **settings)
     conversation.check_not_training()
     if conversation.kind == "classification":
         return ClassifierWidget(conversation, variable=variable, namespace=namespace)
+    if conversation.kind == "transcription":
+        return TranscriptWidget(conversation, variable=variable, namespace=namespace)
     return ChatWidget(conversation, variable=variable, namespace=namespace)

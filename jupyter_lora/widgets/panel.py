@@ -405,7 +405,8 @@ class Panel:
 
         # The Chat tab: the chat widget, built when the tab is first opened.
         self.chat: Any = None  # the ChatWidget (or ClassifierWidget) once built
-        self._chat_made_with: Any = None  # the tokenizer it was built with (None: the one beside the model)
+        # (tokenizer, processor) it was built with (None: the one beside the model)
+        self._chat_made_with: Any = None
         self.chat_message = w.HTML()
         self.chat_message.add_class("jl-message")
         self.chat_tab = w.VBox([self.chat_message], layout=w.Layout(width="100%"))
@@ -979,23 +980,49 @@ class Panel:
             if self.model_gone:
                 self._show_gone(self.chat_message)
                 return self.chat
-            tokenizer = self._chat_tokenizer()
+            tokenizer, processor = self._chat_inputs()
+            made_with = self._chat_made_with
             if self.chat is not None and (
-                self._chat_made_with is tokenizer or getattr(self.chat, "generating", False)
+                (made_with is not None and made_with[0] is tokenizer and made_with[1] is processor)
+                or getattr(self.chat, "generating", False)
             ):
                 self._chat_follows()
                 return self.chat
-            chat = self._jl.chat(self.model, tokenizer, variable=self.variable if self.namespace is not None
-                                 else None, namespace=self.namespace, **self.chat_settings)  # fmt: skip
+            chat = self._jl.chat(self.model, tokenizer, processor=processor, variable=self.variable
+                                 if self.namespace is not None else None, namespace=self.namespace,
+                                 **self.chat_settings)  # fmt: skip
         except UsageError as exc:
             self._show_error(str(exc), self.chat_message)
             return self.chat
         except Exception as exc:
             self._show_error(f"{type(exc).__name__}: {exc}", self.chat_message)
             return self.chat
-        self.chat, self._chat_made_with = chat, tokenizer
+        self.chat, self._chat_made_with = chat, (tokenizer, processor)
         self.chat_tab.children = [self.chat_message, chat.box]
         return chat
+
+    def _chat_inputs(self) -> tuple[Any, Any]:
+        """(tokenizer, processor) for the Chat tab. An image or audio model takes the processor the form names, else
+        the one processor in the notebook, else its own (found beside it), and a tokenizer only when the form names
+        one (a speech processor holds its own); other models take the form's processor only when it names one."""
+        from ..core.data.processors import MEDIA_TASKS, is_processor, training_task
+
+        media = training_task(self.model) in MEDIA_TASKS
+        if "processor" in self.form:
+            self._check_field("processor")
+        if "processor" in self.form_errors:
+            raise UsageError(self.form_errors["processor"])
+        name = self._form_values.get("processor")
+        if name is not None:
+            processor = self._resolve("processor", name)
+        elif media and self.namespace is not None:
+            found = [v for k, v in self.namespace.items() if not k.startswith("_") and is_processor(v)]
+            processor = found[0] if len(found) == 1 else None
+        else:
+            processor = None
+        if media and self._form_values.get("tokenizer") is None:
+            return None, processor
+        return self._chat_tokenizer(), processor
 
     def _chat_tokenizer(self) -> Any:
         """The tokenizer the form names (a wrong name is the field's message), else the panel's default one."""

@@ -18,7 +18,7 @@ from peft import PeftModel
 import jupyter_lora as jl
 from jupyter_lora.core import runs
 from jupyter_lora.core.chat import Conversation
-from jupyter_lora.testing import tiny_model, tiny_tokenizer
+from jupyter_lora.testing import tiny_config, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -367,11 +367,11 @@ def test_spellings_of_the_adapter_setting():
     [
         (lambda: 42, r"`model` must be a torch.nn.Module.*got int"),
         (
-            lambda: tiny_model("vit"),
-            r"`chat` generates with causal or seq2seq LMs.*ViTForImageClassification",
+            lambda: __import__("transformers").BertModel(tiny_config("bert")),
+            r"`chat` generates with causal or seq2seq LMs.*BertModel\) is for FEATURE_EXTRACTION",
         ),
     ],
-    ids=["not-a-model", "image-classifier"],
+    ids=["not-a-model", "encoder-without-head"],
 )
 def test_what_cannot_chat_is_refused_in_one_line(make, pattern):
     with pytest.raises(jl.UsageError, match=pattern) as info:

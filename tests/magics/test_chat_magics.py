@@ -15,14 +15,20 @@ from jupyter_lora.core import runs
 from jupyter_lora.core.errors import UsageError
 from jupyter_lora.magics.parse import Chat, parse
 from jupyter_lora.settings import SETTINGS, keys
-from jupyter_lora.testing import tiny_model, tiny_tokenizer
-from jupyter_lora.widgets.chat import ChatWidget, ClassifierWidget
+from jupyter_lora.testing import tiny_config, tiny_model, tiny_tokenizer
+from jupyter_lora.widgets.chat import ChatWidget, ClassifierWidget, TranscriptWidget
 
 # ----------------------------------------------------------------------------------------------- grammar
 
 VALID: list[tuple[str, str, str | None, Chat]] = [
     ("bare", "chat model", None, Chat("model")),
     ("tokenizer", "chat model --tokenizer tok", None, Chat("model", tokenizer="tok")),
+    (
+        "processor",
+        "chat vit --processor proc max_new_tokens=8",
+        None,
+        Chat("vit", settings={"max_new_tokens": 8}, processor="proc"),
+    ),
     (
         "settings-on-the-line",
         "chat model temperature=0.2 top_p=0.95 max_new_tokens=64 seed=3",
@@ -162,6 +168,24 @@ def test_a_classifier_gets_the_probabilities_view(ip):
     assert isinstance(run(ip, "%lora chat clf"), ClassifierWidget)
 
 
+def test_image_and_audio_models_get_the_upload_views_with_the_notebooks_processor(ip, capsys):
+    from media_models import vit, vit_processor, whisper, whisper_processor
+
+    ip.user_ns["model"] = jl.inject(vit(), r=2, targets="all-linear")
+    ip.user_ns["tok"] = tiny_tokenizer()  # a text tokenizer in the notebook plays no part
+    ip.user_ns["proc"] = vit_processor()
+    widget = run(ip, "%lora chat model")  # the only processor in the notebook
+    assert isinstance(widget, ClassifierWidget) and widget.conversation.processor is ip.user_ns["proc"]
+    assert widget.upload.accept == "image/*" and widget.variable == "model"
+
+    ip.user_ns["speech"] = jl.inject(whisper(), r=2, targets="all-linear")
+    ip.user_ns["wproc"] = whisper_processor()
+    assert "several processors (proc, wproc)" in usage_error(ip, capsys, "%lora chat speech")
+    widget = run(ip, "%lora chat speech --processor wproc max_new_tokens=3")
+    assert isinstance(widget, TranscriptWidget) and widget.conversation.processor is ip.user_ns["wproc"]
+    assert widget.upload.accept == "audio/*" and widget.conversation.settings["max_new_tokens"] == 3
+
+
 MISTAKES = [
     ("bad-temperature", "%lora chat model temperature=5", r"`temperature` must be in \[0, 2\], got 5\."),
     (
@@ -178,7 +202,13 @@ MISTAKES = [
     ("not-a-model", "%lora chat x", r"`x` is of type int, not a model"),
     ("no-such-variable", "%lora chat modle", r"no variable `modle`.*Did you mean `model`"),
     ("no-such-tokenizer", "%lora chat model --tokenizer tokk", r"no variable `tokk`"),
-    ("image-model", "%lora chat vit", r"`chat` generates with causal or seq2seq LMs"),
+    (
+        "image-model-without-processor",
+        "%lora chat vit",
+        r"reads images and needs its processor.*AutoImageProcessor",
+    ),
+    ("no-such-processor", "%lora chat vit --processor procc", r"no variable `procc`"),
+    ("not-a-chat-model", "%lora chat encoder", r"`chat` generates with causal or seq2seq LMs.*BertModel"),
 ]
 
 
@@ -187,6 +217,7 @@ def test_mistake_is_one_line_and_changes_nothing(adapted, capsys, source, patter
     ip = adapted
     ip.user_ns["x"] = 3
     ip.user_ns["vit"] = tiny_model("vit")
+    ip.user_ns["encoder"] = __import__("transformers").BertModel(tiny_config("bert"))
     before = model_snapshot(ip.user_ns["model"])
     names = {k: id(v) for k, v in ip.user_ns.items() if not k.startswith("_")}
     message = usage_error(ip, capsys, source)
@@ -220,6 +251,7 @@ def test_a_model_in_training_is_refused(adapted, capsys):
 
 def test_help_describes_chat(ip):
     text = run(ip, "%lora help").data
-    assert "%lora chat MODEL [--tokenizer VAR] [setting=value ...]" in text
+    assert "%lora chat MODEL [--tokenizer VAR] [--processor VAR] [setting=value ...]" in text
+    assert "upload a file or type its path" in text and "transcripts for speech" in text
     for name in keys("chat"):
         assert f"{name}: {SETTINGS[name].example}" in text
