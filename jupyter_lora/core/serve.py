@@ -24,7 +24,7 @@ from .adapters.guards import require_adapters
 from .adapters.peft_facts import active_names, adapter_layers
 from .chat import _context_limit, _find_tokenizer, _seeded
 from .compare import input_device
-from .data import vocab_size_of
+from .data import find_tokenizer, vocab_size_of
 from .data.tokenize import check_token_ids, has_chat_template, pad_token_id
 from .errors import UsageError, did_you_mean
 from .modelinfo import base_model_of, detect_task
@@ -243,7 +243,14 @@ def generate(
     top_p = validate_one("top_p", top_p)
     if seed is not None:
         seed = validate_one("seed", seed)
-    tokenizer = _find_tokenizer(peft_model, tokenizer)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(peft_model)
+        if tokenizer is None:
+            raise UsageError(
+                "`tokenizer` is needed to turn the prompts into tokens and none is saved beside the model: pass "
+                'generate(model, prompts, tokenizer=tok) or %lora generate model --tokenizer tok "...".'
+            )
+    tokenizer = _find_tokenizer(peft_model, tokenizer)  # a tokenizer, or a one-line error
     start = time.perf_counter()
 
     encoded = _encode(tokenizer, prompts)
