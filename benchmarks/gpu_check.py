@@ -37,10 +37,24 @@ PARTS = [
     ),
     (
         "serving several adapters: one mixed batch vs set_adapter per adapter",
-        [sys.executable, str(HERE / "multi_adapter.py"), "--hidden", "2048", "--layers", "22", "--vocab", "32000",
-         "--prompts", "16", "--adapters", "8", "--new-tokens", "64"],
+        [
+            sys.executable,
+            str(HERE / "multi_adapter.py"),
+            "--hidden",
+            "2048",
+            "--layers",
+            "22",
+            "--vocab",
+            "32000",
+            "--prompts",
+            "16",
+            "--adapters",
+            "8",
+            "--new-tokens",
+            "64",
+        ],
         60,
-    ),  # fmt: skip
+    ),
 ]
 
 

@@ -111,7 +111,10 @@ def main() -> int:
     print(f"outputs equal token for token: {same}")
     base = statistics.median(rounds["sequential"])
     print(f"{'':34} {'tokens/s (median)':>18} {'slowest round':>14} {'× sequential':>13}")
-    for key, label in (("sequential", "set_adapter + generate per adapter"), ("mixed", "one mixed batch (generate)")):
+    for key, label in (
+        ("sequential", "set_adapter + generate per adapter"),
+        ("mixed", "one mixed batch (generate)"),
+    ):
         med, low = statistics.median(rounds[key]), min(rounds[key])
         print(f"{label:34} {med:18,.0f} {low:14,.0f} {med / base:13.2f}")
     return 0 if same else 1
