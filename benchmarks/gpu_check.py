@@ -1,6 +1,6 @@
 """Every GPU figure in one command (``make gpu-check OUT=dir``): the training throughput table for bf16 and QLoRA
 with gradient checkpointing off and on (``train_throughput.py``), the memory estimate against measured peaks
-(``memory_accuracy.py --quick``) and the GPU tests (``pytest -m gpu``), each in its own process with a time limit,
+(``memory_accuracy.py --quick``), the GPU tests (``pytest -m gpu``) and multi-adapter serving (``multi_adapter.py``), each in its own process with a time limit,
 written as markdown (``gpu_check.md``) and JSON (``gpu_check.json``) into ``--out``. Needs only torch,
 transformers, peft, accelerate, bitsandbytes (for the QLoRA rows) and this package's core; without CUDA it says so
 and writes nothing else.
@@ -34,6 +34,26 @@ PARTS = [
         "throughput, checkpointing on",
         [sys.executable, str(HERE / "train_throughput.py"), "--quick", "--ckpt", "--variants", CKPT_VARIANTS],
         150,
+    ),
+    (
+        "serving several adapters: one mixed batch vs set_adapter per adapter",
+        [
+            sys.executable,
+            str(HERE / "multi_adapter.py"),
+            "--hidden",
+            "2048",
+            "--layers",
+            "22",
+            "--vocab",
+            "32000",
+            "--prompts",
+            "16",
+            "--adapters",
+            "8",
+            "--new-tokens",
+            "64",
+        ],
+        60,
     ),
 ]
 

@@ -26,6 +26,7 @@ __all__ = [
     "Comparison",
     "Conversation",
     "DataPreview",
+    "Generations",
     "LoraSpec",
     "MemoryEstimate",
     "Panel",
@@ -43,6 +44,7 @@ __all__ = [
     "estimate",
     "export",
     "find_targets",
+    "generate",
     "inject",
     "last_run",
     "load",
@@ -51,6 +53,7 @@ __all__ = [
     "merge",
     "panel",
     "plan",
+    "prepare_hotswap",
     "preview_data",
     "resume",
     "runs",
@@ -70,6 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
         inject,
         load,
         merge,
+        prepare_hotswap,
         save,
         status,
         unload,
@@ -83,6 +87,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.memory import MemoryEstimate, estimate
     from .core.plan import Plan, plan
     from .core.quant import load_base
+    from .core.serve import Generations, generate
     from .core.spec import LoraSpec, make_spec
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.export import ExportResult
     from .core.memory import MemoryEstimate
     from .core.plan import Plan
+    from .core.serve import Generations
     from .core.train.runlist import CheckpointRow, RunList
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "export_text",
     "fmt_bytes",
     "fmt_count",
+    "generations_html",
+    "generations_text",
     "load_code",
     "memory_parts",
     "plan_html",
@@ -317,6 +320,46 @@ def comparison_html(c: Comparison) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def _adapter_header(name: str) -> str:
+    return "base" if name == "base" else f"adapter '{name}'"
+
+
+def _generations_headline(g: Generations) -> str:
+    rate = f", {g.new_tokens / g.seconds:,.0f} tokens/s" if g.seconds > 0 else ""
+    return (
+        f"{len(g.prompts)} prompt(s) × {len(g.adapters)} adapter(s) in one batch: {g.new_tokens} new tokens in "
+        f"{g.seconds:.2f} s{rate}"
+    )
+
+
+def generations_text(g: Generations) -> str:
+    """Prompts as rows, adapters as columns, as aligned text (line breaks in a reply shown as ⏎)."""
+    rows = [[p, *(g.text(i, a).replace("\n", "⏎") for a in g.adapters)] for i, p in enumerate(g.prompts)]
+    headers = ("prompt", *(_adapter_header(a) for a in g.adapters))
+    return "\n".join([_generations_headline(g), *_table_text(headers, rows, [False] * len(headers))])
+
+
+def generations_html(g: Generations) -> str:
+    """Prompts as rows, adapters as columns, side by side, as HTML."""
+    cell = "style='vertical-align:top;padding:4px 8px;border:1px solid #ddd;white-space:pre-wrap;max-width:420px'"
+    head = "".join(
+        f"<th>{html.escape(h)}</th>" for h in ("prompt", *(_adapter_header(a) for a in g.adapters))
+    )
+    body = "".join(
+        f"<tr><td {cell}><b>{html.escape(p)}</b></td>"
+        + "".join(f"<td {cell}>{html.escape(g.text(i, a))}</td>" for a in g.adapters)
+        + "</tr>"
+        for i, p in enumerate(g.prompts)
+    )
+    return (
+        f"<div class='jl-generations'><div>{html.escape(_generations_headline(g))}</div>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ inject summary
 
 
@@ -526,6 +569,7 @@ RENDERINGS: dict[tuple[str, str], tuple[Callable[[Any], str], Callable[[Any], st
     ("jupyter_lora.core.memory", "MemoryEstimate"): (estimate_text, estimate_html),
     ("jupyter_lora.core.adapters.inspection", "AdapterStatus"): (status_text, status_html),
     ("jupyter_lora.core.compare", "Comparison"): (comparison_text, comparison_html),
+    ("jupyter_lora.core.serve", "Generations"): (generations_text, generations_html),
     ("jupyter_lora.core.export", "ExportResult"): (export_text, export_html),
     ("jupyter_lora.core.train.runlist", "RunList"): (runs_text, runs_html),
 }

@@ -196,7 +196,9 @@ class LoraMagics(_SettingDefaults):
     def _do_load(self, command: p.Load) -> Any:
         from .. import api as jl
 
-        model = jl.load(self._get_model(command.model), command.path, name=command.name)
+        model = jl.load(
+            self._get_model(command.model), command.path, name=command.name, hotswap=command.hotswap
+        )
         self._set(command.model, model)
         return jl.status(model)
 
@@ -216,6 +218,15 @@ class LoraMagics(_SettingDefaults):
         tokenizer = self._find_tokenizer(command.tokenizer, model)
         return jl.compare(model, command.prompt, tokenizer=tokenizer,
                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
+
+    def _do_generate(self, command: p.Generate) -> Any:
+        from .. import api as jl
+
+        model = self._get_model(command.model)
+        tokenizer = self._find_tokenizer(command.tokenizer, model, required=False, command="generate")
+        return jl.generate(model, list(command.prompts), list(command.adapters) if command.adapters else None,
+                           tokenizer=tokenizer,
+                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
 
     def _do_chat(self, command: p.Chat) -> Any:
         from .. import api as jl
@@ -416,7 +427,9 @@ class LoraMagics(_SettingDefaults):
             )
         return self.shell.user_ns[found[0]] if found else None
 
-    def _find_tokenizer(self, name: str | None, model: Any, required: bool = True) -> Any:
+    def _find_tokenizer(
+        self, name: str | None, model: Any, required: bool = True, command: str = "compare"
+    ) -> Any:
         if name is not None:
             return self._get(name, "--tokenizer")
         base = sys.modules.get("transformers.tokenization_utils_base")
@@ -431,7 +444,7 @@ class LoraMagics(_SettingDefaults):
         if not required:
             return None
         raise UsageError(
-            "%lora compare: no tokenizer in the notebook. Load one (tok = AutoTokenizer.from_pretrained(...)) or "
+            f"%lora {command}: no tokenizer in the notebook. Load one (tok = AutoTokenizer.from_pretrained(...)) or "
             "pass --tokenizer VAR."
         )
 

@@ -28,6 +28,7 @@ __all__ = [
     "Data",
     "Estimate",
     "Export",
+    "Generate",
     "Help",
     "Inject",
     "Load",
@@ -82,10 +83,15 @@ USAGE = f"""\
 %lora use MODEL NAME                         make adapter NAME active
 %lora delete MODEL NAME                      remove adapter NAME
 %lora save MODEL PATH [--merged] [--name NAME] [--overwrite]
-%lora load MODEL PATH_OR_HUB_ID [--name NAME] MODEL becomes the adapted model
+%lora load MODEL PATH_OR_HUB_ID [--name NAME] [--hotswap]
+                                             MODEL becomes the adapted model; --hotswap copies the weights into
+                                             adapter NAME's place (same targets and ranks; no recompiling)
 %lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
                                              base vs adapter output side by side; an image or audio model takes a
                                              variable holding one image or clip: MODEL VAR [--processor VAR]
+%lora generate MODEL [--adapters a,b,base] [--tokenizer VAR] [--max-new-tokens N] "prompt" ["prompt" ...]
+                                             every prompt through every adapter (base: none) in one mixed batch,
+                                             greedy; a table of prompts × adapters (%%lora generate: a prompt a line)
 %lora chat MODEL [--tokenizer VAR] [--processor VAR] [setting=value ...]
                                              chat with the model: streamed replies with the adapter on, off or side by
                                              side, a Stop button; class probabilities for a classifier (an image or
@@ -118,7 +124,7 @@ lists them.
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
-    "train", "stop", "resume", "runs", "panel", "base", "export", "data", "chat",
+    "train", "stop", "resume", "runs", "panel", "base", "export", "data", "chat", "generate",
 )  # fmt: skip
 
 
@@ -190,6 +196,7 @@ class Load(Command):
     model: str
     path: str
     name: str = "default"
+    hotswap: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,18 @@ class Compare(Command):
     tokenizer: str | None = None
     max_new_tokens: int | None = None
     processor: str | None = None
+
+
+@dataclass(frozen=True)
+class Generate(Command):
+    """``%lora generate MODEL [--adapters a,b,base] [--tokenizer VAR] [--max-new-tokens N] "prompt" ...`` (or
+    ``%%lora generate MODEL`` with a prompt a line): every prompt through every adapter in one batch."""
+
+    model: str
+    prompts: tuple[str, ...]
+    adapters: tuple[str, ...] | None = None
+    tokenizer: str | None = None
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -577,8 +596,9 @@ def _parse_load(head: str, rest: list[str], cell: str | None) -> Load:
     p.add_argument("model")
     p.add_argument("path")
     p.add_argument("--name", default="default")
+    p.add_argument("--hotswap", action="store_true")
     args = p.parse_args(rest)
-    return Load(_identifier(args.model), args.path, args.name)
+    return Load(_identifier(args.model), args.path, args.name, args.hotswap)
 
 
 def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
@@ -595,6 +615,31 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
     processor = _identifier(args.processor, "--processor") if args.processor else None
     return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens, processor)
+
+
+def _parse_generate(head: str, rest: list[str], cell: str | None) -> Generate:
+    p = _parser(head)
+    p.add_argument("model")
+    p.add_argument("prompts", nargs="*", metavar="prompt")
+    p.add_argument("--adapters")
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-new-tokens", type=_positive)
+    args = p.parse_intermixed_args(rest)  # prompts before and after the options
+    prompts = [*args.prompts, *(line.strip() for line in (cell or "").splitlines() if line.strip())]
+    if not prompts:
+        raise UsageError(
+            '%lora generate: give one or more prompts, e.g. %lora generate model --adapters a,b,base "Once upon a '
+            'time" (or a prompt a line under %%lora generate model).'
+        )
+    adapters = None
+    if args.adapters is not None:
+        adapters = tuple(a.strip() for a in args.adapters.split(",") if a.strip())
+        if not adapters:
+            raise UsageError(
+                f"%lora generate: `--adapters` {args.adapters!r} names no adapter; e.g. --adapters a,b,base."
+            )
+    tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
+    return Generate(_identifier(args.model), tuple(prompts), adapters, tokenizer, args.max_new_tokens)
 
 
 def _parse_chat(head: str, rest: list[str], cell: str | None) -> Chat:
@@ -762,6 +807,7 @@ _SUBPARSERS = {
     "load": _parse_load,
     "compare": _parse_compare,
     "chat": _parse_chat,
+    "generate": _parse_generate,
     "train": _parse_train,
     "panel": _parse_panel,
     "base": _parse_base,

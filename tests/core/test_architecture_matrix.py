@@ -23,8 +23,8 @@ from peft import PeftModel
 import jupyter_lora as jl
 from jupyter_lora.core.errors import UsageError
 from jupyter_lora.testing import tiny_model, tiny_tokenizer
-from tests.core.test_vision_chat import BLUE, RED, TEMPLATE, TEXT, H, _tokenizer, records, square
 from tests.media_models import RATE, shapes, spoken, tones, wav2vec2_extractor, whisper_processor
+from tests.vision_models import BLUE, RED, TEMPLATE, TEXT, H, _tokenizer, records, square
 
 pytestmark = pytest.mark.filterwarnings("ignore:lr=.*outside the usual LoRA range")
 

@@ -230,6 +230,7 @@ def test_every_subcommand_is_understood():
             "save": "save m p",
             "load": "load m p",
             "compare": "compare m hi",
+            "generate": "generate m hi",
             "base": "base m some/model",
             "export": "export m job",
             "data": "data m texts",

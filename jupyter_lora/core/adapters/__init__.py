@@ -4,6 +4,7 @@ and the files exactly as they were):
 - ``operations``: inject, unload, use, enable, disable, delete, load;
 - ``merging``: merge (a 4/8-bit base through a dequantised copy) and writing the merged model;
 - ``files``: save, atomic directory installs;
+- ``hotswap``: loading an adapter into an existing adapter's place, weights replaced in place;
 - ``reading``: reading a saved adapter back and checking it fits a model before ``load``;
 - ``inspection``: status — what adapters a model holds;
 - ``guards``: the checks every operation makes first;
@@ -32,6 +33,7 @@ _WHERE = {
     "unload": "operations",
     "use": "operations",
     "merge": "merging",
+    "prepare_hotswap": "hotswap",
     "save": "files",
 }
 
@@ -45,6 +47,7 @@ __all__ = [
     "inject",
     "load",
     "merge",
+    "prepare_hotswap",
     "save",
     "status",
     "unload",
@@ -53,6 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .files import save
+    from .hotswap import prepare_hotswap
     from .inspection import AdapterInfo, AdapterStatus, LayerStatus, status
     from .merging import merge
     from .operations import delete, disable, enable, inject, load, unload, use

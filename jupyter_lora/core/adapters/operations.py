@@ -300,7 +300,12 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 
 
 def load(
-    model: nn.Module, path: str | os.PathLike, name: str = "default", trainable: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    trainable: bool = True,
+    *,
+    hotswap: bool = False,
 ) -> nn.Module:
     """Load a saved LoRA adapter from ``path`` into ``model`` as ``name`` and make it active.
 
@@ -313,11 +318,22 @@ def load(
     built it, that every tensor came from the file; on any problem the model is left exactly as it was.
     Loading never changes the base weights: the initialisation named in the config (PiSSA, OLoRA, LoftQ...)
     is not run, since the saved tensors replace the initial ones.
+
+    ``hotswap=True``: the model already holds an adapter ``name`` of the same targets and ranks, and the saved
+    adapter's weights are copied into its tensors in place — no module is created or replaced, so a model
+    compiled with ``torch.compile`` does not recompile (see ``prepare_hotswap`` for other ranks). The same checks
+    come first, then that the adapter fits that place; a difference (targets, rank, DoRA...) is named.
     """
     require_module(model)
     check_adapter_name(name)
     if not isinstance(trainable, bool):
         raise UsageError(f"`trainable` must be True or False, got {trainable!r}.")
+    if not isinstance(hotswap, bool):
+        raise UsageError(f"`hotswap` must be True or False, got {hotswap!r}.")
+    if hotswap:
+        from .hotswap import hotswap_load
+
+        return hotswap_load(model, path, name)
     peft_model = wrapper_for(model)
     current = peft_model if peft_model is not None else model
     check_not_training(current, "load an adapter")

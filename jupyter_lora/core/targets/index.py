@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.module import (
     register_module_module_registration_hook,
@@ -247,8 +248,14 @@ _generation = 0  # registrations of modules and parameters in this process (any 
 
 
 def _registered(*_: Any) -> None:
-    """torch's global registration hook: count, and leave the module or parameter as it is (return None)."""
+    """torch's global registration hook: count, and leave the module or parameter as it is (return None).
+
+    Not while torch.compile traces a forward: a forward that builds a module on the fly (Llama slices its layer
+    list) would make the counter part of the compiled graph's guards, and every call would recompile. Nothing
+    built inside a traced forward is part of the model's tree, so the cache has nothing to notice there."""
     global _generation
+    if torch.compiler.is_compiling():
+        return
     _generation += 1
 
 
