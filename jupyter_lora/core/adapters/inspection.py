@@ -141,9 +141,16 @@ def _prompt_status(peft_model: nn.Module, model_type: str | None) -> AdapterStat
     trainable, total = peft_model.get_nb_trainable_parameters()
     active = set(active_names(peft_model))
     infos = tuple(
-        AdapterInfo(name=name, active=name in active, r=None, alpha=None, variant=method_of(cfg), modules=0,
-                    params=int(trainable) if name in active else 0,
-                    targets=(f"{cfg.num_virtual_tokens} virtual tokens",))  # fmt: skip
+        AdapterInfo(
+            name=name,
+            active=name in active,
+            r=None,
+            alpha=None,
+            variant=method_of(cfg),
+            modules=0,
+            params=int(trainable) if name in active else 0,
+            targets=(f"{cfg.num_virtual_tokens} virtual tokens",),
+        )
         for name, cfg in peft_model.peft_config.items()
     )
     return AdapterStatus(model_type, infos, None, (), int(trainable), int(total))
