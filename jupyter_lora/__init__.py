@@ -32,6 +32,9 @@ __all__ = [
     "Plan",
     "ProgressCallback",
     "RunList",
+    "Sweep",
+    "SweepEvent",
+    "SweepTable",
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
@@ -45,6 +48,7 @@ __all__ = [
     "find_targets",
     "inject",
     "last_run",
+    "last_sweep",
     "load",
     "load_base",
     "make_spec",
@@ -53,9 +57,11 @@ __all__ = [
     "plan",
     "preview_data",
     "resume",
+    "resume_sweep",
     "runs",
     "save",
     "status",
+    "sweep",
     "train",
     "unload",
     "use",
@@ -84,6 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.plan import Plan, plan
     from .core.quant import load_base
     from .core.spec import LoraSpec, make_spec
+    from .core.sweep import Sweep, SweepEvent, SweepTable, last_sweep, resume_sweep, sweep
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
     from .core.train.runlist import RunList, runs

@@ -53,6 +53,7 @@ _CELLS = {
     "train": "`%%lora train`",
     "estimate": "`%lora estimate`",
     "chat": "`%lora chat`",
+    "sweep": "`%%lora sweep`",
 }
 # What an estimate assumes beyond the adapter (seq, batch, ckpt, optim, dtype, quant): its command-line options.
 ESTIMATE_OPTIONS = tuple(k for k in keys("estimate") if k not in keys("inject"))
