@@ -56,7 +56,16 @@ from .methods import (
 )
 from .table import SweepTable
 
-__all__ = ["Sweep", "SweepEvent", "SweepTable", "last_sweep", "resume_sweep", "sweep", "sweep_keys", "text_observer"]
+__all__ = [
+    "Sweep",
+    "SweepEvent",
+    "SweepTable",
+    "last_sweep",
+    "resume_sweep",
+    "sweep",
+    "sweep_keys",
+    "text_observer",
+]
 
 SWEEP_FILE = "sweep.json"
 _LAST: weakref.WeakKeyDictionary[nn.Module, Sweep] = weakref.WeakKeyDictionary()
@@ -116,7 +125,11 @@ class Sweep:
 
     def wait(self, timeout: float | None = None) -> Sweep:
         self.finished.wait(timeout)
-        if self.thread is not None and self.thread is not threading.current_thread() and self.finished.is_set():
+        if (
+            self.thread is not None
+            and self.thread is not threading.current_thread()
+            and self.finished.is_set()
+        ):
             self.thread.join(timeout)
         if self.error is not None:
             raise self.error
@@ -152,7 +165,9 @@ class Sweep:
                 observer(event)
             except Exception as exc:  # a broken display never stops a sweep
                 self._failed_observers.add(id(observer))
-                warnings.warn(f"A sweep observer failed and was detached: {exc!r}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"A sweep observer failed and was detached: {exc!r}", RuntimeWarning, stacklevel=2
+                )
 
     # --- the sweep
 
@@ -311,7 +326,10 @@ class Sweep:
 
 
 def _adapter_name(run: str) -> str:
-    return run.replace(".", "_")
+    """The adapter name a kept run gets: its run name in the letters an adapter name allows."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", run)
 
 
 def _defaults() -> dict[str, Any]:
@@ -324,7 +342,9 @@ def _estimate(model: nn.Module, method: str, config: Any) -> tuple[int | None, s
     try:
         from ..memory import estimate
 
-        return int(estimate(model, seq=config.seq, batch=config.batch, optim=config.optim).total_bytes), "estimate"
+        return int(
+            estimate(model, seq=config.seq, batch=config.batch, optim=config.optim).total_bytes
+        ), "estimate"
     except Exception:
         return None, "no estimate"
 
@@ -362,21 +382,27 @@ def _pending(p: PlannedRun, varying: tuple[str, ...]) -> dict:
 
 def _check_keep(keep: Any) -> str:
     if keep not in KEEP:
-        raise UsageError(f"`keep` must be one of {', '.join(KEEP)}, got {keep!r}.{did_you_mean(str(keep), KEEP)}")
+        raise UsageError(
+            f"`keep` must be one of {', '.join(KEEP)}, got {keep!r}.{did_you_mean(str(keep), KEEP)}"
+        )
     return keep
 
 
 def _check_metric(metric: Any) -> str:
     allowed = ("eval_loss", "accuracy", "train_loss", "time_s", "tokens_per_s")
     if metric not in allowed:
-        raise UsageError(f"`metric` must be one of {', '.join(allowed)}, got {metric!r}.{did_you_mean(str(metric), allowed)}")
+        raise UsageError(
+            f"`metric` must be one of {', '.join(allowed)}, got {metric!r}.{did_you_mean(str(metric), allowed)}"
+        )
     return metric
 
 
 def _not_busy(base: nn.Module) -> None:
     previous = _LAST.get(base)
     if run_registry.active_run(base) is not None or (previous is not None and not previous.done):
-        raise UsageError("This model is already training (a run or a sweep). Stop it first (.stop() or %lora stop).")
+        raise UsageError(
+            "This model is already training (a run or a sweep). Stop it first (.stop() or %lora stop)."
+        )
 
 
 def _prepare(base, data, tokenizer, processor, eval_data, train_settings):
@@ -431,7 +457,9 @@ def sweep(
     for p in planned:
         check_method(base, p.method, f"run {p.name}")
         if p.settings.get("quant") and p.method != "lora":
-            raise UsageError(f"run {p.name}: `quant: 4bit` trains LoRA on a 4-bit base; use it with method lora.")
+            raise UsageError(
+                f"run {p.name}: `quant: 4bit` trains LoRA on a 4-bit base; use it with method lora."
+            )
         if p.settings.get("quant"):
             raise UsageError(f"run {p.name}: `quant: 4bit` in a sweep is not available yet; load a 4-bit base with "
                              "%lora base VAR ID --4bit and sweep that model.")  # fmt: skip
@@ -441,7 +469,9 @@ def sweep(
     for p in planned:  # every run's training settings checked before any run starts
         make_train_config(**{**shared_train, **{k: v for k, v in p.settings.items() if k in keys("train")}})
     config = make_train_config(**shared_train)
-    metric = _check_metric(metric or ("accuracy" if task_of(base, config.task) in CLASSIFY_TASKS else "eval_loss"))
+    metric = _check_metric(
+        metric or ("accuracy" if task_of(base, config.task) in CLASSIFY_TASKS else "eval_loss")
+    )
     prepared, tokenizer = _prepare(base, data, tokenizer, processor, eval_data, shared_train)
     sweep_dir = Path(output_dir) if output_dir else _default_dir()
     if (sweep_dir / SWEEP_FILE).exists():
@@ -532,7 +562,9 @@ def text_observer(write: Any = print) -> Any:
             row = event.data["row"]
             loss = "" if row.get("eval_loss") is None else f" · eval loss {row['eval_loss']:.4f}"
             acc = "" if row.get("accuracy") is None else f" · accuracy {row['accuracy']:.3f}"
-            params = "" if row.get("trainable_params") is None else f" · {row['trainable_params']:,} trainable"
+            params = (
+                "" if row.get("trainable_params") is None else f" · {row['trainable_params']:,} trainable"
+            )
             took = "" if row.get("time_s") is None else f" · {row['time_s']:.1f}s"
             write(f"[{event.index + 1}] {event.name}: {row['status']}{params}{loss}{acc}{took}")
         elif event.kind == "sweep_end":

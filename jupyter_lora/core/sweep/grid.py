@@ -27,9 +27,7 @@ def sweep_keys() -> tuple[str, ...]:
     """The settings a sweep may vary: every inject and training setting of the schema (notebook objects and the
     ones the sweep fixes itself aside) and the sweep's own (method, num_virtual_tokens, quant)."""
     found = [*keys("inject"), *keys("train"), *keys("sweep")]
-    return tuple(
-        dict.fromkeys(k for k in found if SETTINGS[k].kind != "object" and k not in _FIXED_BY_SWEEP)
-    )
+    return tuple(dict.fromkeys(k for k in found if SETTINGS[k].kind != "object" and k not in _FIXED_BY_SWEEP))
 
 
 @dataclass(frozen=True)
@@ -47,14 +45,18 @@ class PlannedRun:
 
 def _canonical_run(given: Any, where: str) -> dict[str, Any]:
     if not isinstance(given, Mapping):
-        raise UsageError(f"{where} must be a mapping of settings to values, e.g. {{'r': 8}}; got {given!r:.60}.")
+        raise UsageError(
+            f"{where} must be a mapping of settings to values, e.g. {{'r': 8}}; got {given!r:.60}."
+        )
     allowed = sweep_keys()
     out: dict[str, Any] = {}
     for key, value in given.items():
         name = name_of(key)
         if name is None or name not in allowed:
             if name in _FIXED_BY_SWEEP or (name is not None and SETTINGS[name].kind == "object"):
-                raise UsageError(f"{where}: `{key}` is the same for every run of a sweep; give it to sweep() itself.")
+                raise UsageError(
+                    f"{where}: `{key}` is the same for every run of a sweep; give it to sweep() itself."
+                )
             spellings = allowed + tuple(a for n in allowed for a in SETTINGS[n].aliases)
             raise UsageError(
                 f"{where}: unknown setting `{key}`.{did_you_mean(str(key), spellings)} A sweep varies inject and "
@@ -89,7 +91,9 @@ def _grid_points(grid: Any) -> list[dict[str, Any]]:
     if grid is None:
         return [{}]
     if not isinstance(grid, Mapping) or not grid:
-        raise UsageError(f"`grid` must be a mapping of settings to lists of values, e.g. {{'r': [4, 8]}}; got {grid!r:.60}.")
+        raise UsageError(
+            f"`grid` must be a mapping of settings to lists of values, e.g. {{'r': [4, 8]}}; got {grid!r:.60}."
+        )
     names, values = [], []
     for key, options in grid.items():
         options = list(options) if isinstance(options, (list, tuple)) else [options]
@@ -115,7 +119,9 @@ def plan_runs(grid: Any, runs: Any, shared: Mapping[str, Any]) -> list[PlannedRu
     points = _grid_points(grid)
     explicit = [{}] if runs is None else runs
     if not isinstance(explicit, (list, tuple)) or not explicit:
-        raise UsageError(f"`runs` must be a list of settings mappings, e.g. [{{'r': 4}}, {{'method': 'full'}}]; got {runs!r:.60}.")
+        raise UsageError(
+            f"`runs` must be a list of settings mappings, e.g. [{{'r': 4}}, {{'method': 'full'}}]; got {runs!r:.60}."
+        )
     combined = []
     for i, run in enumerate(explicit):
         own = _canonical_run(run, f"`runs[{i}]`")

@@ -32,10 +32,15 @@ class BaseSnapshot:
     def __init__(self, base: nn.Module):
         self.base = base
         with torch.no_grad():
-            self.tensors = {n: t.detach().to("cpu", copy=True) for n, t in base.state_dict(keep_vars=True).items()}
+            self.tensors = {
+                n: t.detach().to("cpu", copy=True) for n, t in base.state_dict(keep_vars=True).items()
+            }
         self.grads = {n: p.requires_grad for n, p in base.named_parameters()}
         config = getattr(base, "config", None)
-        self.labels = (dict(getattr(config, "id2label", None) or {}), dict(getattr(config, "label2id", None) or {}))
+        self.labels = (
+            dict(getattr(config, "id2label", None) or {}),
+            dict(getattr(config, "label2id", None) or {}),
+        )
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -215,4 +220,3 @@ def load_adapter(base: nn.Module, method: str, directory: Path, name: str) -> nn
     wrapped = PeftModel.from_pretrained(base, str(directory), adapter_name=name)
     register_wrapper(wrapped)
     return wrapped
-

@@ -62,7 +62,11 @@ class SweepTable:
         best = self.best
         body = []
         for r in self.rows:
-            memory = "" if r.get("peak_memory") is None else f"{fmt_bytes(r['peak_memory'])} ({r['memory_source']})"
+            memory = (
+                ""
+                if r.get("peak_memory") is None
+                else f"{fmt_bytes(r['peak_memory'])} ({r['memory_source']})"
+            )
             body.append([
                 ("★ " if best is not None and r is best else "") + str(r["run"]), str(r["method"]),
                 *(_show(r.get(k)) for k in self.varying),
@@ -76,7 +80,9 @@ class SweepTable:
 
     def __repr__(self) -> str:
         headers, body = self._cells()
-        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)]
+        widths = [
+            max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)
+        ]
         lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
         return "\n".join(line.rstrip() for line in lines)
