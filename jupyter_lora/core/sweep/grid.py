@@ -139,5 +139,7 @@ def plan_runs(grid: Any, runs: Any, shared: Mapping[str, Any]) -> list[PlannedRu
     for i, settings in enumerate(combined):
         method = settings.get("method", SETTINGS["method"].default)
         parts = [method] + [f"{k}={_slug(settings[k])}" for k in varying if k != "method" and k in settings]
-        planned.append(PlannedRun(i, f"{i + 1:02d}-" + "-".join(parts), settings))
+        # a run's name is also its directory and, when kept, its adapter's name: letters, digits, _ and - only
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{i + 1:02d}-" + "-".join(parts))
+        planned.append(PlannedRun(i, name, settings))
     return planned
