@@ -33,6 +33,9 @@ __all__ = [
     "Plan",
     "ProgressCallback",
     "RunList",
+    "Sweep",
+    "SweepEvent",
+    "SweepTable",
     "TrainingEvent",
     "TrainingRun",
     "UsageError",
@@ -47,6 +50,7 @@ __all__ = [
     "generate",
     "inject",
     "last_run",
+    "last_sweep",
     "load",
     "load_base",
     "make_spec",
@@ -56,9 +60,11 @@ __all__ = [
     "prepare_hotswap",
     "preview_data",
     "resume",
+    "resume_sweep",
     "runs",
     "save",
     "status",
+    "sweep",
     "train",
     "unload",
     "use",
@@ -89,6 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.quant import load_base
     from .core.serve import Generations, generate
     from .core.spec import LoraSpec, make_spec
+    from .core.sweep import Sweep, SweepEvent, SweepTable, last_sweep, resume_sweep, sweep
     from .core.targets import resolve as find_targets
     from .core.train import TrainingRun, last_run, resume, train
     from .core.train.runlist import RunList, runs

@@ -48,6 +48,12 @@ _LAZY = {
     "panel": "jupyter_lora.widgets.panel",
     "load_base": "jupyter_lora.core.quant",
     "export": "jupyter_lora.core.export",
+    "sweep": "jupyter_lora.core.sweep",
+    "resume_sweep": "jupyter_lora.core.sweep",
+    "last_sweep": "jupyter_lora.core.sweep",
+    "Sweep": "jupyter_lora.core.sweep",
+    "SweepTable": "jupyter_lora.core.sweep",
+    "SweepEvent": "jupyter_lora.core.sweep",
     "preview_data": "jupyter_lora.data_preview",
     "DataPreview": "jupyter_lora.data_preview",
 }

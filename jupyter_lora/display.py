@@ -243,8 +243,8 @@ def _status_rows(s: AdapterStatus) -> list[list[str]]:
             a.name,
             "yes" if a.active else "",
             a.variant,
-            str(a.r) + _patterns(a.rank_pattern),
-            f"{a.alpha:g}" + _patterns(a.alpha_pattern),
+            ("—" if a.r is None else str(a.r)) + _patterns(a.rank_pattern),
+            ("—" if a.alpha is None else f"{a.alpha:g}") + _patterns(a.alpha_pattern),
             str(a.modules) + (f" (layers {', '.join(map(str, a.layers))})" if a.layers is not None else ""),
             fmt_count(a.params),
         ]

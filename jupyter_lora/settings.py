@@ -11,6 +11,7 @@ Each setting has *scopes*, the commands that take it:
 - ``inject``   what to inject (``%%lora MODEL``, ``jl.plan`` / ``jl.inject``)
 - ``train``    how to train (``%%lora train``, ``jl.train``, ``jl.resume``, ``jl.export``)
 - ``estimate`` what a memory estimate assumes (``%lora estimate``, the summary after ``%%lora``, the panel's bar)
+- ``sweep``    what a sweep compares beyond inject and training settings (``jl.sweep``, ``%%lora sweep``)
 - ``chat``     how the chat generates (``%lora chat``, ``jl.chat``, ``jl.Conversation``, the chat widget's controls)
 
 This module is long because it is the list: one declaration per setting, with its help, range and spellings.
@@ -30,6 +31,8 @@ from .core.errors import UsageError, did_you_mean
 __all__ = [
     "FORM_SECTIONS",
     "INITS",
+    "KEEP",
+    "METHODS",
     "OPTIMIZERS",
     "SETTINGS",
     "TASK_TYPES",
@@ -39,6 +42,7 @@ __all__ = [
     "InputSettings",
     "LoraSettings",
     "Setting",
+    "SweepSettings",
     "TrainSettings",
     "canonical",
     "defaults",
@@ -62,6 +66,9 @@ BIASES = ("none", "all", "lora_only")
 PROGRESS = ("auto", "widget", "text")
 CHAT_ADAPTER = ("on", "off", "side_by_side")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
+# What a sweep run trains: LoRA, every base weight, the task head alone, or another PEFT method.
+METHODS = ("lora", "full", "head", "prompt_tuning", "prefix_tuning", "ia3", "loha", "lokr")
+KEEP = ("best", "none", "all")
 # The panel's training form, in this order: (section, title, advanced). A training setting names its section with
 # ``form=``; one that names none is under "more". Advanced sections start collapsed.
 FORM_SECTIONS = (
@@ -825,9 +832,9 @@ class EstimateSettings:
     )
     quant: str | None = _setting(
         None,
-        "a 4/8-bit base (default: as loaded)",
+        "a 4/8-bit base (default: as loaded; in a sweep: 4bit or none)",
         "choice",
-        "estimate",
+        "estimate sweep",
         choices=("4bit", "8bit"),
         nullable=True,
         example="4bit",
@@ -957,7 +964,39 @@ class InputSettings:
     )
 
 
-GROUPS = (LoraSettings, TrainSettings, EstimateSettings, ChatSettings, InputSettings)
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep compares beyond the inject and training settings (each may vary from run to run)."""
+
+    method: str = _setting(
+        "lora",
+        "what a run trains: lora, full (every weight), head (the task head alone), or PEFT's prompt_tuning, "
+        "prefix_tuning, ia3, loha, lokr",
+        "choice",
+        "sweep",
+        choices=METHODS,
+        example="lora",
+    )
+    num_virtual_tokens: int = _setting(
+        20,
+        "virtual tokens of a prompt_tuning or prefix_tuning run",
+        "int",
+        "sweep",
+        minimum=1,
+        maximum=1 << 14,
+        example="20",
+    )
+    keep: str = _setting(
+        "best",
+        "what the model holds after the sweep: the best run, none (the base as before) or all runs (LoRA runs)",
+        "choice",
+        "sweep",
+        choices=KEEP,
+        example="best",
+    )
+
+
+GROUPS = (LoraSettings, TrainSettings, EstimateSettings, ChatSettings, InputSettings, SweepSettings)
 
 
 def _read_schema() -> dict[str, Setting]:

@@ -51,7 +51,7 @@ def model():
 def test_every_setting_has_help_an_example_and_a_valid_default():
     for name, s in SETTINGS.items():
         assert s.help and s.example, name
-        assert s.scopes and set(s.scopes) <= {"inject", "train", "estimate", "chat"}, name
+        assert s.scopes and set(s.scopes) <= {"inject", "train", "estimate", "chat", "sweep"}, name
         if s.kind != "object":
             assert validate_one(name, s.default) == s.default, f"{name}: the default fails its own checks"
         assert validate_one(name, _value(name)) is not None or _value(name) is None, name
@@ -74,6 +74,13 @@ def test_the_api_accepts_every_setting_and_alias(name, spelling, model):
             assert jl.estimate(model, **{spelling: value}) is not None
     elif "estimate" in s.scopes:
         assert jl.estimate(model, **{spelling: value}) is not None
+    elif "sweep" in s.scopes:  # a sweep's own setting: a run of a sweep takes it
+        from jupyter_lora.core.sweep.grid import plan_runs, sweep_keys
+
+        if name in sweep_keys():
+            assert plan_runs(None, [{spelling: value}], {})[0].settings[name] == validate_one(name, value)
+        else:  # keep: an argument of sweep() itself
+            assert name in inspect.signature(jl.sweep).parameters
     elif "chat" in s.scopes:
         pass  # checked above
     elif name == "progress":  # how %%lora train shows progress: a notebook option, not an API argument

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .modelinfo import embedding_layers
+from .modelinfo import base_model_of, embedding_layers, is_peft_model
 
 __all__ = ["CHUNKED_LOSS_MODEL_TYPES", "chunked_causal_lm_loss", "supports_chunked_loss"]
 
@@ -29,7 +29,7 @@ CHUNKED_LOSS_MODEL_TYPES = frozenset(
 
 
 def _parts(peft_model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    base = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
+    base = base_model_of(peft_model)
     backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     head = embedding_layers(base)[1]
     if backbone is None or head is None:
@@ -38,8 +38,11 @@ def _parts(peft_model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def supports_chunked_loss(peft_model: nn.Module) -> bool:
-    """Whether ``chunked_causal_lm_loss`` computes exactly this model's loss."""
-    base = peft_model.base_model.model if hasattr(peft_model, "base_model") else peft_model
+    """Whether ``chunked_causal_lm_loss`` computes exactly this model's loss (not for prompt learning: the
+    virtual tokens come from PEFT's wrapper, which the chunked loss does not call)."""
+    if is_peft_model(peft_model) and getattr(peft_model.active_peft_config, "is_prompt_learning", False):
+        return False
+    base = base_model_of(peft_model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     return model_type in CHUNKED_LOSS_MODEL_TYPES and _parts(peft_model) is not None
 

@@ -76,9 +76,10 @@ def is_peft_model(model: Any) -> bool:
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (``model.base_model.model``), or the model itself."""
+    """The transformers model under a PEFT wrapper, or the model itself. PEFT's own ``get_base_model``: for
+    prompt and prefix tuning the model sits directly under the wrapper (no tuner in between)."""
     if is_peft_model(model):
-        return model.base_model.model
+        return model.get_base_model()
     return model
 
 

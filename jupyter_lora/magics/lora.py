@@ -299,10 +299,35 @@ class LoraMagics(_SettingDefaults):
         data = objects.pop("data")
         return self._start(lambda m, **kw: jl.train(m, data, **kw), model, objects, settings, mode)
 
+    def _do_sweepcommand(self, command: p.SweepCommand) -> Any:
+        from .. import api as jl
+        from ..core.sweep import text_observer
+
+        model = self._get_model(command.model)
+        objects, settings = self._train_inputs(dict(command.settings), model, "sweep")
+        settings.pop("progress", None)
+        data = objects.pop("data")
+        variable = command.model
+
+        def rebind(event: Any) -> None:  # the variable holds what the sweep kept (a PeftModel or the base)
+            if event.kind == "sweep_end":
+                self._set(variable, holder["sweep"].model)
+
+        holder: dict[str, Any] = {}
+        holder["sweep"] = jl.sweep(model, data, command.grid, command.runs, observers=[text_observer(), rebind],
+                                   background=True, **objects, **settings)  # fmt: skip
+        return holder["sweep"]
+
     def _do_resume(self, command: p.Resume) -> Any:
         from .. import api as jl
 
         model = self._get_model(command.model)
+        last = jl.last_sweep(model)
+        if command.checkpoint is None and last is not None and last.state == "stopped":
+            objects, _ = self._train_inputs(dict(command.settings), model)
+            from ..core.sweep import text_observer
+
+            return jl.resume_sweep(model, observers=[text_observer()], background=True, **objects)
         objects, settings = self._train_inputs(dict(command.settings), model)
         mode = settings.pop("progress", None)
         return self._start(

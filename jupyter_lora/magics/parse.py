@@ -40,6 +40,7 @@ __all__ = [
     "Save",
     "Status",
     "Stop",
+    "SweepCommand",
     "Train",
     "inject_cell",
     "parse",
@@ -54,6 +55,7 @@ _CELLS = {
     "train": "`%%lora train`",
     "estimate": "`%lora estimate`",
     "chat": "`%lora chat`",
+    "sweep": "`%%lora sweep`",
 }
 # What an estimate assumes beyond the adapter (seq, batch, ckpt, optim, dtype, quant): its command-line options.
 ESTIMATE_OPTIONS = tuple(k for k in keys("estimate") if k not in keys("inject"))
@@ -107,6 +109,10 @@ USAGE = f"""\
                                              truncation, packing, the eval split, dropped records. DATA: a variable
                                              or a .jsonl/.json/.csv/.txt path; settings as for %%lora train (in
                                              %%lora data MODEL DATA, a YAML body; a %%lora train body works as it is)
+%%lora sweep MODEL                           runs compared in the background; body (YAML): data: VAR, grid: {{r: [4, 8],
+                                             method: [lora, full]}} and/or runs: [{{r: 4}}, {{method: head}}], keep:
+                                             best|none|all, and any setting above shared by every run, plus
+{settings_help("sweep")}
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
 %lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
 %lora runs [MODEL|DIR]                       the runs and checkpoints on disk (step, losses, time, size) with the
@@ -124,7 +130,7 @@ lists them.
 
 SUBCOMMANDS = (
     "status", "estimate", "merge", "unload", "enable", "disable", "use", "delete", "save", "load", "compare", "help",
-    "train", "stop", "resume", "runs", "panel", "base", "export", "data", "chat", "generate",
+    "train", "stop", "resume", "runs", "panel", "base", "export", "data", "chat", "generate", "sweep",
 )  # fmt: skip
 
 
@@ -282,6 +288,16 @@ class Runs(Command):
     """``%lora runs [MODEL|DIR]``: a model variable or a directory (told apart where the namespace is known)."""
 
     target: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepCommand(Command):
+    """``%%lora sweep MODEL`` with a YAML body: data, grid and/or runs, keep, shared settings."""
+
+    model: str
+    grid: Any = None
+    runs: Any = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -790,6 +806,33 @@ def _parse_runs(head: str, rest: list[str], cell: str | None) -> Runs:
     return Runs(args.target)
 
 
+def _parse_sweep(head: str, rest: list[str], cell: str | None) -> SweepCommand:
+    from ..core.sweep.grid import sweep_keys
+
+    p = _parser(head)
+    p.add_argument("model")
+    args = p.parse_args(rest)
+    import yaml
+
+    try:
+        body = yaml.load(cell or "", Loader=yaml_loader()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(
+            f"%%lora sweep: the cell body is not valid YAML: {getattr(exc, 'problem', exc)}."
+        ) from None
+    if not isinstance(body, dict):
+        raise UsageError("%%lora sweep: the cell body must be `key: value` lines, e.g. `grid: {r: [4, 8]}`.")
+    grid, runs = body.pop("grid", None), body.pop("runs", None)
+    objects = tuple(k for k in keys("train") if SETTINGS[k].kind == "object")
+    allowed = (*sweep_keys(), *objects, "keep", "output_dir")
+    settings = canonical(body, allowed, "%%lora sweep setting")
+    if "data" not in settings:
+        raise UsageError(
+            "%%lora sweep: the cell body needs `data:` (a variable or a path), as for %%lora train."
+        )
+    return SweepCommand(_identifier(args.model), grid, runs, settings)
+
+
 def _parse_help(head: str, rest: list[str], cell: str | None) -> Help:
     return Help()
 
@@ -816,5 +859,6 @@ _SUBPARSERS = {
     "resume": _parse_resume,
     "data": _parse_data,
     "runs": _parse_runs,
+    "sweep": _parse_sweep,
     "help": _parse_help,
 }

@@ -235,7 +235,7 @@ def test_every_subcommand_is_understood():
             "export": "export m job",
             "data": "data m texts",
         }.get(sub, f"{sub} m")
-        cell = "data: texts" if sub in ("train", "export") else None
+        cell = "data: texts" if sub in ("train", "export", "sweep") else None
         assert not isinstance(parse(line, cell), Inject), sub
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import targets
 from ..modelinfo import ADAPTER_PARAM, base_model_of, param_count, require_module
-from .peft_facts import active_names, parameter_counts, variant_of, wrapper_for
+from .peft_facts import active_names, is_prompt_learning, method_of, parameter_counts, variant_of, wrapper_for
 
 __all__ = ["AdapterInfo", "AdapterStatus", "LayerStatus", "status"]
 
@@ -32,9 +32,9 @@ class AdapterInfo:
 
     name: str
     active: bool
-    r: int
-    alpha: float
-    variant: str
+    r: int | None  # None for methods without a rank (IA3, prompt/prefix tuning)
+    alpha: float | None
+    variant: str  # lora | dora | rslora for LoRA; else the PEFT method (ia3, loha, lokr, prompt_tuning, ...)
     modules: int
     params: int
     targets: tuple[str, ...]
@@ -85,6 +85,8 @@ def status(model: nn.Module) -> AdapterStatus:
         return AdapterStatus(model_type, (), None, (), trainable, total)
     from peft import get_layer_status, get_model_status
 
+    if is_prompt_learning(peft_model):  # virtual tokens: no adapted layers for PEFT's status to list
+        return _prompt_status(peft_model, model_type)
     model_status = get_model_status(peft_model)
     layer_rows = tuple(
         LayerStatus(
@@ -110,13 +112,16 @@ def status(model: nn.Module) -> AdapterStatus:
     infos = []
     for name, cfg in peft_model.peft_config.items():
         tm = cfg.target_modules
+        method = method_of(cfg)
+        r = getattr(cfg, "r", None)
+        alpha = getattr(cfg, "lora_alpha", getattr(cfg, "alpha", None))
         infos.append(
             AdapterInfo(
                 name=name,
                 active=name in active,
-                r=int(cfg.r),
-                alpha=float(cfg.lora_alpha),
-                variant=variant_of(cfg),
+                r=None if r is None else int(r),
+                alpha=None if alpha is None else float(alpha),
+                variant=variant_of(cfg) if method == "lora" else method,
                 modules=modules.get(name, 0),
                 params=per_adapter.get(name, 0),
                 targets=tuple(sorted(tm)) if isinstance(tm, (set, list, tuple)) else (str(tm),),
@@ -129,3 +134,23 @@ def status(model: nn.Module) -> AdapterStatus:
     enabled = model_status.enabled if isinstance(model_status.enabled, bool) else None
     merged = model_status.merged_adapters if isinstance(model_status.merged_adapters, list) else []
     return AdapterStatus(model_type, tuple(infos), enabled, tuple(merged), trainable, total, layer_rows)
+
+
+def _prompt_status(peft_model: nn.Module, model_type: str | None) -> AdapterStatus:
+    """Status of a prompt/prefix-tuning model: its virtual tokens, counted as PEFT counts them."""
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    active = set(active_names(peft_model))
+    infos = tuple(
+        AdapterInfo(
+            name=name,
+            active=name in active,
+            r=None,
+            alpha=None,
+            variant=method_of(cfg),
+            modules=0,
+            params=int(trainable) if name in active else 0,
+            targets=(f"{cfg.num_virtual_tokens} virtual tokens",),
+        )
+        for name, cfg in peft_model.peft_config.items()
+    )
+    return AdapterStatus(model_type, infos, None, (), int(trainable), int(total))

@@ -45,6 +45,7 @@ from .peft_facts import (
     is_lora_layer,
     is_quantized,
     lora_update,
+    method_of,
     restore_grad_flags,
     retire_wrapper,
 )
@@ -358,6 +359,7 @@ def merge(model: nn.Module, name: str | None = None, *, dequantize: bool = False
     if name is not None:
         require_adapter(peft_model, name)
     names = [name] if name is not None else active_names(peft_model)
+    _check_mergeable(peft_model, names[0])
     if is_quantized(peft_model):
         if not dequantize:
             raise UsageError(_quantized_merge_advice(peft_model))
@@ -392,10 +394,22 @@ def merge(model: nn.Module, name: str | None = None, *, dequantize: bool = False
     return merged
 
 
+def _check_mergeable(peft_model: nn.Module, name: str) -> None:
+    """Prompt and prefix tuning add virtual tokens: there are no weights to merge them into."""
+    config = peft_model.peft_config.get(name)
+    if getattr(config, "is_prompt_learning", False):
+        what = method_of(config).replace("_", " ")
+        raise UsageError(
+            f"{what[0].upper()}{what[1:]} adds virtual tokens; there are no weights to merge into — save the "
+            "adapter (jupyter_lora.save) or keep it loaded."
+        )
+
+
 def save_merged(peft_model: nn.Module, name: str, directory: Path) -> None:
     """Write the model with adapter ``name`` merged into ``directory`` (transformers format), then take the merge out
     again exactly (``Folds``), leaving the adapted model as it was. A 4/8-bit base is dequantised to bf16 for this
     (after a disk-space check)."""
+    _check_mergeable(peft_model, name)
     quantized = is_quantized(peft_model)
     if quantized:
         need = _dequantized_bytes(peft_model)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..modelinfo import is_peft_model, param_count
+from ..modelinfo import base_model_of, is_peft_model, param_count
 
 __all__ = [
     "LoraUpdate",
@@ -31,9 +31,11 @@ __all__ = [
     "holds_adapter",
     "is_lora_layer",
     "is_modules_to_save_wrapper",
+    "is_prompt_learning",
     "is_quantized",
     "is_tuner_layer",
     "lora_update",
+    "method_of",
     "parameter_counts",
     "register_wrapper",
     "registered_wrapper",
@@ -192,9 +194,23 @@ def lora_update(layer: nn.Module, name: str) -> LoraUpdate | None:
     return LoraUpdate(weight, a, b, float(layer.scaling[name]), transposed)
 
 
+def is_prompt_learning(peft_model: nn.Module) -> bool:
+    """Whether the active adapter of a PeftModel is prompt learning (prompt, prefix or p-tuning): virtual tokens
+    before the input, no weights of the base to change or merge into."""
+    config = peft_model.peft_config.get(active_names(peft_model)[0])
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def method_of(config: object) -> str:
+    """The PEFT method a config describes, as the sweep's ``method`` names it (lora, ia3, loha, lokr,
+    prompt_tuning, prefix_tuning, ...)."""
+    peft_type = getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type) or "lora").lower()
+
+
 def active_names(peft_model: nn.Module) -> list[str]:
     """The names of the active adapters of a PeftModel."""
-    active = peft_model.base_model.active_adapter
+    active = peft_model.active_adapter  # PEFT's own property: also for prompt learning (no tuner model)
     return [active] if isinstance(active, str) else list(active)
 
 
@@ -219,7 +235,7 @@ def is_quantized(model: nn.Module) -> bool:
 def register_wrapper(peft_model: nn.Module) -> None:
     """Remember that ``peft_model`` wraps its base, so that the base passed again finds this wrapper. A wrapper
     registered for the same base before becomes stale (see ``retire_wrapper``)."""
-    base = peft_model.base_model.model
+    base = base_model_of(peft_model)
     ref = _WRAPPERS.get(base)
     previous = ref() if ref is not None else None
     if previous is not None and previous is not peft_model:
@@ -255,7 +271,7 @@ def registered_wrapper(model: nn.Module) -> nn.Module | None:
         return model
     ref = _WRAPPERS.get(model)
     wrapper = ref() if ref is not None else None
-    if wrapper is not None and wrapper.base_model.model is model:
+    if wrapper is not None and base_model_of(wrapper) is model:
         return wrapper
     return None
 

@@ -41,6 +41,7 @@ __all__ = [
     "prepare_for",
     "preprocessor_for",
     "resume",
+    "start_prepared",
     "task_of",
     "train",
 ]
@@ -279,6 +280,41 @@ def train(
     run.trainer_args, run.callbacks = trainer_args, list(callbacks or ())
     started = launch(run, background, run.trainer_args, run.callbacks)
     _name_classes(peft_model, prepared.label_names)
+    return started
+
+
+def start_prepared(
+    model: nn.Module,
+    prepared: Any,
+    config: TrainConfig,
+    tokenizer: Any,
+    output_dir: Path,
+    *,
+    observers: Any = (),
+    background: bool = True,
+    trainer_args: dict | None = None,
+    callbacks: list | None = None,
+    resume_from: Path | None = None,
+) -> TrainingRun:
+    """Start a run of ``model`` as it is — a PeftModel of any PEFT method, or a plain model whose trainable
+    parameters are set (full fine-tuning, a task head) — on data already prepared (``prepare_for``), with checked
+    settings; ``resume_from``: a checkpoint of this run to continue from (not checked here). The engine under
+    ``train`` and ``resume``, for callers that prepare once and train several models (a sweep)."""
+    _not_training(base_model_of(model), "training again")
+    check_eval(config, prepared)
+    run = TrainingRun(model, prepared, config, tokenizer, _observer_list(observers), Path(output_dir),
+                      resume_from=resume_from)  # fmt: skip
+    run.trainer_args, run.callbacks = _trainer_args(trainer_args), list(callbacks or ())
+    if resume_from is not None:
+        from .checkpoints import read_state
+
+        state = read_state(Path(resume_from))
+        run.resume_step = int(state.get("global_step", 0))
+        run.history, run.evals = history_of(state)
+        if run.evals:
+            run.best_eval_loss = min(e["eval_loss"] for e in run.evals)
+    started = launch(run, background, run.trainer_args, run.callbacks)
+    _name_classes(model, prepared.label_names)
     return started
 
 

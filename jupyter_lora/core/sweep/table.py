@@ -1,0 +1,109 @@
+"""``SweepTable``: one row per planned run, as data (``rows``), pandas (``to_pandas``), HTML and text."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ..units import fmt_bytes
+
+__all__ = ["COLUMNS", "SweepTable"]
+
+# row keys, in display order (the settings that vary come after `method`)
+COLUMNS = ("run", "method", "trainable_params", "total_params", "adapter_bytes", "eval_loss", "accuracy",
+           "train_loss", "time_s", "tokens_per_s", "peak_memory", "memory_source", "status")  # fmt: skip
+
+
+def _better(metric: str) -> int:
+    """-1 when lower is better (losses), +1 otherwise."""
+    return -1 if "loss" in metric else 1
+
+
+class SweepTable:
+    """The result of a sweep. ``rows``: dicts with ``COLUMNS`` and the varying settings (``varying``); ``best``:
+    the finished row with the best ``metric`` (lower is better for a loss, higher otherwise)."""
+
+    def __init__(self, rows: Sequence[dict], varying: Sequence[str] = (), metric: str = "eval_loss"):
+        self.rows = [dict(r) for r in rows]
+        self.varying = tuple(v for v in varying if v != "method")
+        self.metric = metric
+
+    def best_by(self, metric: str | None = None) -> dict | None:
+        metric = metric or self.metric
+        scored = [r for r in self.rows if r.get("status") == "finished" and _number(r.get(metric))]
+        if not scored and metric == "eval_loss":  # no evaluation data: the last training loss judges
+            return self.best_by("train_loss")
+        if not scored:
+            return None
+        sign = _better(metric)
+        return max(scored, key=lambda r: sign * r[metric])
+
+    @property
+    def best(self) -> dict | None:
+        """The best finished row by ``metric`` (None when no run finished with it)."""
+        return self.best_by()
+
+    def columns(self) -> list[str]:
+        return ["run", "method", *self.varying, *COLUMNS[2:]]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame of the rows (the plain rows when pandas is not installed)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            return self.rows
+        return pd.DataFrame([{c: r.get(c) for c in self.columns()} for r in self.rows]).set_index("run")
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        headers = ["run", "method", *self.varying, "trainable", "size", "eval loss", "accuracy", "time",
+                   "tokens/s", "peak memory", "status"]  # fmt: skip
+        best = self.best
+        body = []
+        for r in self.rows:
+            memory = (
+                ""
+                if r.get("peak_memory") is None
+                else f"{fmt_bytes(r['peak_memory'])} ({r['memory_source']})"
+            )
+            body.append([
+                ("★ " if best is not None and r is best else "") + str(r["run"]), str(r["method"]),
+                *(_show(r.get(k)) for k in self.varying),
+                "" if r.get("trainable_params") is None else f"{r['trainable_params']:,}",
+                "" if r.get("adapter_bytes") is None else fmt_bytes(r["adapter_bytes"]),
+                _num(r.get("eval_loss")), _num(r.get("accuracy")),
+                "" if r.get("time_s") is None else f"{r['time_s']:.1f}s",
+                "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}", memory, str(r.get("status")),
+            ])  # fmt: skip
+        return headers, body
+
+    def __repr__(self) -> str:
+        headers, body = self._cells()
+        widths = [
+            max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(headers)
+        ]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+        return "\n".join(line.rstrip() for line in lines)
+
+    def _repr_html_(self) -> str:
+        headers, body = self._cells()
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        note = f"<caption>best by {html.escape(self.metric)} ★</caption>"
+        return f"<table class='jl-sweep'>{note}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if _number(value) else ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
