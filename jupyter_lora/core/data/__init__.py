@@ -279,14 +279,9 @@ def _prepare_media(data: Any, processor: Any, **kwargs: Any) -> PreparedData:
         from .media import prepare_media
 
         return prepare_media(data, processor, **kwargs)
-    if kwargs["task"] == "CAUSAL_LM":
-        from .vision_chat import prepare_vision_chat
+    from .vision_chat import prepare_vision_chat  # a causal LM with an image processor: chat with images
 
-        return prepare_vision_chat(data, processor, text=prepare_data, **kwargs)
-    raise UsageError(
-        f"Training on images or audio (task {kwargs['task']}) is not available in this version: train on text, "
-        "or upgrade jupyter-lora."
-    )
+    return prepare_vision_chat(data, processor, text=prepare_data, **kwargs)
 
 
 def _data_task(task: Any) -> str:

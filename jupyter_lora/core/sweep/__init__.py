@@ -461,8 +461,9 @@ def sweep(
                 f"run {p.name}: `quant: 4bit` trains LoRA on a 4-bit base; use it with method lora."
             )
         if p.settings.get("quant"):
-            raise UsageError(f"run {p.name}: `quant: 4bit` in a sweep is not available yet; load a 4-bit base with "
-                             "%lora base VAR ID --4bit and sweep that model.")  # fmt: skip
+            raise UsageError(f"run {p.name}: `quant: 4bit` cannot vary within a sweep, whose runs all start from "
+                             "the one base in memory; load a 4-bit base (%lora base VAR ID --4bit) and sweep that "
+                             "model beside a sweep of the full-precision one.")  # fmt: skip
     from ..data.processors import CLASSIFY_TASKS
     from ..train import make_train_config, task_of
 
