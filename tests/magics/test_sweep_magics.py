@@ -27,6 +27,7 @@ def test_parse_sweep_body():
     assert isinstance(cmd, p.SweepCommand) and cmd.model == "model"
     assert cmd.grid == {"r": [4, 8], "method": ["lora", "full"]}
     assert cmd.settings == {"data": "texts", "keep": "none", "lr": 1e-3}
+    assert p.parse("sweep model", "data: texts\nprogress: text").settings["progress"] == "text"
     with pytest.raises(jl.UsageError, match=r"(?i)did you mean `steps`"):
         p.parse("sweep model", "data: texts\nstepz: 3")
     assert "%%lora sweep MODEL" in p.USAGE and "num_virtual_tokens" in p.USAGE
