@@ -299,24 +299,42 @@ class LoraMagics(_SettingDefaults):
         data = objects.pop("data")
         return self._start(lambda m, **kw: jl.train(m, data, **kw), model, objects, settings, mode)
 
-    def _do_sweepcommand(self, command: p.SweepCommand) -> Any:
-        from .. import api as jl
-        from ..core.sweep import text_observer
+    def _sweep_observers(self, variable: str, mode: str | None, holder: dict[str, Any]) -> list:
+        """The leaderboard (widget or text, as ``progress`` says) and the observer that makes ``variable`` hold
+        what the sweep kept (a PeftModel or the base) when it ends."""
+        from jupyter_lora.widgets.sweep import sweep_observer
 
-        model = self._get_model(command.model)
-        objects, settings = self._train_inputs(dict(command.settings), model, "sweep")
-        settings.pop("progress", None)
-        data = objects.pop("data")
-        variable = command.model
+        board = sweep_observer(stop=lambda: holder["sweep"].stop(wait=False),
+                               mode=validate_one("progress", mode or self.progress),
+                               resume_hint=f"`%lora resume {variable}`")  # fmt: skip
 
-        def rebind(event: Any) -> None:  # the variable holds what the sweep kept (a PeftModel or the base)
+        def rebind(event: Any) -> None:
             if event.kind == "sweep_end":
                 self._set(variable, holder["sweep"].model)
 
+        return [board, rebind]
+
+    def _show_sweep(self, start: Any, variable: str, mode: str | None) -> Any:
+        """Start a sweep with the leaderboard, then show it (a refused start shows its error and nothing else);
+        ``jupyter_lora.last_sweep(model)`` is the ``Sweep``."""
         holder: dict[str, Any] = {}
-        holder["sweep"] = jl.sweep(model, data, command.grid, command.runs, observers=[text_observer(), rebind],
-                                   background=True, **objects, **settings)  # fmt: skip
-        return holder["sweep"]
+        board, rebind = self._sweep_observers(variable, mode, holder)
+        holder["sweep"] = start([board, rebind])
+        board.show()
+        return None
+
+    def _do_sweepcommand(self, command: p.SweepCommand) -> Any:
+        from .. import api as jl
+
+        model = self._get_model(command.model)
+        objects, settings = self._train_inputs(dict(command.settings), model, "sweep")
+        mode = settings.pop("progress", None)
+        data = objects.pop("data")
+        return self._show_sweep(
+            lambda observers: jl.sweep(model, data, command.grid, command.runs, observers=observers,
+                                       background=True, **objects, **settings),
+            command.model, mode,
+        )  # fmt: skip
 
     def _do_resume(self, command: p.Resume) -> Any:
         from .. import api as jl
@@ -324,10 +342,11 @@ class LoraMagics(_SettingDefaults):
         model = self._get_model(command.model)
         last = jl.last_sweep(model)
         if command.checkpoint is None and last is not None and last.state == "stopped":
-            objects, _ = self._train_inputs(dict(command.settings), model)
-            from ..core.sweep import text_observer
-
-            return jl.resume_sweep(model, observers=[text_observer()], background=True, **objects)
+            objects, settings = self._train_inputs(dict(command.settings), model)
+            return self._show_sweep(
+                lambda observers: jl.resume_sweep(model, observers=observers, background=True, **objects),
+                command.model, settings.pop("progress", None),
+            )  # fmt: skip
         objects, settings = self._train_inputs(dict(command.settings), model)
         mode = settings.pop("progress", None)
         return self._start(

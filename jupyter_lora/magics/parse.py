@@ -824,7 +824,7 @@ def _parse_sweep(head: str, rest: list[str], cell: str | None) -> SweepCommand:
         raise UsageError("%%lora sweep: the cell body must be `key: value` lines, e.g. `grid: {r: [4, 8]}`.")
     grid, runs = body.pop("grid", None), body.pop("runs", None)
     objects = tuple(k for k in keys("train") if SETTINGS[k].kind == "object")
-    allowed = (*sweep_keys(), *objects, "keep", "output_dir")
+    allowed = (*sweep_keys(), *objects, "keep", "output_dir", "progress")  # progress: how the board shows
     settings = canonical(body, allowed, "%%lora sweep setting")
     if "data" not in settings:
         raise UsageError(

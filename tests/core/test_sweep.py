@@ -145,6 +145,18 @@ def test_keep_best_all_and_the_head_method(tmp_path):
     assert not torch.equal(model2.classifier.weight, tiny_model("bert").classifier.weight)
 
 
+def test_prompt_tuning_of_a_classifier_gives_its_head_back(tmp_path):
+    # PEFT wraps a classifier's head for prompt tuning on the base itself: the next run starts from the plain head
+    model = tiny_model("bert")
+    before = _state(model)
+    data = [{"text": "good " * 3, "label": 1}, {"text": "bad " * 3, "label": 0}] * 12
+    sw = jl.sweep(model, data, runs=[{"method": "prompt_tuning"}, {"method": "ia3"}], tokenizer=tiny_tokenizer(),
+                  keep="none", output_dir=tmp_path / "s", background=False, steps=2, batch=8, eval=8, seq=32,
+                  num_virtual_tokens=4)  # fmt: skip
+    assert sw.state == "finished" and [r["status"] for r in sw.table.rows] == ["finished"] * 2
+    assert type(model.classifier).__name__ == "Linear" and _same(before, _state(model))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

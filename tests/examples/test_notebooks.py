@@ -71,23 +71,35 @@ def _no_errors(nb) -> None:
 
 @pytest.mark.slow
 def test_lora_vs_full_notebook(tmp_path):
+    import re
+
     nb = _run("02_lora_vs_full.ipynb", tmp_path)
     _no_errors(nb)
     text = _all_text(nb)
-    rows = {}
-    for line in text.splitlines():
-        parts = line.rsplit(None, 3)
-        if len(parts) == 4 and parts[0].strip() in ("full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16",
-                                                    "head only (frozen backbone)"):  # fmt: skip
-            rows[parts[0].strip()] = (float(parts[1]), float(parts[2]), int(parts[3].replace(",", "")))
-    assert len(rows) == 5, text[-2000:]
+    # the table printed from the sweep's rows: method, accuracy, seconds, trainable parameters, status
+    found = re.findall(r"^(.+?)\s+(\d\.\d{3})\s+(\d+\.\d)\s+([\d,]+)  (\S.*)$", text, re.M)
+    rows = {
+        name.strip(): (float(acc), float(took), int(n.replace(",", "")), status)
+        for name, acc, took, n, status in found
+    }
+    methods = ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "head only (frozen backbone)",
+               "prompt tuning (8 virtual tokens)", "IA3 (query, value + head)"]  # fmt: skip
+    assert sorted(rows) == sorted(methods), text[-3000:]
+    assert all(row[3] == "finished" and row[1] > 0 for row in rows.values()), rows
     assert rows["full fine-tuning"][2] == 22_713_986
     assert rows["LoRA r=4"][2] < rows["LoRA r=8"][2] < rows["LoRA r=16"][2] < 200_000
+    assert rows["IA3 (query, value + head)"][2] < rows["LoRA r=4"][2]
+    assert rows["prompt tuning (8 virtual tokens)"][2] < rows["LoRA r=4"][2]
     assert rows["full fine-tuning"][0] > 0.9 and rows["LoRA r=16"][0] > 0.75
     assert rows["head only (frozen backbone)"][0] < rows["LoRA r=16"][0]
-    assert any(
-        "application/vnd.plotly.v1+json" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])
-    )
+    # the sweep's own table (HTML, best run starred) and the leaderboard widget were shown
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    htmls = [o.get("data", {}).get("text/html", "") for o in outputs]
+    assert any("jl-sweep" in h and "★" in h for h in htmls)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
+    # keep: best leaves the most accurate run in the model; each run's result was saved under the notebook
+    assert len(list((tmp_path / "runs" / "lora_vs_full").glob("*/adapter"))) == 7
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ def test_parse_sweep_body():
     assert isinstance(cmd, p.SweepCommand) and cmd.model == "model"
     assert cmd.grid == {"r": [4, 8], "method": ["lora", "full"]}
     assert cmd.settings == {"data": "texts", "keep": "none", "lr": 1e-3}
+    assert p.parse("sweep model", "data: texts\nprogress: text").settings["progress"] == "text"
     with pytest.raises(jl.UsageError, match=r"(?i)did you mean `steps`"):
         p.parse("sweep model", "data: texts\nstepz: 3")
     assert "%%lora sweep MODEL" in p.USAGE and "num_virtual_tokens" in p.USAGE
@@ -34,10 +35,13 @@ def test_parse_sweep_body():
 
 def test_sweep_cell_runs_in_the_background_and_rebinds_the_model(ip, tmp_path, capsys):
     _cell(ip, SETUP)
-    sw = _cell(ip, f"%%lora sweep model\ndata: texts\ntokenizer: tok\ngrid: {{r: [4, 8]}}\nkeep: best\nsteps: 2\n"
+    shown = _cell(ip, f"%%lora sweep model\ndata: texts\ntokenizer: tok\ngrid: {{r: [4, 8]}}\nkeep: best\nsteps: 2\n"
                    f"eval: 8\neval_every: 1\nseq: 32\nlr: 3e-3\nbatch: 4\noutput_dir: {tmp_path / 's'}")  # fmt: skip
+    assert shown is None  # the cell shows the leaderboard (text here: no kernel); the Sweep is last_sweep's
+    sw = jl.last_sweep(ip.user_ns["model"])
     sw.wait(120)
     out = capsys.readouterr().out
+    assert "[1] 01-lora-r_4: running (lora)" in out
     assert "[1] 01-lora-r_4: finished" in out and "[2] 02-lora-r_8: finished" in out
     held = ip.user_ns["model"]
     assert held is sw.model and jl.status(held).active == (sw.best["run"],)

@@ -145,6 +145,7 @@ def unwrap(model: nn.Module, snapshot: BaseSnapshot) -> nn.Module:
             # PEFT put its own generation hook on the base instance: take it off
             for attr in ("prepare_inputs_for_generation", "peft_config", "_hf_peft_config_loaded"):
                 base.__dict__.pop(attr, None)
+            _original_heads_back(base)
         else:
             with contextlib.suppress(Exception):
                 base = unload_clean(model)
@@ -157,6 +158,17 @@ def unwrap(model: nn.Module, snapshot: BaseSnapshot) -> nn.Module:
         targets.invalidate(base)
     snapshot.restore()
     return base
+
+
+def _original_heads_back(base: nn.Module) -> None:
+    """Put back the task heads PEFT wrapped for a prompt-learning run of a classifier (its trained copy of the
+    head sits in a ``ModulesToSaveWrapper`` on the base itself, which has no tuner to unload it)."""
+    from ..adapters.peft_facts import is_modules_to_save_wrapper
+
+    for path, module in list(base.named_modules()):
+        if is_modules_to_save_wrapper(module):
+            parent_path, _, child = path.rpartition(".")
+            setattr(base.get_submodule(parent_path), child, module.original_module)
 
 
 def counts(model: nn.Module) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from . import frontend
 from .history import thin
 from .observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
 
-__all__ = ["ProgressWidget", "widgets_available"]
+__all__ = ["ProgressWidget", "array_maker", "sync_figure_state", "widgets_available"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,7 +35,7 @@ def widgets_available() -> bool:
     return True
 
 
-def _array_maker() -> Callable[[list], Any]:
+def array_maker() -> Callable[[list], Any]:
     """float64 arrays when numpy is there: plotly validates and sends them as one binary buffer (about 30× faster
     per redraw than lists, which it walks element by element); None becomes NaN, a gap. Lists without numpy."""
     try:
@@ -89,7 +89,7 @@ def _in_gib(values: Any) -> Any:
     return values / _GIB if hasattr(values, "dtype") else [v / _GIB for v in values]
 
 
-def _sync_figure_state(figure: Any, *, layout: bool) -> None:
+def sync_figure_state(figure: Any, *, layout: bool) -> None:
     """Make ``figure``'s synced state hold its current data (and layout).
 
     A FigureWidget sends each later change as a one-off message that only views already drawn apply; a view drawn
@@ -148,7 +148,7 @@ class ProgressWidget(ThrottledObserver):
 
         from .fit import ChartFit
 
-        self._array = _array_maker()
+        self._array = array_maker()
         self.header = widgets.HTML()
         self.bar = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="60%"))
         self.stop_button = widgets.Button(
@@ -379,7 +379,7 @@ class ProgressWidget(ThrottledObserver):
                 lr.x, lr.y = arr(thin(h.lr_steps, stride)), arr(thin(h.lr, stride))
             if "resumed" in changed:
                 self._mark_resume(h.resumed_at)
-        _sync_figure_state(self.figure, layout=bool(changed & {"resumed", "panel", "accuracy"}))
+        sync_figure_state(self.figure, layout=bool(changed & {"resumed", "panel", "accuracy"}))
         self._drawn.update(drawn)
 
     def _show_memory_panel(self, capacity: int | None) -> None:
