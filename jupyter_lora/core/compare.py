@@ -214,7 +214,9 @@ def _compare_media(model, value, tokenizer, processor, task, max_new_tokens) -> 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
     processor = pick_preprocessor(model, task, tokenizer, processor)
-    inputs, described = media_inputs(value, processor, task, what="prompt")
+    from .modelinfo import base_model_of
+
+    inputs, described = media_inputs(value, processor, task, what="prompt", model=base_model_of(model))
     inputs = {k: v.to(input_device(model)) for k, v in inputs.items()}
     name = active_names(model)[0]
     modes = [(m, m.training) for m in model.modules()]
