@@ -346,16 +346,17 @@ def resume(
     are reused unless given; ``overrides`` may change e.g. ``steps`` (to extend a finished run). The checkpoint is
     checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
     require_module(model)
-    if (
-        wrapper_for(model) is None
-        and checkpoint is not None
-        and (Path(checkpoint) / "adapter_config.json").exists()
-    ):
-        raise UsageError(
-            f"This model holds no adapter yet; the checkpoint's adapter comes first: %lora load model {checkpoint} "
-            "(jupyter_lora.load), then resume with the run's data: a %%lora resume cell with `data: VAR` "
-            "(resume(model, checkpoint, data=...))."
-        )
+    if wrapper_for(model) is None and checkpoint is not None:
+        # a run's directory stands for its latest checkpoint, as check_checkpoint reads it
+        held = Path(checkpoint)
+        if not (held / "adapter_config.json").exists():
+            held = latest_checkpoint(held) or held
+        if (held / "adapter_config.json").exists():
+            raise UsageError(
+                f"This model holds no adapter yet; the checkpoint's adapter comes first: %lora load model {held} "
+                "(jupyter_lora.load), then resume with the run's data: a %%lora resume cell with `data: VAR` "
+                f"(resume(model, {str(held)!r}, data=...))."
+            )
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
     _not_training(base, "resuming")
