@@ -169,3 +169,32 @@ def test_a_feature_extractor_for_another_mel_count_is_refused_up_front(tmp_path)
             jl.inject(whisper(), r=4),
             processor=T.WhisperProcessor(feature_extractor=long, tokenizer=whisper_processor().tokenizer),
         ).transcribe(tone(220.0))
+
+
+def test_whisper_transcripts_print_no_generation_notices():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # notices logged once per process show again
+    model = jl.inject(whisper(), r=4)
+    seen: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    hf_logger, level = logging.getLogger("transformers"), hf_logging.get_verbosity()
+    hf_logger.addHandler(handler)
+    hf_logging.set_verbosity_warning()  # transformers' default (another test may have quietened it)
+    try:
+        comparison = jl.compare(model, tone(220.0), processor=whisper_processor(), max_new_tokens=8)
+        jl.compare(model, tone(220.0), processor=whisper_processor(), max_new_tokens=8)
+        transcription = Conversation(model, processor=whisper_processor(), max_new_tokens=5).transcribe(
+            tone(220.0)
+        )
+    finally:
+        hf_logger.removeHandler(handler)
+        hf_logging.set_verbosity(level)
+    warned = [m for m in seen if "max_length" in m or "generation_config" in m]
+    assert not warned, warned
+    tokenizer = whisper_processor().tokenizer
+    assert len(tokenizer(comparison.adapter, add_special_tokens=False)["input_ids"]) <= 8
+    assert all(text is not None for text in transcription.texts.values())
