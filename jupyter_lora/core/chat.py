@@ -610,7 +610,9 @@ class Conversation:
                 f"This model ({type(base_model_of(self.model)).__name__}) reads {_READS[self.media]}, not text: "
                 f"give {_GIVE[self.media]}; got {x[:60]!r}."
             )
-        inputs, described = media_inputs(x, self.processor, self.task, what="input")
+        inputs, described = media_inputs(
+            x, self.processor, self.task, what="input", model=base_model_of(self.model)
+        )
         device = input_device(self.model)
         return {k: v.to(device) for k, v in inputs.items()}, described
 

@@ -6,6 +6,8 @@ record takes), giving class probabilities, or a transcript for speech recognitio
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,7 +216,9 @@ def _compare_media(model, value, tokenizer, processor, task, max_new_tokens) -> 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise UsageError(f"`max_new_tokens` must be a positive whole number, got {max_new_tokens!r}.")
     processor = pick_preprocessor(model, task, tokenizer, processor)
-    inputs, described = media_inputs(value, processor, task, what="prompt")
+    from .modelinfo import base_model_of
+
+    inputs, described = media_inputs(value, processor, task, what="prompt", model=base_model_of(model))
     inputs = {k: v.to(input_device(model)) for k, v in inputs.items()}
     name = active_names(model)[0]
     modes = [(m, m.training) for m in model.modules()]
@@ -244,7 +248,58 @@ def transcript(model: nn.Module, tokenizer: Any, inputs: dict, max_new_tokens: i
             limit = getattr(config, "max_target_positions", None)
             if isinstance(limit, int) and limit > 4:
                 max_new_tokens = min(max_new_tokens, limit - 4)
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)[0]
+            with _whisper_notice_dropped(model):
+                ids = model.generate(**inputs, **_generation_kwargs(model, max_new_tokens))[0]
         else:
             ids = model(**inputs).logits.argmax(-1)[0]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _WhisperOwnNotice(logging.Filter):
+    """Drops the one notice transformers' Whisper ``generate`` logs about its own call: it hands its inner
+    ``generate`` both a ``generation_config`` and ``suppress_tokens`` / ``begin_suppress_tokens`` whatever the
+    caller passes, so no argument here avoids it. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Passing `generation_config` together with") and "suppress_tokens" in message
+        )
+
+
+def _generation_kwargs(model: nn.Module, max_new_tokens: int) -> dict[str, Any]:
+    """``generate``'s arguments for a greedy transcript of at most ``max_new_tokens`` tokens, in the form the model's
+    own ``generate`` reads without complaint: a ``GenerationConfig`` (the model's, with the length and greedy
+    decoding set). Whisper's ``generate`` prepares the config twice, so ``max_new_tokens`` there meets the default
+    ``max_length`` it filled in itself; its own ``max_length`` means tokens after the start tokens, which is what
+    is given to it."""
+    from transformers import GenerationConfig
+
+    from .modelinfo import base_model_of
+
+    base = base_model_of(model)
+    own = getattr(base, "generation_config", None)
+    config = GenerationConfig.from_dict(own.to_dict()) if own is not None else GenerationConfig()
+    config.do_sample = False
+    if hasattr(base, "generate_with_fallback"):  # Whisper's generate
+        config.max_length, config.max_new_tokens = max_new_tokens, None
+    else:
+        config.max_new_tokens = max_new_tokens
+    return {"generation_config": config}
+
+
+@contextlib.contextmanager
+def _whisper_notice_dropped(model: nn.Module):
+    """While Whisper generates: ``_WhisperOwnNotice`` on transformers' generation logger (nothing else is
+    filtered, and nothing for other models)."""
+    from .modelinfo import base_model_of
+
+    if not hasattr(base_model_of(model), "generate_with_fallback"):
+        yield
+        return
+    logger, notice = logging.getLogger("transformers.generation.utils"), _WhisperOwnNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)

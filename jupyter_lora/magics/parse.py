@@ -114,7 +114,8 @@ USAGE = f"""\
                                              best|none|all, and any setting above shared by every run, plus
 {settings_help("sweep")}
 %lora stop [MODEL]                           finish the current step, checkpoint, free memory
-%lora resume MODEL [CHECKPOINT]              continue from the last (or given) checkpoint
+%lora resume MODEL [CHECKPOINT] [k=v ...]    continue from the last (or given) checkpoint; k=v: settings to change
+                                             (e.g. steps=60 to extend a finished run)
 %lora runs [MODEL|DIR]                       the runs and checkpoints on disk (step, losses, time, size) with the
                                              code that resumes from or loads each; MODEL: where its runs went,
                                              DIR: that directory, nothing: lora_runs/ and this session's runs
@@ -792,11 +793,14 @@ def _parse_stop(head: str, rest: list[str], cell: str | None) -> Stop:
 
 
 def _parse_resume(head: str, rest: list[str], cell: str | None) -> Resume:
+    rest, line = _line_settings(rest, "%lora resume")
     p = _parser(head)
     p.add_argument("model")
     p.add_argument("checkpoint", nargs="?")
     args = p.parse_args(rest)
-    return Resume(_identifier(args.model), args.checkpoint, _yaml(cell, "train"))
+    settings = _yaml(cell, "train")
+    settings.update(_settings(line, "train", "%lora resume", "this line"))  # the line's settings win
+    return Resume(_identifier(args.model), args.checkpoint, settings)
 
 
 def _parse_runs(head: str, rest: list[str], cell: str | None) -> Runs:

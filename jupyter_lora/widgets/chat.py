@@ -36,6 +36,9 @@ _SLIDERS = ("temperature", "top_p", "max_new_tokens")  # the chat settings shown
 _ADAPTER_WORDS = {"on": "adapter on", "off": "adapter off", "side_by_side": "side by side"}
 _MIN_INTERVAL = 0.1  # seconds between two redraws of a streaming reply
 _SLIDER_MIN_WIDTH = "320px"  # a slider's label, track and readout whole
+_SUBMIT_WINDOW = (
+    1.0  # seconds: a button press this soon after the path box ran the model on the same path is that
+)
 _CSS = """<style>
 .jl-chat-cols{display:flex;gap:10px;align-items:flex-start}
 .jl-chat-col{flex:1;min-width:0;border:1px solid var(--jp-border-color2,#ddd);border-radius:4px;padding:4px 6px}
@@ -377,20 +380,44 @@ class _MediaInput:
             accept=f"{media}/*", multiple=False, description=f"Upload {media}", layout=w.Layout(width="auto")
         )
         self.upload.add_class("jl-media-upload")
+        # continuous_update=False: the value reaches the kernel on Enter (or when the box loses focus), which runs
+        # the model on the path (ipywidgets 8's way to submit a Text; on_submit is deprecated there)
         self.path = w.Text(
             placeholder=f"or the path of {'an image' if media == 'image' else 'a sound'} file",
+            continuous_update=False,
             layout=w.Layout(width="320px"),
         )
         self.path.add_class("jl-media-path")
         self.preview = w.VBox()
         self.preview.add_class("jl-media-preview")
+        self._submitted: tuple[str, float] | None = None
         self.upload.observe(self._on_upload, names="value")
+        self.path.observe(self._on_path, names="value")
+        button.on_click(lambda _: self._on_button())
         return _wrapping([self.upload, self.path, button])
 
     def _on_upload(self, change: dict) -> None:
         if change["new"]:
             self.path.value = ""
             self.run()
+
+    def _on_path(self, change: dict) -> None:
+        path = str(change["new"]).strip()
+        if path:
+            self._submitted = (path, time.monotonic())
+            self.run()
+
+    def _on_button(self) -> None:
+        # Typing a path then pressing the button sends the path first (the box loses focus): it has run already.
+        submitted, self._submitted = self._submitted, None
+        just_run = submitted is not None and time.monotonic() - submitted[1] < _SUBMIT_WINDOW
+        if just_run and submitted[0] == self.path.value.strip():
+            return
+        self.run()
+
+    def _clear_shown(self) -> None:
+        """After a refusal: the preview and results shown were the previous input's; they go."""
+        self.preview.children = ()
 
     def run(self, x: Any = None) -> Any:  # pragma: no cover - each widget's own
         raise NotImplementedError
@@ -402,7 +429,9 @@ class _MediaInput:
             return path, path
         if self.upload.value:
             upload = self.upload.value[-1]
-            return bytes(upload["content"]), str(upload["name"])
+            name = str(upload["name"])
+            # a datasets-style dict: the bytes, and the file's name for what is said about them
+            return {"bytes": bytes(upload["content"]), "path": name}, name
         media = self.conversation.media
         raise UsageError(
             f"Upload {'an image' if media == 'image' else 'a sound file'} or type the path of one, then press "
@@ -492,7 +521,6 @@ class ClassifierWidget(_MediaInput, _ModelView):
         self.result: Any = None
         self.classify_button = w.Button(description="Classify", button_style="primary", icon="tags")
         self.classify_button.add_class("jl-cls-classify")
-        self.classify_button.on_click(lambda _: self.classify())
         self.table = w.HTML()
         self.table.add_class("jl-cls-table")
         if conversation.media is None:
@@ -500,6 +528,7 @@ class ClassifierWidget(_MediaInput, _ModelView):
                 placeholder="Text to classify", layout=w.Layout(width="100%", height="60px")
             )
             self.text.add_class("jl-cls-input")
+            self.classify_button.on_click(lambda _: self.classify())
             inputs: list[w.Widget] = [self.text, self.classify_button]
         else:
             inputs = [self._media_row(self.classify_button), self.preview]
@@ -526,6 +555,10 @@ class ClassifierWidget(_MediaInput, _ModelView):
             result = self.conversation.classify(x)
         except UsageError as exc:
             self._error(exc)
+            if self.conversation.media is not None:
+                self.result = None
+                self.table.value = ""
+                self._clear_shown()
             return None
         self.result = result
         if self.conversation.media is not None:
@@ -573,7 +606,6 @@ class TranscriptWidget(_MediaInput, _ModelView):
         self.max_new_tokens.observe(self._on_max_new_tokens, names="value")
         self.transcribe_button = w.Button(description="Transcribe", button_style="primary", icon="microphone")
         self.transcribe_button.add_class("jl-asr-transcribe")
-        self.transcribe_button.on_click(lambda _: self.transcribe())
         self.transcript = w.HTML()
         self.transcript.add_class("jl-asr-transcripts")
         self.box = w.VBox(
@@ -608,6 +640,7 @@ class TranscriptWidget(_MediaInput, _ModelView):
             result = self.conversation.transcribe(x)
         except UsageError as exc:
             self._error(exc)
+            self._clear_shown()  # the transcripts above stay: each names its own clip
             return None
         self.results.append((name or result.input, result))
         self._show_preview(x, name, result.input)

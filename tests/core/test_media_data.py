@@ -137,7 +137,7 @@ ERRORS = [
         "image",
         lambda tmp: [{"image": str(write_wav(tmp / "x.wav", tone(440.0))), "label": 0}, *shapes(3)],
         {},
-        r"`data\[0\]`: '.*x.wav' is not an image file",
+        r"`data\[0\]`: '.*x.wav' is a sound file \(WAV\), not an image",
     ),
     (
         "missing-image-file",

@@ -202,6 +202,10 @@ def test_resume_into_a_model_without_an_adapter_says_to_load_the_checkpoints_fir
         UsageError, match=r"holds no adapter yet; the checkpoint's adapter comes first: %lora load"
     ):
         jl.resume(bare, tmp_path / "checkpoint-2", data=TEXT)
+    # the run's directory stands for its latest checkpoint: the same advice, with that checkpoint's path
+    with pytest.raises(UsageError, match=r"holds no adapter yet; .*: %lora load model (\S+) ") as err:
+        jl.resume(bare, tmp_path, data=TEXT)
+    assert f"%lora load model {tmp_path / 'checkpoint-2'} " in str(err.value)
 
 
 def test_a_refusal_during_a_runs_start_does_not_read_step_0_of_0():

@@ -128,3 +128,23 @@ def test_a_refused_second_train_draws_nothing_but_its_error(ip, tmp_path, monkey
     finally:
         run.stop()
     assert run.state == "stopped"
+
+
+def test_resume_takes_settings_on_the_line():
+    command = p.parse("resume model runs/a/checkpoint-4 steps=30 lr=1e-4")
+    assert (command.model, command.checkpoint) == ("model", "runs/a/checkpoint-4")
+    assert command.settings == {"steps": 30, "lr": 1e-4}
+    assert p.parse("resume model steps=9", "steps: 5\nbatch: 2").settings == {"steps": 9, "batch": 2}
+    with pytest.raises(jl.UsageError, match=r"%lora resume: unknown setting `stpes`\. Did you mean `steps`"):
+        p.parse("resume model stpes=30")
+
+
+def test_resume_extends_a_finished_run_with_steps_on_the_line(ip, tmp_path):
+    _cell(ip, SETUP)
+    ip.run_line_magic("config", "LoraMagics.progress = 'text'")
+    _cell(ip, f"%%lora train model\ndata: texts\nsteps: 2\nbatch: 2\neval: 0\noutput_dir: {tmp_path}\n")
+    jl.last_run(ip.user_ns["model"]).wait(60)
+    _cell(ip, f"%lora resume model {tmp_path / 'checkpoint-2'} steps=4")
+    resumed = jl.last_run(ip.user_ns["model"])
+    resumed.wait(60)
+    assert resumed.state == "finished" and resumed.step == 4

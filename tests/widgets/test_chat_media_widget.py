@@ -142,7 +142,8 @@ def test_an_uploaded_clip_shows_its_length_and_the_probabilities(tmp_path):
     assert list(_shown_probs(widget)) == ["adapter", "base"]
 
     _upload(widget, "shape.png", "image/png", _png(shapes(1)[0]["image"]))
-    assert "needs the soundfile package" in widget.status.value or "cannot be read" in widget.status.value
+    assert "'shape.png' is an image (PNG), not audio" in widget.status.value, widget.status.value
+    assert widget.result is None and widget.table.value == "" and widget.preview.children == ()
 
 
 def test_speech_recognition_shows_each_clips_transcripts_side_by_side(tmp_path):
@@ -179,6 +180,53 @@ def test_speech_recognition_shows_each_clips_transcripts_side_by_side(tmp_path):
     _upload(widget, "shape.png", "image/png", _png(shapes(1)[0]["image"]))
     assert widget.status.value and len(widget.results) == 2
     assert_model_unchanged(before, model)
+
+
+def test_an_error_after_a_good_image_clears_what_was_shown_and_names_the_upload(tmp_path):
+    widget = jl.chat(_adapted(vit), processor=vit_processor())
+    good = _png(shapes(1)[0]["image"])
+    for name, bad, said in (
+        ("notes.png", b"just text, not an image", "'notes.png' is not an image file PIL can read"),
+        ("cut.png", good[: len(good) // 2], "'cut.png' cannot be"),
+        (
+            "beep.wav",
+            write_wav(tmp_path / "b.wav", tone(440.0)).read_bytes(),
+            "is a sound file (WAV), not an",
+        ),
+    ):
+        _upload(widget, "g16.png", "image/png", good)
+        assert widget.result is not None and "g16.png · image 16×16" in html.unescape(
+            widget.preview.children[-1].value
+        )
+        assert widget.table.value
+        _upload(widget, name, "image/png", bad)
+        assert said in widget.status.value, widget.status.value
+        assert "(bytes)" not in widget.status.value
+        assert widget.result is None and widget.table.value == "" and widget.preview.children == ()
+
+
+def test_enter_in_the_path_box_runs_the_model_once(tmp_path):
+    widget = jl.chat(_adapted(vit), processor=vit_processor())
+    assert widget.path.continuous_update is False  # the value arrives on Enter
+    image = tmp_path / "a.png"
+    image.write_bytes(_png(shapes(1)[0]["image"]))
+    calls = []
+    classify = widget.conversation.classify
+    widget.conversation.classify = lambda x: calls.append(x) or classify(x)
+    widget.path.value = str(image)  # what Enter sends
+    assert calls == [str(image)] and widget.result is not None
+    assert "a.png · image 16×16" in html.unescape(widget.preview.children[-1].value)
+    widget.classify_button.click()  # the press that made the box lose focus: already run
+    assert len(calls) == 1
+    widget.classify_button.click()  # a press of its own runs it again
+    assert len(calls) == 2
+
+    speech = jl.chat(_adapted(whisper), processor=whisper_processor(), max_new_tokens=2)
+    speech.path.value = str(write_wav(tmp_path / "low.wav", tone(PITCHES["low"], 0.3)))
+    assert [name for name, _ in speech.results] == [str(tmp_path / "low.wav")]
+    speech.path.value = str(image)
+    assert "is an image (PNG), not audio" in speech.status.value and speech.preview.children == ()
+    assert len(speech.results) == 1
 
 
 def test_the_panels_chat_tab_opens_the_upload_view_with_the_notebooks_processor():

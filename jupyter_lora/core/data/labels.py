@@ -66,7 +66,8 @@ def label_ids(
     if all(v is not None for v in as_ints):
         if min(as_ints) < 0:
             raise UsageError(
-                f"label {min(as_ints)} is negative; class ids start at 0 (pass label2id= to name string labels)."
+                f"label {min(as_ints)} is negative; class ids start at 0: number the classes 0, 1, ..., or label "
+                "the records with class names (their order: the `labels` setting, labels=[...] in Python)."
             )
         count = max(as_ints) + 1
         if class_names and len(class_names) >= count:

@@ -41,6 +41,7 @@ __all__ = [
     "TRANSCRIPT_COLUMNS",
     "UNITS",
     "MediaCollator",
+    "check_processor_fits",
     "describe_media",
     "media_inputs",
     "prepare_media",
@@ -184,6 +185,64 @@ def _check_processor(processor: Any, task: str) -> None:
             f"Speech recognition needs a processor that holds a tokenizer for the transcripts (e.g. "
             f"WhisperProcessor, Wav2Vec2Processor); got {type(processor).__name__}, a feature extractor alone. Pass "
             "processor=AutoProcessor.from_pretrained(<the model's name or folder>)."
+        )
+
+
+def check_processor_fits(model: Any, processor: Any, task: str) -> None:
+    """The processor makes inputs of the shape ``model`` takes: the image size of a model whose position embeddings
+    are learned for one size (ViT, DeiT: ``interpolate_pos_encoding`` is off in training), the mel bins of an
+    audio model's spectrogram features (Whisper, AST, Speech2Text), and a Whisper encoder's window length. A
+    processor made for another checkpoint is refused here in one line, naming both values, rather than by a shape
+    error inside the model at the first step."""
+    config = getattr(model, "config", None)
+    if config is None or processor is None:
+        return
+    name = type(model).__name__
+    if task == "IMAGE_CLS":
+        part = image_processor(processor)
+        size = getattr(config, "image_size", None)
+        if part is None or not isinstance(size, int):
+            return
+        try:
+            fixed = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            fixed = False
+        if not fixed or not any(n.endswith("position_embeddings") for n, _ in model.named_parameters()):
+            return  # convolutional, or position embeddings interpolated to any size: every image size works
+        from PIL import Image
+
+        try:
+            made = part(Image.new("RGB", (size, size)), return_tensors="pt")["pixel_values"].shape[-2:]
+        except Exception:  # a processor that cannot say: the first batch will
+            return
+        if tuple(made) != (size, size):
+            raise UsageError(
+                f"The image processor makes {made[0]}×{made[1]} images and this model ({name}) takes {size}×{size} "
+                f"(config.image_size): pass the processor saved with this model, or one made with size="
+                f"{{'height': {size}, 'width': {size}}}."
+            )
+        return
+    extractor = feature_extractor(processor)
+    if extractor is None:
+        return
+    wants = getattr(config, "num_mel_bins", None) or getattr(config, "input_feat_per_channel", None)
+    gives = getattr(extractor, "num_mel_bins", None) or getattr(extractor, "feature_size", None)
+    if isinstance(wants, int) and isinstance(gives, int) and gives > 1 and wants != gives:
+        raise UsageError(
+            f"The feature extractor makes {gives} mel bins and this model ({name}) takes {wants} "
+            f"(config.num_mel_bins): pass the processor saved with this model, or one made with feature_size="
+            f"{wants}."
+        )
+    frames, positions = (
+        getattr(extractor, "nb_max_frames", None),
+        getattr(config, "max_source_positions", None),
+    )
+    whisper = getattr(config, "model_type", None) == "whisper"
+    if whisper and isinstance(frames, int) and isinstance(positions, int) and frames != 2 * positions:
+        # the encoder's two convolutions halve the frames to its positions
+        raise UsageError(
+            f"The feature extractor makes {frames} frames a clip and this model ({name}) takes {2 * positions} "
+            "(2 × config.max_source_positions): pass the processor saved with this model."
         )
 
 
@@ -342,28 +401,72 @@ def _is_image_dict(value: Any) -> bool:
 
 
 def _name(value: Any) -> str:
+    """How a message names a file: its path (or for bytes given as a datasets dict, the ``path`` it names — an
+    uploaded file's name), else "(bytes)"."""
     if isinstance(value, Mapping):
         value = value.get("path") or "(bytes)"
     return repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else "(bytes)"
 
 
+# The first bytes of the file formats a message can name: images given to an audio model and sound given to an
+# image model are told apart from a damaged file, and only real sound formats get the advice to install soundfile.
+_IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))  # fmt: skip
+_SOUND_MAGIC = ((b"fLaC", "FLAC"), (b"OggS", "OGG"), (b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"),
+                (b"\xff\xf2", "MP3"), (b"FORM", "AIFF"))  # fmt: skip
+
+
+def _file_kind(head: bytes) -> tuple[str, str] | None:
+    """("image" | "sound", format) of a file from its first 12 bytes, or None when it is neither kind known."""
+    if head[:4] == b"RIFF":  # a WAV file (or a damaged one, said as such), unless it holds a WEBP image
+        return ("image", "WEBP") if head[8:12] == b"WEBP" else ("sound", "WAV")
+    for magic, kind in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return "image", kind
+    for magic, kind in _SOUND_MAGIC:
+        if head.startswith(magic):
+            return "sound", kind
+    return None
+
+
+def _head(value: Any) -> bytes:
+    """The first 12 bytes of a file given as bytes or a path (b"" when it cannot be read)."""
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value[:12])
+    try:
+        with open(value, "rb") as f:
+            return f.read(12)
+    except (OSError, TypeError, ValueError):
+        return b""
+
+
 def _open_image(value: Any, where: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    name = _name(value)
     if isinstance(value, Mapping):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        value = io.BytesIO(value)
+        source = io.BytesIO(value)
     elif not os.path.isfile(value):
         raise UsageError(
             f"{where}: image file not found: {os.fspath(value)!r} (relative paths start at {os.getcwd()})."
         )
+    else:
+        source = value
     try:
-        return Image.open(value)
+        return Image.open(source)
     except UnidentifiedImageError:
-        raise UsageError(f"{where}: {_name(value)} is not an image file PIL can read.") from None
+        kind = _file_kind(_head(value))
+        if kind is not None and kind[0] == "sound":
+            raise UsageError(
+                f"{where}: {name} is a sound file ({kind[1]}), not an image: this model reads images."
+            ) from None
+        raise UsageError(f"{where}: {name} is not an image file PIL can read.") from None
     except OSError as exc:
-        raise UsageError(f"{where}: the image {_name(value)} cannot be read ({exc}).") from None
+        raise UsageError(f"{where}: the image {name} cannot be read ({exc}).") from None
 
 
 def _image_array(value: Any, where: str) -> np.ndarray:
@@ -385,6 +488,13 @@ def _image_array(value: Any, where: str) -> np.ndarray:
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
         raise UsageError(
             f"{where}: an image array of shape {array.shape} has no channel axis of 1, 3 or 4 values."
+        )
+    if array.dtype.kind == "f" and array.size and np.nanmin(array) < 0:
+        # floats are read as [0, 1] (or 0-255) pixel values; scaling negatives would clip them all to black
+        raise UsageError(
+            f"{where}: the image's values run from {np.nanmin(array):.2f} to {np.nanmax(array):.2f}; a float image "
+            "must be in [0, 1] (or 0-255) — give uint8 pixels, or floats in [0, 1] (for an image normalised to "
+            "-1..1: (x + 1) / 2). The processor normalises it for the model itself."
         )
     return array
 
@@ -423,14 +533,14 @@ def check_audio(value: Any, rate: Any, expected: int, where: str) -> _Media:
         rate = value.get("sampling_rate", rate)
         value = value["array"]
     elif isinstance(value, Mapping) and (value.get("path") or value.get("bytes")):
-        value = value.get("bytes") or value.get("path")
+        value = {"bytes": value.get("bytes"), "path": value.get("path")}  # a file: kept with its name
     elif hasattr(value, "get_all_samples"):  # datasets >= 4 decodes audio to a torchcodec AudioDecoder
         try:
             samples = value.get_all_samples()
         except Exception as exc:
             raise UsageError(f"{where}: the audio cannot be decoded ({exc}).") from None
         value, rate = samples.data, samples.sample_rate
-    if isinstance(value, (str, os.PathLike, bytes, bytearray)):
+    if isinstance(value, (str, os.PathLike, bytes, bytearray, Mapping)):
         file_rate, frames = _sound_header(value, where)
         _check_rate(file_rate, expected, where)
         return _Media(value, rate=file_rate, seconds=frames / file_rate)
@@ -502,16 +612,22 @@ class _Sound(NamedTuple):
 
 
 def _open_sound(value: Any, where: str) -> _Sound:
+    name = _name(value)
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
     source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else os.fspath(value)
     if isinstance(source, str) and not os.path.isfile(source):
         raise UsageError(
             f"{where}: audio file not found: {source!r} (relative paths start at {os.getcwd()})."
         )
-    name = _name(value)
-    is_wav = (isinstance(source, io.BytesIO) and bytes(value[:4]) == b"RIFF") or (
-        isinstance(source, str) and source.lower().endswith(".wav")
-    )
-    if is_wav:
+    head = _head(value)
+    kind = _file_kind(head)
+    if kind is not None and kind[0] == "image":
+        raise UsageError(
+            f"{where}: {name} is an image ({kind[1]}), not audio: this model reads sound — give a sound file "
+            "(.wav), or samples as an array with a `sampling_rate` column."
+        )
+    if kind == ("sound", "WAV"):
         # The standard library's wave module reads PCM WAV files with nothing to install; soundfile (libsndfile)
         # is used for other formats when it is installed.
         import wave
@@ -544,16 +660,24 @@ def _open_sound(value: Any, where: str) -> _Sound:
             return _mono(np.frombuffer(raw, dtype=dtype).reshape(-1, channels).T, where)
 
         return _Sound(rate, frames, read)
+    unknown = (
+        f"{where}: {name} is not a sound file this can read (not WAV, FLAC, OGG, MP3 or AIFF): give a sound file, "
+        "or samples as an array with a `sampling_rate` column."
+    )
     try:
         import soundfile
     except ImportError:
+        if kind is None:
+            raise UsageError(unknown) from None
         raise UsageError(
-            f"{where}: {name} is not a .wav file; reading other sound formats needs the soundfile package (pip "
-            "install soundfile), or give the samples as an array with a `sampling_rate` column."
+            f"{where}: {name} is {kind[1]} sound; reading sound formats other than WAV needs the soundfile package "
+            "(pip install soundfile), or give the samples as an array with a `sampling_rate` column."
         ) from None
     try:
         info = soundfile.info(source)
     except Exception as exc:
+        if kind is None:
+            raise UsageError(unknown) from None
         raise UsageError(f"{where}: {name} cannot be read as sound ({exc}).") from None
     if isinstance(source, io.BytesIO):
         source.seek(0)
@@ -645,10 +769,15 @@ def _pads_to_longest_only_if_asked(extractor: Any) -> bool:
 # ------------------------------------------------------------------------------------------------ one input
 
 
-def media_inputs(value: Any, processor: Any, task: str, what: str = "input") -> tuple[dict, str]:
+def media_inputs(
+    value: Any, processor: Any, task: str, what: str = "input", model: Any = None
+) -> tuple[dict, str]:
     """One image or audio clip (the shapes a training record's column takes, or a whole record) as the model's
-    inputs, and a short description of it ("image 32×32", "audio 1.50 s"), for ``compare`` and ``classify``."""
+    inputs, and a short description of it ("image 32×32", "audio 1.50 s"), for ``compare`` and ``classify``.
+    ``model``: the (base) model the inputs are for, to check the processor against (``check_processor_fits``)."""
     _check_processor(processor, "AUDIO_CLS" if task == "ASR" else task)
+    if model is not None:
+        check_processor_fits(model, processor, task)
     if isinstance(value, Mapping) and not _is_image_dict(value) and "array" not in value:
         columns = IMAGE_COLUMNS if task == "IMAGE_CLS" else AUDIO_COLUMNS
         key = next((c for c in columns if c in value), None)

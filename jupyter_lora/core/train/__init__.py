@@ -184,6 +184,9 @@ def prepare_for(
     # token ids the model cannot embed are refused here (on CUDA they would end the process's CUDA context)
     seq, media = config.seq, {}
     if task in MEDIA_TASKS:
+        from ..data.media import check_processor_fits
+
+        check_processor_fits(base, tokenizer, task)
         media = {"image_column": config.image_column, "audio_column": config.audio_column,
                  "decoder_start_token_id": getattr(base.config, "decoder_start_token_id", None)}  # fmt: skip
         # a transcript longer than the decoder's positions would fail at the first step: cut it like `seq` does
@@ -194,7 +197,7 @@ def prepare_for(
         label_column=config.label_column, chat_template=config.chat_template, trace=trace, **media,
     )  # fmt: skip
     if task in CLASSIFY_TASKS:
-        _check_classes(base.config, prepared.label_names)
+        _check_classes(base.config, prepared.label_names, task)
     if hasattr(prepared.collator, "accept"):  # batches hold only what the model's forward takes
         from ..data.vision_chat import forward_inputs
 
@@ -202,7 +205,12 @@ def prepare_for(
     return prepared
 
 
-def _check_classes(config: Any, label_names: tuple[str, ...]) -> None:
+# The auto class that loads a classifier of each task with a head of another size.
+_AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "IMAGE_CLS": "AutoModelForImageClassification",
+                 "AUDIO_CLS": "AutoModelForAudioClassification"}  # fmt: skip
+
+
+def _check_classes(config: Any, label_names: tuple[str, ...], task: str = "SEQ_CLS") -> None:
     """The classifier head has a logit for every class the data uses (else the loss fails at the first step)."""
     count = getattr(config, "num_labels", None)
     if not count or len(label_names) <= count:
@@ -216,7 +224,8 @@ def _check_classes(config: Any, label_names: tuple[str, ...]) -> None:
     raise UsageError(
         f"The data has {len(label_names)} classes ({shown}) but the model's classifier head has {count}"
         f"{f' ({names})' if names else ''}. Load the model with num_labels={len(label_names)} (e.g. "
-        f"AutoModelForSequenceClassification.from_pretrained(..., num_labels={len(label_names)})) or fix the labels."
+        f"{_AUTO_CLASSES.get(task, _AUTO_CLASSES['SEQ_CLS'])}.from_pretrained(..., num_labels={len(label_names)}, "
+        "ignore_mismatched_sizes=True)) or fix the labels."
     )
 
 
@@ -337,16 +346,17 @@ def resume(
     are reused unless given; ``overrides`` may change e.g. ``steps`` (to extend a finished run). The checkpoint is
     checked against the model before anything changes: a mismatch is a one-line error, nothing is modified."""
     require_module(model)
-    if (
-        wrapper_for(model) is None
-        and checkpoint is not None
-        and (Path(checkpoint) / "adapter_config.json").exists()
-    ):
-        raise UsageError(
-            f"This model holds no adapter yet; the checkpoint's adapter comes first: %lora load model {checkpoint} "
-            "(jupyter_lora.load), then resume with the run's data: a %%lora resume cell with `data: VAR` "
-            "(resume(model, checkpoint, data=...))."
-        )
+    if wrapper_for(model) is None and checkpoint is not None:
+        # a run's directory stands for its latest checkpoint, as check_checkpoint reads it
+        held = Path(checkpoint)
+        if not (held / "adapter_config.json").exists():
+            held = latest_checkpoint(held) or held
+        if (held / "adapter_config.json").exists():
+            raise UsageError(
+                f"This model holds no adapter yet; the checkpoint's adapter comes first: %lora load model {held} "
+                "(jupyter_lora.load), then resume with the run's data: a %%lora resume cell with `data: VAR` "
+                f"(resume(model, {str(held)!r}, data=...))."
+            )
     peft_model = _peft_of(model)
     base = base_model_of(peft_model)
     _not_training(base, "resuming")
