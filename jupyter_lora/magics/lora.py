@@ -215,9 +215,25 @@ class LoraMagics(_SettingDefaults):
             processor = self._find_processor(command.processor)
             return jl.compare(model, value, processor=processor,
                               max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
+        from ..core.data.processors import is_vision_language
+
+        if command.images or is_vision_language(model):
+            # a vision-language model: its processor formats the prompt (and the images, when --image names some)
+            processor = self._find_processor(command.processor)
+            tokenizer = self._get(command.tokenizer, "--tokenizer") if command.tokenizer else None
+            if processor is None and tokenizer is None:
+                tokenizer = self._find_tokenizer(None, model)
+            images = [self._image(name) for name in command.images] or None
+            return jl.compare(model, command.prompt, tokenizer=tokenizer, images=images, processor=processor,
+                              max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
         tokenizer = self._find_tokenizer(command.tokenizer, model)
         return jl.compare(model, command.prompt, tokenizer=tokenizer,
                           max_new_tokens=command.max_new_tokens or self.max_new_tokens)  # fmt: skip
+
+    def _image(self, name: str) -> Any:
+        """An image named on a line: the notebook variable holding it, else a path."""
+        ns = self.shell.user_ns
+        return ns[name] if name.isidentifier() and name in ns else name
 
     def _do_generate(self, command: p.Generate) -> Any:
         from .. import api as jl

@@ -88,9 +88,10 @@ USAGE = f"""\
 %lora load MODEL PATH_OR_HUB_ID [--name NAME] [--hotswap]
                                              MODEL becomes the adapted model; --hotswap copies the weights into
                                              adapter NAME's place (same targets and ranks; no recompiling)
-%lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N]
+%lora compare MODEL "prompt" [--tokenizer VAR] [--max-new-tokens N] [--image VAR ...] [--processor VAR]
                                              base vs adapter output side by side; an image or audio model takes a
-                                             variable holding one image or clip: MODEL VAR [--processor VAR]
+                                             variable holding one image or clip: MODEL VAR [--processor VAR]; a
+                                             vision-language model sees the images named by --image (vars or paths)
 %lora generate MODEL [--adapters a,b,base] [--tokenizer VAR] [--max-new-tokens N] "prompt" ["prompt" ...]
                                              every prompt through every adapter (base: none) in one mixed batch,
                                              greedy; a table of prompts × adapters (%%lora generate: a prompt a line)
@@ -213,6 +214,7 @@ class Compare(Command):
     tokenizer: str | None = None
     max_new_tokens: int | None = None
     processor: str | None = None
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -625,13 +627,15 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     p.add_argument("--tokenizer")
     p.add_argument("--max-new-tokens", type=_positive)
     p.add_argument("--processor")
+    p.add_argument("--image", action="append", default=[])
     args = p.parse_args(rest)
     prompt = args.prompt if args.prompt is not None else (cell or "").strip()
     if not prompt:
         raise UsageError('%lora compare: give a prompt, e.g. %lora compare model "Once upon a time".')
     tokenizer = _identifier(args.tokenizer, "--tokenizer") if args.tokenizer else None
     processor = _identifier(args.processor, "--processor") if args.processor else None
-    return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens, processor)
+    images = tuple(i.strip() for given in args.image for i in given.split(",") if i.strip())
+    return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens, processor, images)
 
 
 def _parse_generate(head: str, rest: list[str], cell: str | None) -> Generate:
