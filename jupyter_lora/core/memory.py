@@ -603,18 +603,10 @@ def _advice(ckpt: bool, quant: str | None, batch: int) -> str:
 def _plan_of_adapted(model: nn.Module) -> Plan:
     """A plan describing the active adapter a PeftModel already holds (for its counts)."""
     active = model.active_adapter
-    config = model.peft_config[active]
-    from .adapters.peft_facts import variant_of
+    from .adapters.inspection import held_settings
     from .spec import make_spec
 
-    tm = config.target_modules
-    spec = make_spec(
-        r=int(config.r),
-        alpha=float(config.lora_alpha),
-        dropout=float(config.lora_dropout),
-        targets=sorted(tm) if isinstance(tm, (set, list, tuple)) else f"re:{tm}",
-        variant=variant_of(config),
-    )
+    spec = make_spec(**held_settings(model, active))
     the_plan = make_plan(model, spec, name=active)
     trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
     return replace(the_plan, trainable_params=trainable)
