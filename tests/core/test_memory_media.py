@@ -135,3 +135,13 @@ def test_a_vision_language_model_counts_the_image_tokens_its_processor_puts_in_t
     real = sum(int(i) == image_token for i in ids)
     notes = " ".join(jl.estimate(model, seq=64).notes)
     assert f"seq 64 text tokens + {real} image tokens" in notes
+
+
+def test_an_image_encoder_estimate_says_what_replaces_seq_has_no_kv_cache_and_notes_unused_audio_seconds():
+    from tests.media_models import vit
+
+    estimate = jl.estimate(vit(), batch=8, audio_seconds=5)
+    assert "batch 8 × 16 patches" in repr(estimate) and "seq 512" not in repr(estimate)
+    assert "kv_cache" not in estimate.inference
+    assert any("audio_seconds 5 is not used: this model has no audio input" in n for n in estimate.notes)
+    assert "kv_cache" in jl.estimate(jl.testing.tiny_model("llama")).inference

@@ -95,7 +95,7 @@ def test_all_linear_leaves_experts_and_routing_gates_out_and_the_plan_says_how_t
 def test_errors_name_the_experts_preset():
     with pytest.raises(TargetError, match="Did you mean `experts`"):
         jl.plan(tiny_model("llama"), targets="expertz")
-    with pytest.raises(TargetError, match="selects no fused mixture-of-experts weights"):
+    with pytest.raises(TargetError, match="has no mixture-of-experts layers"):
         jl.plan(tiny_model("llama"), targets="experts")
     with pytest.raises(TargetError, match="`experts` preset"):
         jl.plan(tiny_model("mixtral"), targets="mlp")
@@ -290,3 +290,9 @@ def test_a_held_expert_adapter_reads_back_as_a_spec_that_makes_it_again(targets,
     assert (
         jl.estimate(model).breakdown == fresh.breakdown
     )  # the estimate of the adapted model counts its experts
+
+
+def test_the_experts_preset_on_a_dense_model_says_it_has_no_mixture_of_experts_layers():
+    with pytest.raises(TargetError, match="has no mixture-of-experts layers") as caught:
+        jl.plan(tiny_model("llama"), targets="experts")
+    assert "ModelIndex" not in str(caught.value)

@@ -287,11 +287,13 @@ def resolve_targets(
                     if preset == "mlp" and preset_paths(index, "experts")
                     else ""
                 )
-                what = "no fused mixture-of-experts weights" if preset == "experts" else "no module"
+                what = (
+                    f"this model (type {index.model_type!r}) has no mixture-of-experts layers"
+                    if preset == "experts"
+                    else f"it selects no module of this model (type {index.model_type!r})"
+                )
                 raise TargetError(
-                    f"`targets` preset {item!r} selects {what} of this model "
-                    f"({type(index).__name__} of type {index.model_type!r}).{hint} "
-                    f"Name modules instead: {suffix_summary(index)}."
+                    f"`targets` preset {item!r}: {what}.{hint} Name modules instead: {suffix_summary(index)}."
                 )
         else:
             hits = match_paths(item, all_paths) or _owned_experts(index, item)
