@@ -168,7 +168,7 @@ def plan_html(p: Plan) -> str:
 def _setup(m: MemoryEstimate) -> str:
     """The run an estimate describes: ``batch 8 × seq 512, bf16 nf4, adamw, gradient checkpointing on``."""
     return (
-        f"batch {m.batch} × seq {m.seq}, {m.dtype}{' ' + m.quant if m.quant else ''}, {m.optim}, "
+        f"{m.shape}, {m.dtype}{' ' + m.quant if m.quant else ''}, {m.optim}, "
         f"gradient checkpointing {'on' if m.ckpt else 'off'}"
     )
 

@@ -58,7 +58,7 @@ from .data.processors import (
 )
 from .data.tokenize import check_token_ids, has_chat_template, pad_token_id
 from .errors import UsageError
-from .modelinfo import base_model_of, detect_task, require_module
+from .modelinfo import base_model_of, detect_task, encoder_advice, require_module
 
 __all__ = ["SIDES", "Classification", "Conversation", "Reply", "Transcription", "Turn"]
 
@@ -253,6 +253,11 @@ class Conversation:
         if task not in MEDIA_TASKS:
             task = detect_task(model).task_type
         if task not in (*_GENERATION_TASKS, *_CLASSIFY_TASKS, "ASR"):
+            advice = encoder_advice(model)
+            if advice is not None:
+                raise UsageError(
+                    f"`chat` cannot talk to this model: it neither generates, classifies nor transcribes. {advice}."
+                )
             raise UsageError(
                 "`chat` generates with causal or seq2seq LMs, shows the class probabilities of text, image and audio "
                 f"classifiers and transcribes speech; this model ({type(base_model_of(model)).__name__}) is for "

@@ -221,8 +221,7 @@ def media_towers(
     text_lists = [p for p in layer_lists if p not in vision_lists]
     if text is not None and text_lists:
         t_layers = int(_get(text, "num_hidden_layers", default=0) or 0)
-        lm = _get(config, "image_seq_length", default=None)
-        image_tokens = int(lm) if lm else image[0]
+        image_tokens = _image_tokens(config, vision, image[0])
         if _lm_head(base):
             positions = seq + image_tokens
             what = f"seq {seq} text tokens + {image_tokens} image tokens"
@@ -233,6 +232,34 @@ def media_towers(
     else:
         notes.append(f"vision tower: {image[1]}")
     return towers, notes
+
+
+def _patch_grid(vision: Any) -> int | None:
+    """The patches a ViT-style vision tower cuts one image into (``(image_size / patch_size)²``)."""
+    size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return (int(size) // int(patch)) ** 2 if size and patch else None
+
+
+def _image_tokens(config: Any, vision: Any, tower_positions: int) -> int:
+    """The image tokens one image puts in a vision-language model's language sequence, decided as its processor
+    decides them: Gemma 3's ``mm_tokens_per_image``; Idefics3's patch grid shrunk by pixel shuffle
+    (``scale_factor²``); LLaVA-style models the vision tower's patch grid as the feature-select strategy keeps it
+    (``default`` drops the class token, ``full`` keeps it) — their ``image_seq_length`` is only the processor's
+    default, for 336-pixel images; else the count the config itself gives (``image_seq_length``,
+    ``num_image_tokens``, ``num_query_tokens``), else the tower's positions."""
+    if _get(config, "mm_tokens_per_image"):
+        return int(config.mm_tokens_per_image)
+    grid = _patch_grid(vision)
+    scale = _get(config, "scale_factor")
+    if grid and scale:
+        return max(1, grid // (int(scale) ** 2))
+    strategy = _get(config, "vision_feature_select_strategy")
+    if grid and strategy in ("default", "full"):
+        return grid if strategy == "default" else tower_positions
+    own = _get(config, "image_seq_length", "num_image_tokens", "num_query_tokens")
+    return int(own) if own else tower_positions
 
 
 def _lm_head(model: nn.Module) -> bool:

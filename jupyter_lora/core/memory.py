@@ -69,6 +69,13 @@ class MemoryEstimate:
     notes: tuple[str, ...] = ()
     dims: dict[str, Any] = field(default_factory=dict, compare=False)
     offload: bool = False  # checkpoints held in host memory (ckpt: offload)
+    # what each example's sequence is when ``seq`` is not used (an image or audio encoder): "196 patches"
+    positions: str = ""
+
+    @property
+    def shape(self) -> str:
+        """``batch 8 × seq 512``, or what is used instead of seq: ``batch 8 × 196 patches``."""
+        return f"batch {self.batch} × {self.positions or f'seq {self.seq}'}"
 
     @property
     def total_bytes(self) -> int:
@@ -93,7 +100,7 @@ class MemoryEstimate:
         fits = "" if self.fits is None else f", {'fits' if self.fits else 'does not fit'} on {self.gpu_name}"
         return (
             f"MemoryEstimate(training {fmt_bytes(self.total_bytes)}, inference {fmt_bytes(self.inference_bytes)}; "
-            f"batch {self.batch} × seq {self.seq}, {self.dtype}{' ' + self.quant if self.quant else ''}, "
+            f"{self.shape}, {self.dtype}{' ' + self.quant if self.quant else ''}, "
             f"{self.optim}{', ckpt' if self.ckpt else ''}{' (offload)' if self.offload else ''}{fits})"
         )
 
@@ -325,8 +332,9 @@ def _media_activations(
     ckpt: bool | str,
     attention: str,
     audio_seconds: float,
-) -> tuple[int, int, list[str]] | None:
-    """(activation bytes, bytes of the largest single layer, notes) of an image, audio or vision-language model:
+) -> tuple[int, int, list[str], str] | None:
+    """(activation bytes, bytes of the largest single layer, notes, what the sequence is when ``seq`` is not used
+    or "") of an image, audio or vision-language model:
     each tower over its own positions (``media.media_towers``); None for a text model.
 
     A tower keeps activations when gradients reach it: it, or a tower before it (an encoder a decoder reads),
@@ -340,6 +348,9 @@ def _media_activations(
     if found is None:
         return None
     towers, notes = found
+    positions = ""
+    if not any(t.what.startswith("seq ") for t in towers):  # seq is not used: what is ("196 patches")
+        positions = towers[0].what.split(" of ")[0].split(" from ")[0].split(" (")[0]
     rows = [r for r in the_plan.modules if r.role == "lora"]
     total = 0
     largest = 0
@@ -372,7 +383,22 @@ def _media_activations(
     config = getattr(base_model_of(model), "config", None)
     if getattr(config, "conv_stride", None) and getattr(config, "conv_dim", None):
         total += e * batch * feature_encoder_elements(model, config, audio_seconds)
-    return total, largest, notes
+    return total, largest, notes, positions
+
+
+def _reads_raw_audio(model: nn.Module) -> bool:
+    """Whether the model's input is raw audio whose length ``audio_seconds`` sets (wav2vec2, HuBERT)."""
+    config = getattr(base_model_of(model), "config", None)
+    return bool(getattr(config, "conv_stride", None) and getattr(config, "conv_kernel", None))
+
+
+def _hears(model: nn.Module) -> bool:
+    """Whether the model reads audio at all (raw samples, or mel features as Whisper does)."""
+    base = base_model_of(model)
+    return _reads_raw_audio(base) or getattr(base, "main_input_name", None) in (
+        "input_features",
+        "input_values",
+    )
 
 
 def _gpu() -> tuple[str | None, int | None]:
@@ -397,7 +423,7 @@ def estimate(
     chunked_loss: bool | None = None,
     kernels: str = SETTINGS["kernels"].default,
     calibration: Calibration = DEFAULT_CALIBRATION,
-    audio_seconds: float = SETTINGS["audio_seconds"].default,
+    audio_seconds: float | None = None,
     **settings: Any,
 ) -> MemoryEstimate:
     """Estimate peak GPU memory for LoRA training of ``source`` (a model, a transformers config, or a local
@@ -417,7 +443,10 @@ def estimate(
     text), wav2vec2/HuBERT over the frames of ``audio_seconds`` of 16 kHz audio (default 30), a vision-language
     model's LM over ``seq`` text tokens plus the image tokens. The notes say which sequence was used.
     """
-    audio_seconds = validate_one("audio_seconds", audio_seconds)
+    given_seconds = audio_seconds is not None
+    audio_seconds = validate_one(
+        "audio_seconds", SETTINGS["audio_seconds"].default if audio_seconds is None else audio_seconds
+    )
     # the settings' other spellings (batch_size, max_seq_len, ...) reach the options they name
     options = {"seq": seq, "batch": batch, "ckpt": ckpt, "optim": optim, "dtype": dtype, "quant": quant}
     settings = canonical(settings, keys("estimate"), "estimate setting")
@@ -490,8 +519,18 @@ def estimate(
         "sdpa" if attention == "flash" else attention,
         audio_seconds,
     )
+    if given_seconds and not _reads_raw_audio(model):
+        notes.append(
+            f"audio_seconds {audio_seconds:g} is not used: "
+            + (
+                "this model has no audio input"
+                if not _hears(model)
+                else "this model's audio encoder always reads a fixed 30 s window"
+            )
+        )
+    positions = ""
     if media is not None:
-        activations, per_layer, media_notes = media
+        activations, per_layer, media_notes, positions = media
         notes.extend(media_notes)
     elif ckpt == "offload":
         # The layer inputs wait in host memory; on the device: the layer being recomputed and its input.
@@ -552,12 +591,14 @@ def estimate(
         "overhead": calibration.overhead_bytes,
         "cuda_context": calibration.cuda_context_bytes,
     }
-    kv_cache = 2 * d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * e
+    # only a model that generates keeps keys and values between steps (an encoder runs once over its input)
+    generates = index.task.output_embeddings is not None or index.task.kind in ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+    kv_cache = 2 * d["layers"] * tokens * d["kv_heads"] * d["head_dim"] * e if generates else 0
     inference = {
         "weights": weights,
         "quant_constants": constants,
         "adapter": adapter,
-        "kv_cache": kv_cache,
+        **({"kv_cache": kv_cache} if generates else {}),
         "activations": int(per_layer // max(1, seq) * 2)
         + e * d["hidden"] * tokens,  # prefill, one layer live
         "logits": batch * d["vocab"] * 4,
@@ -573,6 +614,7 @@ def estimate(
         batch=batch,
         ckpt=bool(ckpt),
         offload=ckpt == "offload",
+        positions=positions,
         optim=optim_key,
         dtype=str(weight_dtype).replace("torch.", ""),
         quant=quant_key,
@@ -603,18 +645,10 @@ def _advice(ckpt: bool, quant: str | None, batch: int) -> str:
 def _plan_of_adapted(model: nn.Module) -> Plan:
     """A plan describing the active adapter a PeftModel already holds (for its counts)."""
     active = model.active_adapter
-    config = model.peft_config[active]
-    from .adapters.peft_facts import variant_of
+    from .adapters.inspection import held_settings
     from .spec import make_spec
 
-    tm = config.target_modules
-    spec = make_spec(
-        r=int(config.r),
-        alpha=float(config.lora_alpha),
-        dropout=float(config.lora_dropout),
-        targets=sorted(tm) if isinstance(tm, (set, list, tuple)) else f"re:{tm}",
-        variant=variant_of(config),
-    )
+    spec = make_spec(**held_settings(model, active))
     the_plan = make_plan(model, spec, name=active)
     trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
     return replace(the_plan, trainable_params=trainable)

@@ -24,6 +24,7 @@ __all__ = [
     "base_model_of",
     "detect_task",
     "embedding_layers",
+    "encoder_advice",
     "fingerprint",
     "is_peft_model",
     "normalize_task_type",
@@ -186,6 +187,50 @@ def detect_task(model: nn.Module) -> TaskInfo:
         kind=task,
         main_input=main_input,
     )
+
+
+def encoder_advice(model: nn.Module) -> str | None:
+    """For an image encoder without a task head — a contrastive image-text dual encoder (CLIP, SigLIP) or its
+    vision tower (CLIPVisionModel), ViTModel — what it is and what works with it, as a sentence for the messages
+    that refuse to train or chat with it; None for every other model."""
+    base = base_model_of(model)
+    config = getattr(base, "config", None)
+    if detect_task(base).kind not in (None, "FEATURE_EXTRACTION"):
+        return None
+    vision = getattr(config, "vision_config", None)
+    dual = vision is not None and getattr(config, "text_config", None) is not None
+    if not dual and getattr(base, "main_input_name", None) != "pixel_values":
+        return None
+    name = type(base).__name__
+    what = (
+        f"{name} is a contrastive image-text dual encoder: contrastive (image-text) training is not supported here"
+        if dual
+        else f"{name} is an image encoder without a task head: it has nothing to train against here"
+    )
+    head = (
+        _image_classifier_for(getattr(config, "model_type", None) or "") or "AutoModelForImageClassification"
+    )
+    return (
+        f"{what}. With it you can inject, save and load, and merge adapters; to train, load the same checkpoint "
+        f"with an image classifier head ({head}.from_pretrained(..., num_labels=N)) and train it on labelled "
+        "images (task: image_cls)"
+    )
+
+
+def _image_classifier_for(model_type: str) -> str | None:
+    """transformers' image-classification class for ``model_type`` (or the model its vision tower belongs to:
+    ``clip_vision_model`` -> CLIPForImageClassification), None when it has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as mapping
+
+    for candidate in (
+        model_type,
+        model_type.removesuffix("_vision_model"),
+        model_type.removesuffix("_vision"),
+    ):
+        found = mapping.get(candidate)
+        if found:
+            return found if isinstance(found, str) else found[0]
+    return None
 
 
 def embedding_layers(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

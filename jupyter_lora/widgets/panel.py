@@ -77,26 +77,13 @@ def _follow_after_cells(panel: Panel) -> None:
 
 def _adapter_settings(model: Any, name: str) -> dict[str, Any]:
     """The panel settings of the adapter ``name`` that ``model`` holds ({} when it holds none)."""
-    from jupyter_lora.core.adapters.peft_facts import variant_of, wrapper_for
+    from jupyter_lora.core.adapters.inspection import held_settings
 
-    peft_model = wrapper_for(model)
-    config = getattr(peft_model, "peft_config", {}).get(name) if peft_model is not None else None
-    if config is None or not hasattr(config, "r"):
-        return {}
-    found: dict[str, Any] = {
-        "r": int(config.r),
-        "alpha": float(config.lora_alpha),
-        "dropout": float(config.lora_dropout),
-        "variant": variant_of(config),
-    }
-    targets = config.target_modules
-    if isinstance(targets, (set, list, tuple)) and targets:
-        found["targets"] = ", ".join(sorted({str(t).rsplit(".", 1)[-1] for t in targets}))
-    layers = config.layers_to_transform
-    if layers is not None:
-        found["layers"] = [layers] if isinstance(layers, int) else list(layers)
     try:
-        return {k: validate_one(k, v) for k, v in found.items()}
+        found = held_settings(model, name)
+        if found.get("layers") is not None:
+            found["layers"] = list(found["layers"])
+        return {k: validate_one(k, v) for k, v in found.items() if v is not None}
     except Exception:  # an adapter whose settings the panel cannot show: open on the defaults
         return {}
 
@@ -869,7 +856,7 @@ class Panel:
 
     @staticmethod
     def _plan_key(plan: Any) -> tuple:
-        return (plan.spec, tuple(plan.target_modules))
+        return (plan.spec, tuple(plan.target_modules), tuple(plan.target_parameters))
 
     def _merge(self) -> None:
         self._rebind(self._jl.merge(self.model))

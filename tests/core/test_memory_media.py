@@ -118,3 +118,30 @@ def test_audio_seconds_is_a_setting_of_the_estimate_line(tmp_path):
     with pytest.raises(UsageError, match=r"`audio_seconds`.*-1"):
         jl.estimate(model, audio_seconds=-1)
     assert jl.estimate(model, audio_seconds=5).total_bytes < jl.estimate(model, audio_seconds=10).total_bytes
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "gemma3"])
+def test_a_vision_language_model_counts_the_image_tokens_its_processor_puts_in_the_text(family):
+    from PIL import Image
+
+    from tests.vision_models import build
+
+    model, processor = build(family)
+    image_token = model.config.image_token_id if hasattr(model.config, "image_token_id") else None
+    image_token = image_token if image_token is not None else model.config.image_token_index
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = processor.apply_chat_template(messages)
+    ids = processor(text=text, images=[Image.new("RGB", (32, 32), (255, 0, 0))])["input_ids"][0]
+    real = sum(int(i) == image_token for i in ids)
+    notes = " ".join(jl.estimate(model, seq=64).notes)
+    assert f"seq 64 text tokens + {real} image tokens" in notes
+
+
+def test_an_image_encoder_estimate_says_what_replaces_seq_has_no_kv_cache_and_notes_unused_audio_seconds():
+    from tests.media_models import vit
+
+    estimate = jl.estimate(vit(), batch=8, audio_seconds=5)
+    assert "batch 8 × 16 patches" in repr(estimate) and "seq 512" not in repr(estimate)
+    assert "kv_cache" not in estimate.inference
+    assert any("audio_seconds 5 is not used: this model has no audio input" in n for n in estimate.notes)
+    assert "kv_cache" in jl.estimate(jl.testing.tiny_model("llama")).inference

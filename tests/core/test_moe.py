@@ -95,7 +95,7 @@ def test_all_linear_leaves_experts_and_routing_gates_out_and_the_plan_says_how_t
 def test_errors_name_the_experts_preset():
     with pytest.raises(TargetError, match="Did you mean `experts`"):
         jl.plan(tiny_model("llama"), targets="expertz")
-    with pytest.raises(TargetError, match="selects no fused mixture-of-experts weights"):
+    with pytest.raises(TargetError, match="has no mixture-of-experts layers"):
         jl.plan(tiny_model("llama"), targets="experts")
     with pytest.raises(TargetError, match="`experts` preset"):
         jl.plan(tiny_model("mixtral"), targets="mlp")
@@ -260,3 +260,39 @@ def test_training_expert_targets_lowers_the_loss(tmp_path):
     losses = [h["loss"] for h in run.history]
     assert run.state == "finished" and losses[-1] < 0.95 * losses[0]  # experts alone on a random model: ~10%
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+
+
+@pytest.mark.parametrize(
+    ("targets", "layers", "spec"),
+    [
+        ("qv, experts", None, "q_proj, v_proj, experts"),
+        ("experts", None, "experts"),
+        ("qv, experts", "0", "q_proj, v_proj, experts"),
+        ("q_proj, layers.1.mlp.experts", None, None),  # some of the expert weights: their paths
+    ],
+)
+def test_a_held_expert_adapter_reads_back_as_a_spec_that_makes_it_again(targets, layers, spec):
+    from jupyter_lora.core.adapters.inspection import held_settings
+
+    model = jl.inject(tiny_model("mixtral"), r=4, targets=targets, layers=layers)
+    held = held_settings(model, "default")
+    if spec is not None:
+        assert held["targets"] == spec
+    again = jl.plan(tiny_model("mixtral"), r=4, targets=held["targets"], layers=held["layers"])
+    assert sorted(again.targets) == sorted(
+        jl.plan(tiny_model("mixtral"), r=4, targets=targets, layers=layers).targets
+    )
+    assert again.trainable_params == jl.status(model).trainable_params
+    assert {"gate_up_proj", "down_proj"} <= {
+        t.rsplit(".", 1)[-1] for t in jl.status(model).adapters[0].targets
+    }
+    fresh = jl.estimate(tiny_model("mixtral"), r=4, targets=targets, layers=layers)
+    assert (
+        jl.estimate(model).breakdown == fresh.breakdown
+    )  # the estimate of the adapted model counts its experts
+
+
+def test_the_experts_preset_on_a_dense_model_says_it_has_no_mixture_of_experts_layers():
+    with pytest.raises(TargetError, match="has no mixture-of-experts layers") as caught:
+        jl.plan(tiny_model("llama"), targets="experts")
+    assert "ModelIndex" not in str(caught.value)

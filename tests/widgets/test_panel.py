@@ -222,3 +222,29 @@ def test_the_panel_follows_after_every_cell_in_the_shell():
     shell.run_cell("import jupyter_lora as jl\npm = jl.inject(pm, r=4, targets='qv')")
     assert panel.model is shell.user_ns["pm"] and panel.inject_button.description == "Re-inject"
     del shell.user_ns["pm"]
+
+
+@pytest.mark.parametrize(
+    ("targets", "shown"), [("qv, experts", "q_proj, v_proj, experts"), ("experts", "experts")]
+)
+def test_the_panel_opens_on_a_held_expert_adapter_and_re_inject_keeps_it(targets, shown):
+    ns = {"model": jl.inject(tiny_model("mixtral"), r=4, targets=targets)}
+    held = jl.status(ns["model"])
+    panel = _panel(ns, targets="qv")
+    assert panel.tree.targets == shown
+    assert {p for p in panel.tree.selected if p.endswith(("gate_up_proj", "down_proj"))}, (
+        "expert weights ticked"
+    )
+    assert panel.plan.trainable_params == held.trainable_params
+    assert "the adapter the model holds" in panel.summary.value
+    panel.inject()
+    after = jl.status(ns["model"])
+    assert (after.trainable_params, after.total_params) == (held.trainable_params, held.total_params)
+    assert "experts" in panel.as_code()
+
+
+def test_a_plan_without_the_held_expert_weights_is_not_called_the_held_adapter():
+    ns = {"model": jl.inject(tiny_model("mixtral"), r=4, targets="qv, experts")}
+    panel = _panel(ns)
+    panel.tree.targets = "q_proj, v_proj"
+    assert "Re-inject replaces the adapter" in panel.summary.value

@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from .. import targets
+from ..errors import UsageError
 from ..modelinfo import ADAPTER_PARAM, base_model_of, param_count, require_module
-from .peft_facts import active_names, is_prompt_learning, method_of, parameter_counts, variant_of, wrapper_for
+from .peft_facts import (
+    active_names,
+    adapted_paths,
+    is_prompt_learning,
+    method_of,
+    parameter_counts,
+    variant_of,
+    wrapper_for,
+)
 
-__all__ = ["AdapterInfo", "AdapterStatus", "LayerStatus", "status"]
+__all__ = ["AdapterInfo", "AdapterStatus", "LayerStatus", "config_targets", "held_settings", "status"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,70 @@ def _layers(value) -> tuple[int, ...] | None:
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
 
 
+def config_targets(config: Any) -> tuple[str, ...]:
+    """What a PEFT config names as its targets, as items of a target spec: ``target_modules`` (a regular
+    expression as ``re:…``) and the fused expert weights of ``target_parameters``."""
+    tm = getattr(config, "target_modules", None)
+    if isinstance(tm, str):
+        names: tuple[str, ...] = (f"re:{tm}",)
+    else:
+        names = tuple(sorted(str(t) for t in tm or ()))
+    return names + tuple(sorted(str(t) for t in getattr(config, "target_parameters", None) or ()))
+
+
+def held_settings(model: nn.Module, name: str) -> dict[str, Any]:
+    """The inject settings that make the LoRA adapter ``name`` that ``model`` holds again — r, alpha, dropout,
+    variant, layers and a ``targets`` spec that selects exactly the modules and fused expert weights it adapts
+    on this model ({} when the model holds no such LoRA adapter). The spec is the config's own names where they
+    select exactly those (``experts`` for all the expert weights), else the adapted paths, compacted."""
+    peft_model = wrapper_for(model)
+    config = getattr(peft_model, "peft_config", {}).get(name) if peft_model is not None else None
+    if config is None or method_of(config) != "lora":
+        return {}
+    found: dict[str, Any] = {
+        "r": int(config.r),
+        "alpha": float(config.lora_alpha),
+        "dropout": float(config.lora_dropout),
+        "variant": variant_of(config),
+        "layers": _layers(getattr(config, "layers_to_transform", None)),
+    }
+    held = adapted_paths(peft_model, [name])
+    if not held:
+        return found
+    found["targets"], found["layers"] = _held_spec(base_model_of(peft_model), config, held, found["layers"])
+    return found
+
+
+def _held_spec(
+    base: nn.Module, config: Any, held: list[str], layers: tuple[int, ...] | None
+) -> tuple[str, tuple[int, ...] | None]:
+    index = targets.index_model(base)
+    wanted = set(held)
+    experts = [p for p in held if p in index.by_path and index.by_path[p].kind == "experts"]
+    modules = [p for p in held if p not in set(experts)]
+    named = config_targets(config)
+    in_config = tuple(t for t in named if t not in set(getattr(config, "target_parameters", None) or ()))
+    candidates: list[tuple[tuple[str, ...], tuple[int, ...] | None]] = []
+    if experts:  # every expert weight (of the chosen layers): the preset reads best
+        candidates.append(((*in_config, "experts"), layers))
+    candidates.append((named, layers))
+    if all(p in index.by_path for p in held):
+        compact = tuple(targets.compact_target_modules(index, modules)) if modules else ()
+        if experts:
+            candidates.append(((*compact, "experts"), None))
+        parameters = tuple(targets.compact_target_parameters(index, experts)) if experts else ()
+        candidates.append(((*compact, *parameters), None))
+    candidates.append((tuple(held), None))
+    for items, chosen_layers in candidates:
+        try:
+            selected = targets.resolve_targets(index, ", ".join(items), chosen_layers)
+        except UsageError:
+            continue
+        if set(selected) == wanted:
+            return ", ".join(items), chosen_layers
+    return ", ".join(held), None
+
+
 def status(model: nn.Module) -> AdapterStatus:
     """What adapters ``model`` holds (names, active, merged, sizes), per model and per layer."""
     require_module(model)
@@ -111,7 +185,6 @@ def status(model: nn.Module) -> AdapterStatus:
     active = set(active_names(peft_model))
     infos = []
     for name, cfg in peft_model.peft_config.items():
-        tm = cfg.target_modules
         method = method_of(cfg)
         r = getattr(cfg, "r", None)
         alpha = getattr(cfg, "lora_alpha", getattr(cfg, "alpha", None))
@@ -124,7 +197,7 @@ def status(model: nn.Module) -> AdapterStatus:
                 variant=variant_of(cfg) if method == "lora" else method,
                 modules=modules.get(name, 0),
                 params=per_adapter.get(name, 0),
-                targets=tuple(sorted(tm)) if isinstance(tm, (set, list, tuple)) else (str(tm),),
+                targets=config_targets(cfg),
                 rank_pattern=dict(getattr(cfg, "rank_pattern", None) or {}),
                 alpha_pattern=dict(getattr(cfg, "alpha_pattern", None) or {}),
                 layers=_layers(getattr(cfg, "layers_to_transform", None)),

@@ -105,6 +105,9 @@ class ModelIndex:
     # A vision-language model's language model (``model.language_model``, ``model.text_model``): the presets adapt
     # only what lies under these paths (see ``language_parts``); empty for every other model.
     language_parts: tuple[str, ...] = ()
+    # A dual encoder's vision tower (CLIP's, SigLIP's ``vision_model``): what the ``vision`` preset adapts there;
+    # the other presets cover both towers. Empty for every other model.
+    vision_parts: tuple[str, ...] = ()
     # Linear layers whose weight the module holding them reads directly and never calls (WavLM's attention hands
     # q/k/v/out_proj.weight to torch's multi_head_attention_forward): path -> that module's class name. A LoRA
     # adapter there would not change the outputs, and merging it would.
@@ -208,24 +211,55 @@ def _layer_lists(model: nn.Module) -> list[str]:
 
 def language_parts(model: nn.Module) -> tuple[str, ...]:
     """The paths of a vision-language model's language model: the outermost transformers models inside it built
-    from its text config (``config.get_text_config()``). Empty for a model without a ``vision_config``, or one whose
-    language model is not a module of its own."""
+    from its text config (``config.get_text_config()``). Empty for a model without a ``vision_config``, one whose
+    language model is not a module of its own, and a dual encoder (CLIP, SigLIP: its text tower generates no
+    text, see ``dual_encoder_parts``)."""
     config = getattr(model, "config", None)
     if getattr(config, "vision_config", None) is None or not hasattr(config, "get_text_config"):
         return ()
+    text_type = type(config.get_text_config())
+    if text_type is type(config) or not _generates_text(model, config):
+        return ()
     from transformers import PreTrainedModel
 
-    text_type = type(config.get_text_config())
-    if text_type is type(config):
+    return _built_from(model, text_type, PreTrainedModel)
+
+
+def dual_encoder_parts(model: nn.Module) -> tuple[str, ...]:
+    """The vision tower of a dual encoder (a text and a vision tower side by side, no language-model head that
+    generates text: CLIP, SigLIP, ALIGN...): the outermost modules built from its ``vision_config``. Empty for
+    every other model."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None)
+    text = getattr(config, "text_config", None)
+    if vision is None or text is None or _generates_text(model, config):
         return ()
+    return _built_from(model, type(vision), nn.Module)  # CLIP's vision_model is a plain module with a config
+
+
+def _generates_text(model: nn.Module, config: object) -> bool:
+    """Whether the text side of a model with a ``vision_config`` is a language model that generates text (LLaVA,
+    Idefics3 — with or without their head), not a text encoder (CLIP's): the model can generate, or its text
+    config is one of transformers' causal language models."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    return getattr(text, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _built_from(model: nn.Module, config_type: type, module_type: type) -> tuple[str, ...]:
+    """The outermost modules of ``model`` of ``module_type`` whose ``config`` is a ``config_type``."""
     found: list[str] = []
     for path, module in model.named_modules():
         inner = any(path.startswith(p + ".") for p in found)
         if (
             path
             and not inner
-            and isinstance(module, PreTrainedModel)
-            and isinstance(module.config, text_type)
+            and isinstance(module, module_type)
+            and isinstance(getattr(module, "config", None), config_type)
         ):
             found.append(path)
     return tuple(found)
@@ -475,6 +509,7 @@ def _build_index(base: nn.Module) -> ModelIndex:
         layer_lists=tuple(layer_lists),
         clashing_param_names=clashing,
         language_parts=language_parts(base),
+        vision_parts=dual_encoder_parts(base),
         weight_read_directly=weight_read_directly,
     )
     return index

@@ -126,13 +126,16 @@ def preset_paths(index: ModelIndex, preset: str) -> list[str]:
     (``experts_note``). Routing gates are left out of every preset (``_routing_gates``).
 
     On a vision-language model the linear presets adapt its language model only; ``vision`` selects the linear
-    layers outside it (the vision tower and the projector)."""
+    layers outside it (the vision tower and the projector). On a dual encoder (CLIP, SigLIP) they cover both
+    towers, and ``vision`` selects its vision tower."""
     if preset == "experts":
         return [m.path for m in index.modules if m.kind == "experts"]
     heads = _heads(index)
     skip = _routing_gates(index) | peft_remapped(index) | set(index.weight_read_directly)
     linear = [m for m in index.modules if m.is_linear and not _under(m.path, heads) and m.path not in skip]
     if preset == "vision":
+        if index.vision_parts:  # a dual encoder: its vision tower
+            return [m.path for m in linear if _under(m.path, index.vision_parts)]
         parts = index.language_parts
         return [m.path for m in linear if parts and not _under(m.path, parts)]
     if index.language_parts:
@@ -284,11 +287,13 @@ def resolve_targets(
                     if preset == "mlp" and preset_paths(index, "experts")
                     else ""
                 )
-                what = "no fused mixture-of-experts weights" if preset == "experts" else "no module"
+                what = (
+                    f"this model (type {index.model_type!r}) has no mixture-of-experts layers"
+                    if preset == "experts"
+                    else f"it selects no module of this model (type {index.model_type!r})"
+                )
                 raise TargetError(
-                    f"`targets` preset {item!r} selects {what} of this model "
-                    f"({type(index).__name__} of type {index.model_type!r}).{hint} "
-                    f"Name modules instead: {suffix_summary(index)}."
+                    f"`targets` preset {item!r}: {what}.{hint} Name modules instead: {suffix_summary(index)}."
                 )
         else:
             hits = match_paths(item, all_paths) or _owned_experts(index, item)

@@ -24,7 +24,7 @@ from .. import runs
 from ..adapters.peft_facts import wrapper_for
 from ..data.processors import CLASSIFY_TASKS, MEDIA_TASKS
 from ..errors import UsageError
-from ..modelinfo import base_model_of, detect_task, require_module
+from ..modelinfo import base_model_of, detect_task, encoder_advice, require_module
 from .checkpoints import check_checkpoint, history_of, latest_checkpoint, saved_settings, trainer_settings
 from .engine import launch
 from .run import TrainingRun
@@ -80,6 +80,9 @@ def _task(peft_model: nn.Module, task: str) -> str:
     if detected is None:
         detected = detect_task(peft_model).task_type
     if detected not in TRAIN_TASKS.values():
+        advice = encoder_advice(peft_model)
+        if advice is not None:
+            raise UsageError(f"This model cannot be trained here: {advice}.")
         raise UsageError(
             f"Training here covers causal LMs (text, or text and images), text, image and audio classifiers and "
             f"speech recognition; this model's task is {detected}. Set `task:` (causal_lm, seq_cls, image_cls, "
