@@ -26,8 +26,8 @@ from .chat import _context_limit, _find_tokenizer, _seeded
 from .compare import input_device
 from .data import find_tokenizer, vocab_size_of
 from .data.tokenize import check_token_ids, has_chat_template, pad_token_id
-from .errors import UsageError, did_you_mean
-from .modelinfo import base_model_of, detect_task
+from .errors import NoAdapterError, UsageError, did_you_mean
+from .modelinfo import base_model_of, detect_task, require_module
 
 __all__ = ["BASE", "Generation", "Generations", "generate"]
 
@@ -227,14 +227,22 @@ def generate(
     ``seed`` apply); other keyword arguments go to transformers' ``generate`` (e.g. ``min_new_tokens``). Returns
     ``Generations`` (a prompt × adapter table in a notebook; ``.text(prompt, adapter)``, ``.to_pandas()``).
     The model is not changed (its train/eval flags are put back)."""
-    peft_model = require_adapters(model, "generate")
-    task = detect_task(peft_model)
+    require_module(model)
+    task = detect_task(model)  # what the model is for comes first: a classifier holds adapters too
     if task.task_type not in _GENERATION_TASKS or task.main_input != "input_ids":
         raise UsageError(
             f"`generate` makes text with causal or seq2seq LMs; this model "
-            f"({type(base_model_of(peft_model)).__name__}) is for {task.task_type or 'an unknown task'}. For a "
-            "classifier, compare(model, text) shows class probabilities with and without the adapter."
+            f"({type(base_model_of(model)).__name__}) is for {task.task_type or task.kind or 'an unknown task'}. "
+            "For a classifier, compare(model, text) shows class probabilities with and without the adapter."
         )
+    try:
+        peft_model = require_adapters(model, "generate")
+    except NoAdapterError:
+        raise NoAdapterError(
+            "`generate` runs the prompts through adapters the model holds, and this model holds none (a merged "
+            "model has its adapter in its weights: compare or chat show it). Load or inject adapters first: "
+            "model = jupyter_lora.load(model, 'adapters/a', name='a')."
+        ) from None
     prompts = _prompts(prompts)
     names = _adapters(peft_model, adapters)
     _check_mixable(peft_model, names)

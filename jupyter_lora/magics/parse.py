@@ -638,6 +638,25 @@ def _parse_compare(head: str, rest: list[str], cell: str | None) -> Compare:
     return Compare(_identifier(args.model), prompt, tokenizer, args.max_new_tokens, processor, images)
 
 
+def _joined_list(tokens: list[str], option: str) -> list[str]:
+    """``tokens`` with the comma list after ``option`` in one token: ``--adapters a, b`` (a space after a comma,
+    as people type lists) must not turn ``b`` into a prompt."""
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        out.append(token)
+        i += 1
+        if token == option and i < len(tokens):
+            value = tokens[i]
+            i += 1
+            while i < len(tokens) and (value.endswith(",") or tokens[i].startswith(",")):
+                value += tokens[i]
+                i += 1
+            out.append(value)
+    return out
+
+
 def _parse_generate(head: str, rest: list[str], cell: str | None) -> Generate:
     p = _parser(head)
     p.add_argument("model")
@@ -645,7 +664,7 @@ def _parse_generate(head: str, rest: list[str], cell: str | None) -> Generate:
     p.add_argument("--adapters")
     p.add_argument("--tokenizer")
     p.add_argument("--max-new-tokens", type=_positive)
-    args = p.parse_intermixed_args(rest)  # prompts before and after the options
+    args = p.parse_intermixed_args(_joined_list(rest, "--adapters"))  # prompts before and after the options
     prompts = [*args.prompts, *(line.strip() for line in (cell or "").splitlines() if line.strip())]
     if not prompts:
         raise UsageError(

@@ -155,7 +155,7 @@ def test_mistakes_are_one_line_and_change_nothing():
     _refused(model, r"'poem' is no adapter of this model\. Did you mean `poems`\?", "hi", ["poem", "base"])
     _refused(model, r"`prompts\[1\]` must be non-empty text", ["hi", ""])
     _refused(model, r"`max_new_tokens`", "hi", max_new_tokens=0)
-    _refused(tiny_model("llama", vocab_size=VOCAB), r"this model has no LoRA adapter", "hi")
+    _refused(tiny_model("llama", vocab_size=VOCAB), r"this model holds none", "hi")
 
     model.base_model.disable_adapter_layers()
     _refused(model, r"switched off .*jupyter_lora\.enable", "hi", ["poems", "base"])
@@ -310,3 +310,13 @@ def test_hotswap_runs_the_load_checks_first(tmp_path):
     with pytest.raises(jl.UsageError, match=r"has no LoRA adapter"):
         jl.load(tiny_model("llama"), saved(tmp_path, "x", 4), name="poems", hotswap=True)
     assert_model_unchanged(before, model)
+
+
+def test_generate_says_why_a_merged_model_or_a_classifier_cannot_be_served():
+    from jupyter_lora.core.errors import NoAdapterError
+
+    merged = jl.merge(jl.inject(tiny_model("llama"), r=4))
+    with pytest.raises(NoAdapterError, match=r"holds none \(a merged model has its adapter in its weights"):
+        jl.generate(merged, "hi", tokenizer=tiny_tokenizer())
+    with pytest.raises(jl.UsageError, match=r"`generate` makes text .*\(BertForSequenceClassification\)"):
+        jl.generate(tiny_model("bert"), "hi", tokenizer=tiny_tokenizer())  # said before "no adapter"

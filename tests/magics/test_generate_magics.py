@@ -40,7 +40,7 @@ def test_parse_generate():
     with pytest.raises(jl.UsageError, match="give one or more prompts"):
         p.parse("generate model --adapters a,b")
     with pytest.raises(jl.UsageError, match="names no adapter"):
-        p.parse('generate model --adapters , "hi"')
+        p.parse('generate model --adapters "" "hi"')
 
 
 def test_generate_shows_prompts_by_adapters(ip):
@@ -80,7 +80,7 @@ def test_generate_mistakes_are_one_line(ip, capsys):
     message = usage_error(ip, capsys, '%lora generate model --adapters poem,base "hi"')
     assert "Did you mean `poems`?" in message
     ip.user_ns["plain"] = tiny_model("llama")
-    assert "has no LoRA adapter" in usage_error(ip, capsys, '%lora generate plain "hi"')
+    assert "this model holds none" in usage_error(ip, capsys, '%lora generate plain "hi"')
     assert "no variable `modle`" in usage_error(ip, capsys, '%lora generate modle "hi"')
     assert_model_unchanged(before, ip.user_ns["model"])
 
@@ -110,3 +110,11 @@ def test_load_hotswap(ip, capsys, tmp_path):
     )
     assert "the rank differs" in message and "r=4 in 'poems' and r=2 in the file" in message
     assert_model_unchanged(before, model)
+
+
+@pytest.mark.parametrize("written", ["a, b", "a ,b", "a , b", "a,b"])
+def test_a_space_in_the_adapter_list_does_not_make_a_prompt(written):
+    from jupyter_lora.magics import parse as p
+
+    command = p.parse(f'generate model --adapters {written} "p1"', None)
+    assert command.adapters == ("a", "b") and command.prompts == ("p1",)
