@@ -15,11 +15,22 @@ from torch import nn
 
 from .modelinfo import base_model_of
 
-__all__ = ["active_run", "finish", "last_run", "recent_runs", "register"]
+__all__ = [
+    "active_run",
+    "active_sweep",
+    "busy_message",
+    "finish",
+    "last_run",
+    "recent_runs",
+    "register",
+    "register_sweep",
+]
 
 # base model -> the run training it, and -> its most recent run (for resume without arguments)
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 _LAST: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+# base model -> its most recent sweep (which trains it, run after run, until it is done)
+_SWEEPS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 _LOCK = threading.Lock()
@@ -58,3 +69,27 @@ def recent_runs() -> list[Any]:
     """The most recent run of every model of this session that is still alive."""
     with _LOCK:
         return list(_LAST.values())
+
+
+def register_sweep(model: nn.Module, sweep: Any) -> None:
+    """Record ``sweep`` as the sweep of ``model``: until it is done, operations on the model are refused."""
+    _SWEEPS[base_model_of(model)] = sweep
+
+
+def active_sweep(model: nn.Module) -> Any | None:
+    """The sweep running on ``model`` now, or None; None too on the sweep's own thread (its runs change the
+    model)."""
+    sweep = _SWEEPS.get(base_model_of(model))
+    if sweep is None or sweep.done or threading.current_thread() is getattr(sweep, "thread", None):
+        return None
+    return sweep
+
+
+def busy_message(model: nn.Module, action: str) -> str | None:
+    """Why ``action`` cannot happen now — a sweep is running on the model — or None."""
+    sweep = active_sweep(model)
+    if sweep is None:
+        return None
+    return (f"Cannot {action} while a sweep is running on this model ({sweep.progress_text()}). Stop the sweep "
+            "first: jupyter_lora.last_sweep(model).stop() or the leaderboard's Stop button — the run in progress "
+            "saves a checkpoint.")  # fmt: skip

@@ -46,7 +46,7 @@ _STATE_WORDS = {
 _ENDED = frozenset({"finished", "stopped", "failed"})
 _BUTTON_STYLE = {"stopping": "warning", "stopped": "warning", "finished": "success", "failed": "danger"}
 _STATUS_COLORS = {"running": "#1f77b4", "finished": "#2e7d32", "stopped": "#ef6c00", "failed": "#c62828"}
-_METRIC_LABELS = {"eval_loss": "eval loss", "accuracy": "accuracy", "train_loss": "train loss",
+_METRIC_LABELS = {"eval_loss": "eval loss", "accuracy": "accuracy", "train_loss": "training loss",
                   "time_s": "training time (s)", "tokens_per_s": "tokens/s"}  # fmt: skip
 _DEFAULT_RESUME = "`%lora resume MODEL` (or `jupyter_lora.resume_sweep(model)`)"
 _MAX_REASON = 300  # characters of a failed run's reason shown under its status (all of it in the tooltip)
@@ -88,6 +88,7 @@ class SweepBoard:
         self.varying: tuple[str, ...] = ()  # the settings that differ from run to run, ``method`` aside
         self.metric = "eval_loss"
         self.sweep_dir: str | None = None
+        self.plan_note = ""  # the settings a method does not use, dropped from its runs
         self.rows: list[dict] = []
         self.curves: dict[int, tuple[list[int], list[float | None]]] = {}
         self.current: int | None = None  # the index of the run in progress
@@ -130,7 +131,11 @@ class SweepBoard:
         if rows is None:
             rows = [{"run": p["name"], "method": p.get("method"), "status": "pending"} for p in self.planned]
         self.rows = [dict(r) for r in rows]  # a resumed sweep's finished rows are here at once
+        self.plan_note = str(data.get("note") or "")
         self.curves = {i: ([], []) for i in range(len(self.rows))}
+        for i, curve in (data.get("curves") or {}).items():  # the runs that ended before a resume
+            if 0 <= int(i) < len(self.rows):
+                self.curves[int(i)] = ([int(s) for s, _ in curve], [_finite(v) for _, v in curve])
         self.current, self.step, self.total_steps = None, 0, 0
         if self.state == "waiting":
             self.state = "running"
@@ -187,20 +192,26 @@ class SweepBoard:
         """True once the sweep has ended (finished, stopped or failed)."""
         return self.state in _ENDED
 
+    def _table(self) -> Any:
+        from ..core.sweep.table import SweepTable  # the sweep has loaded torch already when there are rows
+
+        return SweepTable(self.rows, self.varying, self.metric, note=self.plan_note)
+
     def best(self) -> dict | None:
         """The best finished row by the sweep's metric (the rule of ``SweepTable.best``), or None."""
-        from ..core.sweep.table import SweepTable  # the sweep has loaded torch already when rows are finished
-
         if not any(r.get("status") == "finished" for r in self.rows):
             return None
-        return SweepTable(self.rows, self.varying, self.metric).best
+        return self._table().best
+
+    def best_label(self) -> str:
+        """``best by eval loss`` or ``best by training loss (no eval split)``: ``SweepTable.best_label``."""
+        if not self.rows:
+            return f"best by {_METRIC_LABELS.get(self.metric, self.metric)}"
+        return self._table().best_label
 
     def chart_metric(self) -> str:
-        """The metric the chart plots: the sweep's, or the train loss when no run was evaluated (as "best")."""
-        done = [r for r in self.rows if r.get("status") == "finished"]
-        if self.metric == "eval_loss" and done and not any(_number(r.get("eval_loss")) for r in done):
-            return "train_loss"
-        return self.metric
+        """The metric the chart plots: the one "best" is judged by (``SweepTable.best_metric``)."""
+        return self._table().best_metric if self.rows else self.metric
 
     def points(self) -> list[dict]:
         """The finished runs with trainable parameters and a value of the chart's metric."""
@@ -253,7 +264,8 @@ class SweepBoard:
             text = f"Sweep finished: {done}/{len(self.rows)} runs finished"
             text += f" ({failed} failed)." if failed else "."
             if best is not None:
-                text += f" Best by {_METRIC_LABELS.get(self.metric, self.metric)}: {best['run']}."
+                label = self.best_label()
+                text += f" {label[0].upper()}{label[1:]}: {best['run']}."
             text += f" The model holds: {', '.join(self.kept) if self.kept else 'the base'}."
             text += "".join(f" Not kept: {run} ({why})." for run, why in self.not_kept.items())
             return text
@@ -268,10 +280,12 @@ class SweepBoard:
                 "peak memory", "status"]  # fmt: skip
 
     def cells(self, index: int) -> list[str]:
+        from ..core.sweep.table import cell  # the sweep has loaded torch already when there are rows
+
         r = self.rows[index]
         params = r.get("trainable_params")
         return [
-            str(r.get("run")), str(r.get("method")), *(_show(r.get(k)) for k in self.varying),
+            str(r.get("run")), str(r.get("method")), *(cell(r, k) for k in self.varying),
             f"{params:,}" if _number(params) else "",
             fmt_bytes(r["adapter_bytes"]) if _number(r.get("adapter_bytes")) else "",
             fmt_loss(r["eval_loss"]) if _number(r.get("eval_loss")) else "",
@@ -304,7 +318,7 @@ class SweepBoard:
             style = " style='background:#fff8e1;font-weight:600'" if is_best else ""
             body.append(f"<tr class='{classes}' data-run='{html.escape(str(row.get('run')), quote=True)}' "
                         f"data-status='{word}'{style}>{''.join(tds)}</tr>")  # fmt: skip
-        caption = f"best by {html.escape(_METRIC_LABELS.get(self.metric, self.metric))} ★"
+        caption = html.escape(f"{self.best_label()} ★" + (f" · {self.plan_note}" if self.plan_note else ""))
         return (
             "<table class='jl-sweep-board' style='border-collapse:collapse;font-variant-numeric:tabular-nums'>"
             f"<caption style='caption-side:bottom;text-align:left;color:#666'>{caption}</caption>"

@@ -20,7 +20,10 @@ __all__ = ["check_fits_memory", "check_not_training", "free_memory", "require_ad
 
 
 def check_not_training(model: nn.Module, action: str) -> None:
-    """Refuse to change (or read half-updated weights of) a model that a background run is training."""
+    """Refuse to change (or read half-updated weights of) a model that a background run or a sweep is training."""
+    busy = runs.busy_message(model, action)
+    if busy is not None:
+        raise UsageError(busy)
     run = runs.active_run(model)
     if run is not None:
         # a run that has not counted its steps yet (it is preparing its first step) says so instead of "step 0/0"

@@ -11,11 +11,14 @@ Event contract (for live views such as a leaderboard): observers are callables `
 
 ============ ==========================================================================================
 sweep_start  planned: list of {index, name, method, settings}; varying: the settings that differ; sweep_dir;
-             metric; rows: the table's rows so far (finished ones of a resumed sweep, the rest "pending")
+             metric; rows: the table's rows so far (finished ones of a resumed sweep, the rest "pending");
+             curves: {index: [[step, loss], ...]} of the runs that ended before (a resumed sweep); note: the
+             settings a method does not use, dropped from its runs ('' when none)
 run_start    settings (this run's), method
 train        event: the run's ``TrainingEvent`` (see ``core/events.py``: start, step, eval, ..., end)
 run_end      row: the run's finished row (COLUMNS of ``table.py`` and the varying settings)
-sweep_end    state (finished | stopped | failed), table (the ``SweepTable``), best (row or None), kept (what the
+sweep_end    state (finished | stopped | failed), table (the ``SweepTable``), best (row or None), best_by (what
+             "best" was judged by, in words: ``SweepTable.best_label``), kept (what the
              model holds: list of adapter names, "weights of RUN", or []), not_kept ({run: reason})
 ============ ==========================================================================================
 
@@ -42,10 +45,11 @@ from ...settings import KEEP, SETTINGS, canonical, keys, name_of
 from .. import runs as run_registry
 from ..errors import UsageError, did_you_mean
 from ..modelinfo import base_model_of, require_module
-from .grid import PlannedRun, plan_runs, sweep_keys
+from .grid import PlannedRun, plan, sweep_keys, varying_settings
 from .methods import (
     LORA_FAMILY,
     BaseSnapshot,
+    applies,
     check_method,
     counts,
     load_adapter,
@@ -85,7 +89,7 @@ class Sweep:
     """A sweep on a background thread: ``stop()``, ``wait()``, ``table``, ``model``, ``state``, ``sweep_dir``."""
 
     def __init__(self, base, planned, prepared, tokenizer, shared_train, sweep_dir, keep, metric, observers,
-                 trainer_args, rows=None, resume=None):  # fmt: skip
+                 trainer_args, rows=None, resume=None, note="", data_id=None, curves=None):  # fmt: skip
         self.base = base
         self.planned: list[PlannedRun] = planned
         self.prepared = prepared
@@ -99,6 +103,9 @@ class Sweep:
         self.varying = _varying(planned)
         self.rows = rows or [_pending(p, self.varying) for p in planned]
         self.resume = resume or {}  # index -> checkpoint path to continue from
+        self.note = note  # the settings a method does not use, dropped from its runs
+        self.data_id = data_id  # what the runs train and evaluate on (``_data_id``)
+        self.curves: dict[int, list] = dict(curves or {})  # index -> [[step, loss], ...] of each ended run
         self.state = "created"
         self.model: nn.Module = base
         self.current = None  # the TrainingRun of the run in progress
@@ -141,7 +148,12 @@ class Sweep:
 
     @property
     def table(self) -> SweepTable:
-        return SweepTable(self.rows, self.varying, self.metric)
+        return SweepTable(self.rows, self.varying, self.metric, note=self.note)
+
+    def progress_text(self) -> str:
+        """``run 2/6``: where the sweep is, for messages."""
+        running = [i for i, r in enumerate(self.rows) if r["status"] == "running"]
+        return f"run {running[0] + 1}/{len(self.rows)}" if running else f"{len(self.rows)} runs"
 
     @property
     def best(self) -> dict | None:
@@ -178,7 +190,8 @@ class Sweep:
             self.emit("sweep_start", planned=[{"index": p.index, "name": p.name, "method": p.method,
                                                "settings": _plain(p.settings)} for p in self.planned],
                       varying=list(self.varying), sweep_dir=str(self.sweep_dir), metric=self.metric,
-                      rows=[dict(r) for r in self.rows])  # fmt: skip
+                      rows=[dict(r) for r in self.rows], note=self.note,
+                      curves={i: list(c) for i, c in self.curves.items()})  # fmt: skip
             self._write()
             for planned in self.planned:
                 row = self.rows[planned.index]
@@ -201,8 +214,9 @@ class Sweep:
             self.model = self.base
         finally:
             self._write()
-            self.emit("sweep_end", state=self.state, table=self.table, best=self.best, kept=list(self.kept),
-                      not_kept=dict(self.not_kept))  # fmt: skip
+            table = self.table
+            self.emit("sweep_end", state=self.state, table=table, best=table.best, best_by=table.best_label,
+                      kept=list(self.kept), not_kept=dict(self.not_kept))  # fmt: skip
             self.finished.set()
 
     def _one(self, planned: PlannedRun, row: dict, snapshot: BaseSnapshot) -> None:
@@ -246,6 +260,9 @@ class Sweep:
             row["time_s"] = end.get("elapsed", run.elapsed())
             row["tokens_per_s"] = end.get("tokens_per_s")
             row["train_loss"] = run.history[-1]["loss"] if run.history else None
+            self.curves[planned.index] = [
+                [h["step"], h["loss"]] for h in run.history if h.get("loss") is not None
+            ]
             if run.evals:
                 row["eval_loss"] = run.evals[-1]["eval_loss"]
                 row["accuracy"] = run.evals[-1].get("accuracy")
@@ -300,7 +317,8 @@ class Sweep:
         """``sweep.json``: the plan, the shared settings and every row; written atomically after every run."""
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         doc = {"state": self.state, "keep": self.keep, "metric": self.metric, "varying": list(self.varying),
-               "train_settings": _plain(self.shared_train),
+               "train_settings": _plain(self.shared_train), "note": self.note, "data": self.data_id,
+               "curves": {str(i): c for i, c in self.curves.items()},
                "planned": [{"index": p.index, "name": p.name, "settings": _plain(p.settings)} for p in self.planned],
                "rows": [_plain(r) for r in self.rows]}  # fmt: skip
         tmp = self.sweep_dir / f".{SWEEP_FILE}.{os.getpid()}.tmp"
@@ -313,6 +331,7 @@ class Sweep:
     def start(self, background: bool) -> Sweep:
         _LAST[self.base] = self
         self.thread = threading.Thread(target=self.run, name="jupyter-lora-sweep", daemon=True)
+        run_registry.register_sweep(self.base, self)
         self.thread.start()
         if not background:
             try:
@@ -368,12 +387,13 @@ def _plain(value: Any) -> Any:
 
 
 def _varying(planned: list[PlannedRun]) -> tuple[str, ...]:
-    names = dict.fromkeys(k for p in planned for k in p.settings)
-    return tuple(k for k in names if len({repr(p.settings.get(k)) for p in planned}) > 1)
+    return varying_settings([p.settings for p in planned])
 
 
 def _pending(p: PlannedRun, varying: tuple[str, ...]) -> dict:
     row = {"run": p.name, "method": p.method, **{k: p.settings.get(k) for k in varying if k != "method"}}
+    # the varying settings this run's method does not use: the table shows "—" for them
+    row["unused"] = [k for k in varying if k != "method" and not applies(p.method, k)]
     row.update(trainable_params=None, total_params=None, adapter_bytes=None, eval_loss=None, accuracy=None,
                train_loss=None, time_s=None, tokens_per_s=None, peak_memory=None, memory_source=None,
                status="pending")  # fmt: skip
@@ -397,12 +417,13 @@ def _check_metric(metric: Any) -> str:
     return metric
 
 
-def _not_busy(base: nn.Module) -> None:
-    previous = _LAST.get(base)
-    if run_registry.active_run(base) is not None or (previous is not None and not previous.done):
-        raise UsageError(
-            "This model is already training (a run or a sweep). Stop it first (.stop() or %lora stop)."
-        )
+def _not_busy(base: nn.Module, action: str = "start a sweep") -> None:
+    busy = run_registry.busy_message(base, action)
+    if busy is not None:
+        raise UsageError(busy)
+    if run_registry.active_run(base) is not None:
+        raise UsageError(f"Cannot {action} while this model is training. Stop that run first (run.stop() or "
+                         "%lora stop model) — it saves a checkpoint.")  # fmt: skip
 
 
 def _prepare(base, data, tokenizer, processor, eval_data, train_settings):
@@ -442,16 +463,16 @@ def sweep(
     require_module(model)
     from ..adapters.peft_facts import wrapper_for
 
+    _not_busy(base_model_of(model))  # before the adapter check: a sweep's own run holds one
     if wrapper_for(model) is not None:
         raise UsageError("A sweep starts from the base model, and this one holds an adapter. Unload it first "
                          "(model = jupyter_lora.unload(model)) or save it, then sweep.")  # fmt: skip
     base = base_model_of(model)
-    _not_busy(base)
     keep = _check_keep(keep)
     given_train = {k: v for k, v in train_settings.items() if name_of(k) in keys("train")}
     shared_train = canonical(given_train, "train")
     others = {k: v for k, v in train_settings.items() if k not in given_train}
-    planned = plan_runs(grid, runs, others)
+    planned, note = plan(grid, runs, others)
     if "output_dir" in shared_train:
         raise UsageError("`output_dir` of a sweep is sweep(..., output_dir=DIR): each run writes under it.")
     for p in planned:
@@ -474,12 +495,13 @@ def sweep(
         metric or ("accuracy" if task_of(base, config.task) in CLASSIFY_TASKS else "eval_loss")
     )
     prepared, tokenizer = _prepare(base, data, tokenizer, processor, eval_data, shared_train)
+    data_id = _data_id(prepared, config.seed)
     sweep_dir = Path(output_dir) if output_dir else _default_dir()
     if (sweep_dir / SWEEP_FILE).exists():
         raise UsageError(f"`output_dir` {str(sweep_dir)!r} holds another sweep; continue it with resume_sweep(model, "
                          f"{str(sweep_dir)!r}, data=...) or give a new directory.")  # fmt: skip
     sweep_ = Sweep(base, planned, prepared, tokenizer, shared_train, sweep_dir, keep, metric,
-                   _observer_list(observers), trainer_args)  # fmt: skip
+                   _observer_list(observers), trainer_args, note=note, data_id=data_id)  # fmt: skip
     return sweep_.start(background)
 
 
@@ -517,7 +539,7 @@ def resume_sweep(
     needed for a sweep of another session (the same data, so that the split is the same)."""
     require_module(model)
     base = base_model_of(model)
-    _not_busy(base)
+    _not_busy(base, "resume a sweep")
     last = _LAST.get(base)
     if sweep_dir is None:
         if last is None:
@@ -529,16 +551,12 @@ def resume_sweep(
         doc = json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"`sweep_dir` {str(sweep_dir)!r}: {SWEEP_FILE} cannot be read ({exc}).") from None
-    planned = [PlannedRun(p["index"], p["name"], p["settings"]) for p in doc["planned"]]
-    shared_train = doc["train_settings"]
-    rows, resume = [], {}
-    for p, row in zip(planned, doc["rows"], strict=True):
-        if row["status"] == "finished":
-            rows.append(row)
-            continue
-        if row["status"] == "stopped" and row.get("checkpoint"):
-            resume[p.index] = row["checkpoint"]
-        rows.append(_pending(p, tuple(doc["varying"])))
+    try:
+        planned, shared_train, rows, resume, curves = _read_doc(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        why = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else _one_line(exc)
+        raise UsageError(f"{SWEEP_FILE} in {str(sweep_dir)!r} is damaged: {why}; start a new sweep "
+                         "(jupyter_lora.sweep).") from None  # fmt: skip
     if data is None:
         if last is None or last.sweep_dir != sweep_dir:
             raise UsageError("`data` is needed to resume a sweep of another session: resume_sweep(model, DIR, "
@@ -546,10 +564,103 @@ def resume_sweep(
         prepared, tok = last.prepared, last.tokenizer
     else:
         prepared, tok = _prepare(base, data, tokenizer, processor, eval_data, shared_train)
+    from ..train import make_train_config
+
+    data_id = _data_id(prepared, make_train_config(**shared_train).seed)
+    saved = doc.get("data")
+    if saved is not None and saved != data_id:
+        raise UsageError(f"The data differs from the sweep's in {str(sweep_dir)!r} (its prepared examples, eval "
+                         f"split or seed: {_data_words(saved)} then, {_data_words(data_id)} now); pass the same data "
+                         "(and eval_data) to resume it, or start a new sweep with this data.")  # fmt: skip
     sweep_ = Sweep(base, planned, prepared, tok, shared_train, sweep_dir, doc["keep"], doc["metric"],
                    _observer_list(observers), trainer_args if trainer_args is not None else
-                   (last.trainer_args if last is not None else None), rows=rows, resume=resume)  # fmt: skip
+                   (last.trainer_args if last is not None else None), rows=rows, resume=resume,
+                   note=doc.get("note") or "", data_id=data_id, curves=curves)  # fmt: skip
     return sweep_.start(background)
+
+
+def _read_doc(doc: Any) -> tuple[list[PlannedRun], dict, list[dict], dict[int, str], dict[int, list]]:
+    """The plan, shared settings, rows (finished ones kept, the rest pending), checkpoints to resume and loss
+    curves of a ``sweep.json``; KeyError, TypeError or ValueError where it is not one this module wrote."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"a {type(doc).__name__} instead of a mapping")
+    _check_keep(doc["keep"])
+    _check_metric(doc["metric"])
+    if not isinstance(doc["train_settings"], dict) or not isinstance(doc["varying"], list):
+        raise TypeError("train_settings or varying of the wrong type")
+    planned = []
+    for i, p in enumerate(doc["planned"]):
+        if p["index"] != i or not isinstance(p["name"], str) or not isinstance(p["settings"], dict):
+            raise ValueError(f"planned run {i} is not the plan's run {i}")
+        planned.append(PlannedRun(i, p["name"], p["settings"]))
+    if not planned or len(doc["rows"]) != len(planned):
+        raise ValueError(f"{len(doc['rows'])} rows for {len(planned)} planned runs")
+    varying = tuple(doc["varying"])
+    rows, resume = [], {}
+    for p, row in zip(planned, doc["rows"], strict=True):
+        if not isinstance(row, dict) or not isinstance(row["status"], str) or row.get("run") != p.name:
+            raise ValueError(f"the row of run {p.name} is not its row")
+        if row["status"] == "finished":
+            if not isinstance(row.get("adapter_dir"), str):
+                raise ValueError(f"finished run {p.name} names no adapter directory")
+            rows.append(row)
+            continue
+        if row["status"] == "stopped" and row.get("checkpoint"):
+            resume[p.index] = str(row["checkpoint"])
+        rows.append(_pending(p, varying))
+    curves = {int(i): [[int(s), float(v)] for s, v in c] for i, c in (doc.get("curves") or {}).items()
+              if int(i) < len(planned)}  # fmt: skip
+    return planned, doc["train_settings"], rows, resume, curves
+
+
+def _data_id(prepared: Any, seed: int) -> dict:
+    """What a sweep's runs train and evaluate on: a hash of the tokenized train and eval examples and the seed,
+    and their counts (resuming with other data would compare rows evaluated on different examples)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"seed={seed};".encode())
+    for split in (prepared.train, prepared.eval or []):
+        digest.update(f"split:{len(split)};".encode())
+        for example in split:
+            _hash_value(digest, example)
+    return {"hash": digest.hexdigest(), "train": len(prepared.train), "eval": len(prepared.eval or []),
+            "seed": seed}  # fmt: skip
+
+
+def _hash_value(digest: Any, value: Any) -> None:
+    import array
+
+    if isinstance(value, dict):
+        digest.update(f"{{{len(value)}".encode())
+        for key in sorted(value, key=str):
+            digest.update(f"{key}=".encode())
+            _hash_value(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        try:  # token ids: their bytes at once
+            digest.update(f"[{len(value)}i".encode() + array.array("q", value).tobytes())
+        except (TypeError, OverflowError):
+            digest.update(f"[{len(value)}".encode())
+            for item in value:
+                _hash_value(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, bytes):
+        digest.update(b"b" + value)
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor or an array (images, audio)
+        import numpy as np
+
+        data = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        digest.update(f"a{data.shape}{data.dtype};".encode() + np.ascontiguousarray(data).tobytes())
+    elif hasattr(value, "tobytes") and hasattr(value, "size"):  # a PIL image
+        digest.update(f"img{value.size}{getattr(value, 'mode', '')};".encode() + value.tobytes())
+    else:  # an object with no stable bytes: its type only
+        digest.update(f"<{type(value).__qualname__}>".encode())
+
+
+def _data_words(data_id: Any) -> str:
+    if not isinstance(data_id, dict):
+        return "unknown"
+    return f"{data_id.get('train')} train / {data_id.get('eval')} eval examples, seed {data_id.get('seed')}"
 
 
 def text_observer(write: Any = print) -> Any:
@@ -569,7 +680,10 @@ def text_observer(write: Any = print) -> Any:
             took = "" if row.get("time_s") is None else f" · {row['time_s']:.1f}s"
             write(f"[{event.index + 1}] {event.name}: {row['status']}{params}{loss}{acc}{took}")
         elif event.kind == "sweep_end":
-            write(repr(event.data["table"]))
+            table = event.data["table"]
+            write(repr(table))
+            if table.best is not None:
+                write(f"★ {table.best['run']}: {table.best_label}.")
             kept = event.data.get("kept") or []
             write(f"Sweep {event.data['state']}; the model holds: {', '.join(kept) if kept else 'the base'}.")
             for run, why in (event.data.get("not_kept") or {}).items():

@@ -17,12 +17,41 @@ from ..adapters.peft_facts import forget_wrapper, register_wrapper, retire_wrapp
 from ..errors import UsageError
 from ..modelinfo import base_model_of, detect_task, is_peft_model
 
-__all__ = ["LORA_FAMILY", "BaseSnapshot", "counts", "head_paths", "save_run", "unwrap", "wrap"]
+__all__ = ["LORA_FAMILY", "BaseSnapshot", "applies", "counts", "head_paths", "save_run", "unwrap", "wrap"]
 
 LORA_FAMILY = ("lora",)  # methods whose adapters one PeftModel can hold side by side with `inject`/`load`
 _PROMPT = {"prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig"}
 _TUNERS = {"ia3": "IA3Config", "loha": "LoHaConfig", "lokr": "LoKrConfig"}
 _WEIGHTS = "weights.safetensors"  # a full/head run's changed weights
+
+# Which settings a method uses. Training settings apply to every method. The others say how the method's model is
+# made, and a setting applies to a method when that method's PEFT config takes the field it becomes: LoRA goes
+# through `inject`, which passes every inject setting into PEFT's LoraConfig (and `quant` is LoRA on a 4-bit
+# base); full fine-tuning and head-only training have no PEFT config and use none of them; PEFT's other methods
+# get the fields below that their config class declares (`_peft_fields`), and `wrap` passes exactly those.
+_FIELD_OF = {"r": "r", "alpha": "alpha", "dropout": "rank_dropout", "targets": "target_modules",
+             "layers": "target_modules", "exclude": "target_modules",
+             "num_virtual_tokens": "num_virtual_tokens"}  # fmt: skip
+
+
+def _peft_fields(method: str) -> frozenset[str]:
+    """The fields of ``method``'s PEFT config class (prompt/prefix tuning, IA3, LoHa, LoKr)."""
+    import dataclasses
+
+    import peft
+
+    return frozenset(f.name for f in dataclasses.fields(getattr(peft, {**_PROMPT, **_TUNERS}[method])))
+
+
+def applies(method: str, setting: str) -> bool:
+    """Whether a run of ``method`` uses ``setting`` (the rule above): a sweep drops the others from its runs."""
+    if setting in keys("train") or setting == "method":
+        return True
+    if method in LORA_FAMILY:
+        return setting in keys("inject") or setting == "quant"
+    if method in ("full", "head"):
+        return False
+    return setting in _FIELD_OF and _FIELD_OF[setting] in _peft_fields(method)
 
 
 class BaseSnapshot:
@@ -113,19 +142,20 @@ def wrap(base: nn.Module, method: str, settings: dict[str, Any], seed: int) -> n
     import peft
 
     task = detect_task(base)
-    if method in _PROMPT:
-        config = getattr(peft, _PROMPT[method])(task_type=task.task_type,
-                                                num_virtual_tokens=settings["num_virtual_tokens"])  # fmt: skip
-    else:
-        extra: dict[str, Any] = {"target_modules": _targets(base, settings), "task_type": task.task_type}
-        if method == "ia3":
-            extra["feedforward_modules"] = []  # scale every target's output (PEFT's attention form)
-        else:
-            extra.update(r=settings["r"], alpha=settings.get("alpha") or 2 * settings["r"],
-                         rank_dropout=settings.get("dropout", 0.0))  # fmt: skip
-        if not task.task_type and task.heads:
-            extra["modules_to_save"] = list(task.heads)
-        config = getattr(peft, _TUNERS[method])(**extra)
+    fields = _peft_fields(method)  # the settings `applies` says this method uses become these fields
+    extra: dict[str, Any] = {"task_type": task.task_type}
+    if "num_virtual_tokens" in fields:
+        extra["num_virtual_tokens"] = settings["num_virtual_tokens"]
+    if "target_modules" in fields:
+        extra["target_modules"] = _targets(base, settings)
+    if "r" in fields:
+        extra.update(r=settings["r"], alpha=settings.get("alpha") or 2 * settings["r"],
+                     rank_dropout=settings.get("dropout", 0.0))  # fmt: skip
+    if method == "ia3":
+        extra["feedforward_modules"] = []  # scale every target's output (PEFT's attention form)
+    if method in _TUNERS and not task.task_type and task.heads:
+        extra["modules_to_save"] = list(task.heads)
+    config = getattr(peft, {**_PROMPT, **_TUNERS}[method])(**extra)
     from ..adapters.peft_facts import remember_grad_flags
 
     remember_grad_flags(base)

@@ -152,6 +152,9 @@ def _observer_list(observers: Any) -> list:
 
 
 def _not_training(base: nn.Module, doing: str) -> None:
+    busy = runs.busy_message(base, "resume" if doing == "resuming" else "train")
+    if busy is not None:
+        raise UsageError(busy)
     if runs.active_run(base) is not None:
         raise UsageError(f"This model is already training. Stop that run first (run.stop() or %lora stop model) "
                          f"before {doing}.")  # fmt: skip
