@@ -417,6 +417,20 @@ class LoraMagics(_SettingDefaults):
         if command.model:
             self._get_model(command.model)  # a clear error for a name that holds no model
         names = [command.model] if command.model else self._module_names()
+        from ..core.runs import active_sweep
+
+        sweeps = [
+            (n, active_sweep(self.shell.user_ns[n])) for n in names if command.model or self._is_model(n)
+        ]
+        sweeps = [(n, s) for n, s in sweeps if s is not None]
+        if len(sweeps) == 1 or (sweeps and command.model):
+            name, sweep = sweeps[
+                0
+            ]  # a sweep stops as a whole: its current run checkpoints, the rest is not run
+            sweep.stop(wait=True)
+            return _Note(
+                f"Stopped the sweep of `{name}` ({sweep.sweep_dir}); %lora resume {name} continues it."
+            )
         runs = [(n, jl.last_run(self.shell.user_ns[n])) for n in names if command.model or self._is_model(n)]
         active = [(n, r) for n, r in runs if r is not None and r.running]
         if not active:

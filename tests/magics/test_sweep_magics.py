@@ -51,3 +51,22 @@ def test_unknown_sweep_key_is_one_line(ip, capsys):
     _cell(ip, SETUP)
     line = usage_error(ip, capsys, "%%lora sweep model\ndata: texts\ngrid: {rr: [4, 8]}")
     assert "did you mean `r`" in line.lower()
+
+
+def test_lora_stop_stops_the_whole_sweep(ip, tmp_path):
+    """`%lora stop MODEL` during a sweep ends the sweep (the current run checkpoints; the rest is "not run"),
+    not just the run in progress."""
+    _cell(ip, SETUP)
+    _cell(ip, f"%%lora sweep model\ndata: texts\ntokenizer: tok\ngrid: {{r: [2, 4, 8]}}\nkeep: none\nsteps: 400\n"
+              f"seq: 32\nbatch: 4\neval: 0\nprogress: text\noutput_dir: {tmp_path / 's'}")  # fmt: skip
+    sweep = jl.last_sweep(ip.user_ns["model"])
+    import time
+
+    deadline = time.monotonic() + 60
+    while sweep.current is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    note = _cell(ip, "%lora stop model")
+    assert "Stopped the sweep of `model`" in repr(note) and "%lora resume model" in repr(note)
+    sweep.wait(60)
+    statuses = [row["status"] for row in sweep.table.rows]
+    assert statuses[0] == "stopped" and set(statuses[1:]) == {"not run"}, statuses
