@@ -205,3 +205,21 @@ def test_merge_refuses_prompt_tuning_and_merges_ia3(tmp_path):
     ia3 = get_peft_model(tiny_model("llama"), IA3Config(task_type="CAUSAL_LM"))
     assert jl.status(ia3).trainable_params == ia3.get_nb_trainable_parameters()[0]
     assert type(jl.merge(ia3)).__name__ == "LlamaForCausalLM"
+
+
+def test_a_head_runs_saved_weights_load_into_a_fresh_base_and_another_model_is_refused(tmp_path):
+    """`jupyter_lora.load(model, <run>/adapter)` on a full or head run's folder (weights.safetensors, no adapter
+    config) puts the weights it changed into the base; weights of another shape change nothing."""
+    model = tiny_model("bert")
+    data = [{"text": "good " * 3, "label": 1}, {"text": "bad " * 3, "label": 0}] * 12
+    sw = jl.sweep(model, data, runs=[{"method": "head"}], tokenizer=tiny_tokenizer(), keep="best", steps=4, lr=1e-2,
+                  batch=8, eval=8, seq=32, output_dir=tmp_path / "s", background=False)  # fmt: skip
+    folder = tmp_path / "s" / sw.table.rows[0]["run"] / "adapter"
+    fresh = tiny_model("bert")
+    loaded = jl.load(fresh, folder)
+    assert loaded is fresh and torch.equal(fresh.classifier.weight, sw.model.classifier.weight)
+    other = tiny_model("bert", hidden_size=48)
+    before = _state(other)
+    with pytest.raises(jl.UsageError, match=r"holds weights of another model"):
+        jl.load(other, folder)
+    assert _same(before, _state(other))

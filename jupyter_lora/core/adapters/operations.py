@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -299,6 +300,38 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 # --------------------------------------------------------------------------------------------------- load
 
 
+def _load_changed_weights(model: nn.Module, weights: Path) -> nn.Module:
+    """A sweep's full or head run saved the weights it changed (``weights.safetensors``, no adapter config): put
+    them into the base model in place, after checking every name and shape (nothing changes on a mismatch)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(
+            f"`path` {str(weights.parent)!r}: weights.safetensors cannot be read ({exc})."
+        ) from None
+    base = base_model_of(model)
+    state = base.state_dict(keep_vars=True)
+    missing = [k for k in saved if k not in state]
+    wrong = [k for k in saved if k in state and tuple(saved[k].shape) != tuple(state[k].shape)]
+    if missing or wrong:
+        first = (
+            missing[0]
+            if missing
+            else f"{wrong[0]} {tuple(saved[wrong[0]].shape)} vs {tuple(state[wrong[0]].shape)}"
+        )
+        raise UsageError(
+            f"`path` {str(weights.parent)!r} holds weights of another model ({len(missing)} not in this one, "
+            f"{len(wrong)} of another shape; e.g. {first}). Load them into the model the sweep trained."
+        )
+    with torch.no_grad():
+        for key, tensor in saved.items():
+            state[key].data.copy_(tensor.to(device=state[key].device, dtype=state[key].dtype))
+    return model
+
+
 def load(
     model: nn.Module,
     path: str | os.PathLike,
@@ -337,6 +370,9 @@ def load(
     peft_model = wrapper_for(model)
     current = peft_model if peft_model is not None else model
     check_not_training(current, "load an adapter")
+    weights = Path(os.fspath(path)) / "weights.safetensors" if isinstance(path, (str, os.PathLike)) else None
+    if weights is not None and weights.is_file() and not weights.with_name("adapter_config.json").exists():
+        return _load_changed_weights(current, weights)
     adapter = read_adapter(path)
     config = adapter.peft_config(trainable)
     check_adapter_fits(current, adapter, config)
