@@ -85,6 +85,12 @@ def test_six_runs_three_methods_match_lone_runs_and_restore_the_base(tmp_path):
     assert {e.name for e in seen.events if e.kind == "train"} == {r["run"] for r in rows}
     assert any("eval loss" in line for line in lines) and "status" in lines[-3]
     assert "★" in repr(sw.table) and "<table" in sw.table._repr_html_()
+    # off CUDA every adapter method's peak memory is the estimate; full fine-tuning (base weights trained) has none
+    by_method = {r["method"]: r for r in rows}
+    for method in ("lora", "loha", "prompt_tuning"):
+        row = by_method[method]
+        assert row["memory_source"] == "estimate" and row["peak_memory"] > 0, method
+    assert by_method["full"]["peak_memory"] is None
 
 
 def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):

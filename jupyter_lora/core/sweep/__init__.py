@@ -356,7 +356,8 @@ def _defaults() -> dict[str, Any]:
 
 
 def _estimate(model: nn.Module, method: str, config: Any) -> tuple[int | None, str]:
-    if method not in LORA_FAMILY:
+    # the estimate prices an adapter on a frozen base; full and head runs train base weights
+    if method in ("full", "head"):
         return None, "no estimate for this method"
     try:
         from ..memory import estimate
