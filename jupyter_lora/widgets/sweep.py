@@ -29,7 +29,7 @@ from ..core.units import fmt_bytes
 from .progress import frontend
 from .progress.history import fmt_duration, fmt_loss, thin
 from .progress.observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
-from .progress.text import TERMINAL_MIN_INTERVAL
+from .progress.text import text_output
 from .progress.widget import widgets_available
 
 __all__ = ["SweepBoard", "SweepText", "SweepWidget", "sweep_observer"]
@@ -624,13 +624,7 @@ class SweepText(_SweepObserver):
         clock: Callable[[], float] | None = None,
         resume_hint: str | None = None,
     ) -> None:
-        if output not in ("auto", "notebook", "terminal"):
-            raise UsageError(f"`output` must be 'auto', 'notebook' or 'terminal', got {output!r}.")
-        if output == "auto":
-            output = "notebook" if frontend.in_kernel() else "terminal"
-        self.output = output
-        if min_interval is None:
-            min_interval = DEFAULT_MIN_INTERVAL if output == "notebook" else TERMINAL_MIN_INTERVAL
+        self.output, min_interval = text_output(output, min_interval)
         super().__init__(title, min_interval, clock, resume_hint)
         self._file = file
         self._handle: Any = None

@@ -18,9 +18,23 @@ from . import frontend
 from .history import RunHistory, fmt_loss, thin
 from .observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
 
-__all__ = ["TERMINAL_MIN_INTERVAL", "TextProgress"]
+__all__ = ["TERMINAL_MIN_INTERVAL", "TextProgress", "text_output"]
 
 TERMINAL_MIN_INTERVAL = 1.0  # printed lines: one per second is as fast as anyone reads a scrolling terminal
+
+
+def text_output(output: str, min_interval: float | None) -> tuple[str, float]:
+    """Where a text view writes ("notebook": one HTML block updated in place; "terminal": printed lines) and how
+    often it refreshes there; ``output="auto"`` picks the notebook inside a kernel."""
+    if output not in ("auto", "notebook", "terminal"):
+        raise UsageError(f"`output` must be 'auto', 'notebook' or 'terminal', got {output!r}.")
+    if output == "auto":
+        output = "notebook" if frontend.in_kernel() else "terminal"
+    if min_interval is None:
+        min_interval = DEFAULT_MIN_INTERVAL if output == "notebook" else TERMINAL_MIN_INTERVAL
+    return output, min_interval
+
+
 # the progress bar's colour: green when finished, amber when stopped, red only for a failure
 _STATUS_COLORS = {
     "stopping": "#ef6c00",
@@ -56,13 +70,7 @@ class TextProgress(ThrottledObserver):
         clock: Callable[[], float] | None = None,
         ema_alpha: float = 0.1,
     ) -> None:
-        if output not in ("auto", "notebook", "terminal"):
-            raise UsageError(f"`output` must be 'auto', 'notebook' or 'terminal', got {output!r}.")
-        if output == "auto":
-            output = "notebook" if frontend.in_kernel() else "terminal"
-        self.output = output
-        if min_interval is None:
-            min_interval = DEFAULT_MIN_INTERVAL if output == "notebook" else TERMINAL_MIN_INTERVAL
+        self.output, min_interval = text_output(output, min_interval)
         super().__init__(title, min_interval, clock, ema_alpha)
         self._file = file
         self._handle: Any = None
