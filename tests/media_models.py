@@ -3,6 +3,7 @@ downloaded), and data they can learn: drawn squares and circles, sine tones of t
 
 from __future__ import annotations
 
+import copy
 import wave
 from pathlib import Path
 
@@ -113,3 +114,20 @@ def tones(n: int) -> list[dict]:
          "label": names[i % 2]}
         for i in range(n)
     ]  # fmt: skip
+
+
+def adapted(build, labels=None):
+    """(``build()`` with an adapter on every linear layer whose LoRA B is random, so it changes the outputs; an
+    untouched copy of the base, in eval mode). ``labels``: class names for the classifier's config."""
+    from chat_models import randomize_lora_b
+
+    import jupyter_lora as jl
+
+    base = build()
+    if labels:
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {name: i for i, name in enumerate(labels)}
+    reference = copy.deepcopy(base).eval()
+    model = jl.inject(base, r=4, targets="all-linear")
+    randomize_lora_b(model)
+    return model, reference

@@ -4,16 +4,15 @@ is one line that leaves the model as it was."""
 
 from __future__ import annotations
 
-import copy
 import io
 
 import numpy as np
 import pytest
 import torch
-from chat_models import randomize_lora_b
 from media_models import (
     PITCHES,
     RATE,
+    adapted,
     shapes,
     tone,
     vit,
@@ -32,18 +31,6 @@ from jupyter_lora.core import runs
 from jupyter_lora.core.chat import Conversation, Transcription
 
 
-def _adapted(build, labels=None):
-    """(the model with an adapter that changes its outputs, an untouched copy of its base model)."""
-    base = build()
-    if labels:
-        base.config.id2label = dict(enumerate(labels))
-        base.config.label2id = {name: i for i, name in enumerate(labels)}
-    reference = copy.deepcopy(base).eval()
-    model = jl.inject(base, r=4, targets="all-linear")
-    randomize_lora_b(model)
-    return model, reference
-
-
 def _probs(model, inputs) -> list[float]:
     with torch.no_grad():
         return model(**inputs).logits.softmax(-1)[0].tolist()
@@ -59,7 +46,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def test_an_image_in_every_form_a_record_takes_gives_base_and_adapter_probabilities(tmp_path):
-    model, reference = _adapted(vit, labels=("circle", "square"))
+    model, reference = adapted(vit, labels=("circle", "square"))
     conversation = Conversation(model, processor=vit_processor())
     assert conversation.kind == "classification" and conversation.media == "image"
     array = shapes(2)[1]["image"]
@@ -123,7 +110,7 @@ def test_the_processor_saved_beside_the_model_is_found(tmp_path):
 
 
 def test_a_clip_in_every_form_gives_base_and_adapter_probabilities(tmp_path):
-    model, reference = _adapted(wav2vec2, labels=("high", "low"))
+    model, reference = adapted(wav2vec2, labels=("high", "low"))
     conversation = Conversation(model, processor=wav2vec2_extractor())
     assert conversation.kind == "classification" and conversation.media == "audio"
     samples = tone(PITCHES["low"], 0.5)
@@ -165,7 +152,7 @@ def _greedy(model, processor, samples, max_new_tokens):
 
 
 def test_transcribe_gives_the_transcript_with_and_without_the_adapter(tmp_path):
-    model, reference = _adapted(whisper)
+    model, reference = adapted(whisper)
     processor = whisper_processor()
     conversation = Conversation(model, processor=processor, max_new_tokens=6)
     assert conversation.kind == "transcription" and conversation.media == "audio"
@@ -197,7 +184,7 @@ def test_transcribe_gives_the_transcript_with_and_without_the_adapter(tmp_path):
 
 @pytest.fixture
 def vit_chat():
-    model, _ = _adapted(vit)
+    model, _ = adapted(vit)
     return Conversation(model, processor=vit_processor())
 
 
@@ -229,7 +216,7 @@ def test_wrong_inputs_are_one_line_and_change_nothing(vit_chat, tmp_path):
         vit_chat, "transcribe", shapes(1)[0], r"classifies images.*not transcripts\. Use classify\(image\)"
     )
 
-    audio = Conversation(_adapted(wav2vec2)[0], processor=wav2vec2_extractor())
+    audio = Conversation(adapted(wav2vec2)[0], processor=wav2vec2_extractor())
     image = Image.fromarray(shapes(1)[0]["image"])
     _refused(audio, "classify", image, r"`input`: Image of shape \(16, 16, 3\) is not audio")
     _refused(audio, "classify", "loud noise", r"reads audio, not text: give a clip")
@@ -241,7 +228,7 @@ def test_wrong_inputs_are_one_line_and_change_nothing(vit_chat, tmp_path):
         audio, "classify", {"array": tone(220.0), "sampling_rate": 8000}, r"sampled at 8000 Hz.*expects 16000"
     )
 
-    speech = Conversation(_adapted(whisper)[0], processor=whisper_processor())
+    speech = Conversation(adapted(whisper)[0], processor=whisper_processor())
     _refused(speech, "classify", tone(220.0), r"recognises speech.*not class probabilities\. Use transcribe")
     _refused(speech, "send", "hi", r"recognises speech.*Use transcribe\(audio\)")
     _refused(speech, "transcribe", image, r"is not audio")
@@ -261,7 +248,7 @@ def test_a_model_in_training_is_refused(vit_chat):
         runs.finish(vit_chat.model)
     assert sum(vit_chat.classify(image).probs["adapter"]) == pytest.approx(1.0, abs=1e-6)
 
-    speech = Conversation(_adapted(whisper)[0], processor=whisper_processor(), max_new_tokens=2)
+    speech = Conversation(adapted(whisper)[0], processor=whisper_processor(), max_new_tokens=2)
     assert runs.register(speech.model, Running())
     try:
         _refused(speech, "transcribe", tone(220.0), r"Cannot transcribe while this model is training")

@@ -11,9 +11,9 @@ import re
 import ipywidgets as w
 import numpy as np
 import pytest
-from chat_models import randomize_lora_b
 from media_models import (
     PITCHES,
+    adapted,
     shapes,
     tone,
     vit,
@@ -29,15 +29,6 @@ from PIL import Image
 
 import jupyter_lora as jl
 from jupyter_lora.widgets.chat import ClassifierWidget, TranscriptWidget
-
-
-def _adapted(build, labels=None):
-    base = build()
-    if labels:
-        base.config.id2label = dict(enumerate(labels))
-    model = jl.inject(base, r=4, targets="all-linear")
-    randomize_lora_b(model)
-    return model
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -72,7 +63,7 @@ def _shown_probs(widget) -> dict[str, list[float]]:
 
 
 def test_an_uploaded_image_shows_its_thumbnail_and_the_probabilities(tmp_path):
-    model = _adapted(vit, labels=("circle", "square"))
+    model = adapted(vit, labels=("circle", "square"))[0]
     ns = {"model": model}
     widget = jl.chat(model, processor=vit_processor(), variable="model", namespace=ns)
     assert isinstance(widget, ClassifierWidget)
@@ -110,7 +101,7 @@ def test_an_uploaded_image_shows_its_thumbnail_and_the_probabilities(tmp_path):
 
 
 def test_mistakes_show_in_the_status_line_and_change_nothing(tmp_path):
-    model = _adapted(vit)
+    model = adapted(vit)[0]
     widget = jl.chat(model, processor=vit_processor())
     before = model_snapshot(model)
     widget.classify_button.click()
@@ -128,7 +119,7 @@ def test_mistakes_show_in_the_status_line_and_change_nothing(tmp_path):
 
 
 def test_an_uploaded_clip_shows_its_length_and_the_probabilities(tmp_path):
-    model = _adapted(wav2vec2, labels=("high", "low"))
+    model = adapted(wav2vec2, labels=("high", "low"))[0]
     widget = jl.chat(model, processor=wav2vec2_extractor())
     assert isinstance(widget, ClassifierWidget) and widget.upload.accept == "audio/*"
     wav = write_wav(tmp_path / "low.wav", tone(PITCHES["low"], 0.75)).read_bytes()
@@ -147,7 +138,7 @@ def test_an_uploaded_clip_shows_its_length_and_the_probabilities(tmp_path):
 
 
 def test_speech_recognition_shows_each_clips_transcripts_side_by_side(tmp_path):
-    model = _adapted(whisper)
+    model = adapted(whisper)[0]
     ns = {"speech": model}
     widget = jl.chat(model, processor=whisper_processor(), max_new_tokens=5, variable="speech", namespace=ns)
     assert isinstance(widget, TranscriptWidget) and widget.upload.accept == "audio/*"
@@ -183,7 +174,7 @@ def test_speech_recognition_shows_each_clips_transcripts_side_by_side(tmp_path):
 
 
 def test_an_error_after_a_good_image_clears_what_was_shown_and_names_the_upload(tmp_path):
-    widget = jl.chat(_adapted(vit), processor=vit_processor())
+    widget = jl.chat(adapted(vit)[0], processor=vit_processor())
     good = _png(shapes(1)[0]["image"])
     for name, bad, said in (
         ("notes.png", b"just text, not an image", "'notes.png' is not an image file PIL can read"),
@@ -206,7 +197,7 @@ def test_an_error_after_a_good_image_clears_what_was_shown_and_names_the_upload(
 
 
 def test_enter_in_the_path_box_runs_the_model_once(tmp_path):
-    widget = jl.chat(_adapted(vit), processor=vit_processor())
+    widget = jl.chat(adapted(vit)[0], processor=vit_processor())
     assert widget.path.continuous_update is False  # the value arrives on Enter
     image = tmp_path / "a.png"
     image.write_bytes(_png(shapes(1)[0]["image"]))
@@ -221,7 +212,7 @@ def test_enter_in_the_path_box_runs_the_model_once(tmp_path):
     widget.classify_button.click()  # a press of its own runs it again
     assert len(calls) == 2
 
-    speech = jl.chat(_adapted(whisper), processor=whisper_processor(), max_new_tokens=2)
+    speech = jl.chat(adapted(whisper)[0], processor=whisper_processor(), max_new_tokens=2)
     speech.path.value = str(write_wav(tmp_path / "low.wav", tone(PITCHES["low"], 0.3)))
     assert [name for name, _ in speech.results] == [str(tmp_path / "low.wav")]
     speech.path.value = str(image)
@@ -230,7 +221,7 @@ def test_enter_in_the_path_box_runs_the_model_once(tmp_path):
 
 
 def test_the_panels_chat_tab_opens_the_upload_view_with_the_notebooks_processor():
-    model = _adapted(vit)
+    model = adapted(vit)[0]
     ns = {"model": model, "proc": vit_processor()}
     panel = jl.panel(model, variable="model", namespace=ns)
     chat = panel.open_chat()
