@@ -30,7 +30,7 @@ from .progress import frontend
 from .progress.history import fmt_duration, fmt_loss, thin
 from .progress.observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
 from .progress.text import text_output
-from .progress.widget import widgets_available
+from .progress.widget import show_stopping, widgets_available
 
 __all__ = ["SweepBoard", "SweepText", "SweepWidget", "sweep_observer"]
 
@@ -502,11 +502,7 @@ class SweepWidget(_SweepObserver):
                 return
             self.stop_requested = True
             self.board.request_stop()
-            with self.stop_button.hold_sync():
-                self.stop_button.disabled = True
-                self.stop_button.description = "stopping…"
-                self.stop_button.icon = "hourglass-half"
-                self.stop_button.button_style = "warning"
+            show_stopping(self.stop_button)
         try:
             self._stop()
         except Exception as exc:  # clicks run on the kernel thread, where widget callback errors vanish

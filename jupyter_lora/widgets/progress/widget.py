@@ -21,7 +21,7 @@ from . import frontend
 from .history import thin
 from .observer import DEFAULT_MIN_INTERVAL, ThrottledObserver
 
-__all__ = ["ProgressWidget", "array_maker", "sync_figure_state", "widgets_available"]
+__all__ = ["ProgressWidget", "array_maker", "show_stopping", "sync_figure_state", "widgets_available"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,6 +101,15 @@ def sync_figure_state(figure: Any, *, layout: bool) -> None:
         figure._widget_data = copy.deepcopy(figure._data)
     if layout and hasattr(figure, "_widget_layout"):
         figure._widget_layout = copy.deepcopy(figure._layout_obj._props)
+
+
+def show_stopping(button: Any) -> None:
+    """A Stop button once clicked: disabled, "stopping…", until the run (or sweep) has stopped."""
+    with button.hold_sync():
+        button.disabled = True
+        button.description = "stopping…"
+        button.icon = "hourglass-half"
+        button.button_style = _BUTTON_STYLE["stopping"]
 
 
 class ProgressWidget(ThrottledObserver):
@@ -273,11 +282,8 @@ class ProgressWidget(ThrottledObserver):
                 return
             self.stop_requested = True
             self.history.request_stop()
-            with self.stop_button.hold_sync(), self.bar.hold_sync():
-                self.stop_button.disabled = True
-                self.stop_button.description = "stopping…"
-                self.stop_button.icon = "hourglass-half"
-                self.stop_button.button_style = _BUTTON_STYLE["stopping"]
+            with self.bar.hold_sync():
+                show_stopping(self.stop_button)
                 self.bar.bar_style = _BAR_STYLE["stopping"]
         try:
             self._stop()
